@@ -1,0 +1,89 @@
+"""`clickclip` command line: thin shells over the stage cores in pipeline/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import ClickclipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Retrain CLIP image-text search models on e-commerce click logs.")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config YAML (see configs/)")]
+RunIdOption = Annotated[str | None, typer.Option(
+    "--run-id", help="run folder name under runs_dir; default derives from config and input hashes")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="override a config key, e.g. --set train.epochs=2 (repeatable)")]
+
+
+def _fail(exc: ClickclipError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _open(config: Path, run_id: str | None, overrides: list[str] | None):
+    from pipeline.config import load_config
+    from pipeline.runs import open_run
+
+    return open_run(load_config(config, overrides or []), run_id)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="folder to write the demo shop into")] = Path("data/demo"),
+    products: Annotated[int, typer.Option(min=10)] = 600,
+    sessions: Annotated[int, typer.Option(min=10)] = 6000,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="regenerate even if the folder already holds demo data")] = False,
+) -> None:
+    """Generate a demo catalog and click log in the input data contract's format."""
+    from pipeline.demo_data import generate
+
+    if (out / "images.parquet").is_file() and not force:
+        console.print(f"demo data already in {out} (use --force to regenerate)")
+        return
+    summary = generate(out, products=products, sessions=sessions, seed=seed)
+    console.print(f"wrote {summary.images} images of {summary.products} products, {summary.impressions} "
+                  f"impressions and {summary.planted_duplicates} planted near-duplicates to {out}")
+
+
+def _stage_command(stage: str):
+    def command(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
+        from pipeline.runner import run_stage
+
+        try:
+            run = _open(config, run_id, set_)
+            summary = run_stage(run, stage)
+        except ClickclipError as exc:
+            _fail(exc)
+        console.print_json(data=summary)
+
+    command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run)."
+    return command
+
+
+for _stage in ("extract", "split", "train", "evaluate", "promote"):
+    app.command(_stage)(_stage_command(_stage))
+
+
+@app.command("run")
+def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
+    """Run all five stages, reusing any whose inputs and config are unchanged."""
+    from pipeline.runner import format_summary, run_all
+
+    try:
+        run = _open(config, run_id, set_)
+        summaries = run_all(run)
+    except ClickclipError as exc:
+        _fail(exc)
+    print(format_summary(run, summaries))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

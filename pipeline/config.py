@@ -1,0 +1,189 @@
+"""Typed run configuration: defaults < YAML file < `--set key=value` overrides.
+
+Every section is a strict pydantic model, so an unknown or misspelt key is an error
+that names the key. Relative paths are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Strict):
+    """Where one input table lives: a Parquet folder/glob, a CSV file/glob, or a DuckDB table."""
+
+    format: Literal["parquet", "csv", "duckdb"] = "parquet"
+    path: Path
+    table: str | None = None
+
+    @field_validator("table")
+    @classmethod
+    def _plain_identifier(cls, value: str | None) -> str | None:
+        # identifiers cannot be bound parameters in SQL, so only plain names get through
+        if value is not None and not IDENTIFIER.match(value):
+            raise ValueError(f"table {value!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        return value
+
+    @model_validator(mode="after")
+    def _table_for_duckdb(self) -> SourceConfig:
+        if self.format == "duckdb" and self.table is None:
+            raise ValueError("format 'duckdb' needs 'table' naming the table in the database file")
+        if self.format != "duckdb" and self.table is not None:
+            raise ValueError("'table' only applies to format 'duckdb'")
+        return self
+
+
+class DataConfig(Strict):
+    events: SourceConfig
+    images: SourceConfig
+    image_root: Path
+
+
+class DuckDBConfig(Strict):
+    memory_limit: str = "4GB"
+    threads: int | None = Field(default=None, ge=1)
+    temp_directory: Path | None = None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value):
+            raise ValueError(f"memory_limit {value!r} is not a size such as '4GB' or '512MiB'")
+        return value
+
+
+class ExtractConfig(Strict):
+    strip_punctuation: bool = False
+    min_impressions: int = Field(default=1, ge=1)
+    duckdb: DuckDBConfig = DuckDBConfig()
+
+
+class SplitFractions(Strict):
+    train: float = Field(default=0.8, ge=0, le=1)
+    val: float = Field(default=0.1, ge=0, le=1)
+    test: float = Field(default=0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions train + val + test must add up to 1")
+        return self
+
+
+class SplitConfig(Strict):
+    hash: Literal["phash", "dhash", "whash", "average_hash"] = "phash"
+    hash_size: int = Field(default=8, ge=4, le=16)
+    max_distance: int = Field(default=6, ge=0, le=64)
+    fractions: SplitFractions = SplitFractions()
+    salt: str = "clickclip-v1"
+
+
+class TrainConfig(Strict):
+    model: str = "ClickCLIP-Tiny"
+    pretrained: str | None = None
+    checkpoint: Path | None = None
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1
+    min_clicks: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> TrainConfig:
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError("set either 'pretrained' (an open_clip tag) or 'checkpoint', not both")
+        return self
+
+
+class EvaluateConfig(Strict):
+    ks: tuple[int, ...] = (1, 5, 10)
+    gallery: Literal["catalog", "test"] = "catalog"
+    batch_size: int = Field(default=256, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        return tuple(sorted(set(value)))
+
+
+class PromoteConfig(Strict):
+    model_name: str = "clickclip"
+    experiment: str = "clickclip"
+    tracking_uri: str | None = None
+    metric: str = "recall@10"
+    margin: float = 0.0
+
+
+class RunConfig(Strict):
+    name: str = "clickclip"
+    runs_dir: Path = Path("runs")
+    reports_dir: Path = Path("reports")
+    data: DataConfig
+    extract: ExtractConfig = ExtractConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("name may hold letters, digits, '_', '.' and '-' only")
+        return value
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply overrides, and validate it strictly."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"config file {path}: {problems}") from None

@@ -1,0 +1,99 @@
+"""The input data contract (events and images) and the DuckDB views that read it.
+
+Shops export these two tables to us; their schemas are a public interface. Extra columns
+are allowed and ignored unless a stage knows them (e.g. an optional `category` in images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from pipeline.config import SourceConfig
+from pipeline.errors import DataContractError
+
+INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                 "UBIGINT", "HUGEINT"}
+TIMESTAMP_TYPES = {"TIMESTAMP", "TIMESTAMP_S", "TIMESTAMP_MS", "TIMESTAMP_NS",
+                   "TIMESTAMP WITH TIME ZONE", "DATE"}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # the contract's type, as documented
+    nullable: bool
+    accepts: frozenset[str]  # DuckDB types that satisfy it
+
+
+def _column(name: str, type_: str, accepts: set[str], nullable: bool = False) -> Column:
+    return Column(name, type_, nullable, frozenset(accepts))
+
+
+EVENTS = (
+    _column("event_ts", "TIMESTAMP", TIMESTAMP_TYPES),
+    _column("session_id", "VARCHAR", {"VARCHAR"}),
+    _column("query", "VARCHAR", {"VARCHAR"}),
+    _column("image_id", "VARCHAR", {"VARCHAR"}),
+    _column("position", "INTEGER", INTEGER_TYPES),
+    _column("clicked", "BOOLEAN", {"BOOLEAN"}),
+    _column("dwell_ms", "INTEGER", INTEGER_TYPES | {"NULL"}, nullable=True),
+)
+IMAGES = (
+    _column("image_id", "VARCHAR", {"VARCHAR"}),
+    _column("path", "VARCHAR", {"VARCHAR"}),
+    _column("product_id", "VARCHAR", {"VARCHAR", "NULL"}, nullable=True),
+    _column("title", "VARCHAR", {"VARCHAR", "NULL"}, nullable=True),
+)
+
+
+def _relation(con: duckdb.DuckDBPyConnection, source: SourceConfig) -> duckdb.DuckDBPyRelation:
+    """A relation over the source; paths go in as values, never spliced into SQL text."""
+    if source.format == "parquet":
+        path = source.path
+        pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)
+        return con.read_parquet(pattern, hive_partitioning=True, filename=True, file_row_number=True,
+                                union_by_name=True)
+    if source.format == "csv":
+        pattern = str(source.path / "*.csv") if source.path.is_dir() else str(source.path)
+        return con.read_csv(pattern, header=True, filename=True, union_by_name=True)
+    # table names cannot be bound; config validation restricted them to plain identifiers
+    con.execute("ATTACH IF NOT EXISTS ? AS source_db (READ_ONLY)", [str(source.path)])
+    table = con.table(f'source_db."{source.table}"')
+    return table.select(duckdb.StarExpression(), duckdb.ConstantExpression(str(source.path)).alias("filename"))
+
+
+def _describe(con: duckdb.DuckDBPyConnection, view: str) -> dict[str, str]:
+    return {name: type_ for name, type_, *_ in con.execute(f'DESCRIBE "{view}"').fetchall()}
+
+
+def check_columns(found: dict[str, str], contract: tuple[Column, ...], source: str) -> None:
+    """Raise naming the source, column, expected and found type for the first mismatch."""
+    for column in contract:
+        if column.name not in found:
+            raise DataContractError(
+                f"{source}: column '{column.name}' ({column.type}) is missing; "
+                f"found columns {sorted(found)}")
+        found_type = found[column.name]
+        if found_type not in column.accepts and not found_type.startswith("DECIMAL"):
+            raise DataContractError(
+                f"{source}: column '{column.name}' should be {column.type} but is {found_type}")
+
+
+def open_source(con: duckdb.DuckDBPyConnection, source: SourceConfig, view: str,
+                contract: tuple[Column, ...]) -> None:
+    """Create a DuckDB view `view` over the source after checking it against the contract."""
+    label = f"{source.format} source {source.path}"
+    if source.format != "duckdb" and not source.path.exists() and "*" not in str(source.path):
+        raise DataContractError(f"{label}: no such file or folder")
+    if source.format == "duckdb":
+        if not source.path.is_file():
+            raise DataContractError(f"{label}: no such DuckDB database file")
+        label = f"{label} table {source.table}"
+    try:
+        _relation(con, source).create_view(view, replace=True)
+    except duckdb.Error as exc:
+        raise DataContractError(f"{label}: cannot be read ({str(exc).splitlines()[0]})") from None
+    check_columns(_describe(con, view), contract, label)

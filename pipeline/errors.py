@@ -1,0 +1,21 @@
+"""Errors meant for people: each names the file, column, row or config key and what to do."""
+
+
+class ClickclipError(Exception):
+    """Base class; the CLI prints these as one clear message instead of a traceback."""
+
+
+class ConfigError(ClickclipError):
+    """A config file is missing, malformed, or has an unknown or invalid key."""
+
+
+class DataContractError(ClickclipError):
+    """An input source does not match the events/images data contract."""
+
+
+class StageError(ClickclipError):
+    """A stage cannot run, e.g. because an upstream stage's outputs are missing."""
+
+
+class LeakError(ClickclipError):
+    """The split audit found a group straddling train/val/test."""

@@ -1,0 +1,151 @@
+"""Evaluate: text-to-image retrieval over the catalog for candidate, champion and starting model.
+
+Held-out queries are the queries of test-split pairs with at least one click; a query's relevant
+images are the test images clicked for it. Writes `runs/<id>/evaluate/metrics.json` and the
+human report `reports/<run_id>/recall.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import polars as pl
+from rich.progress import track
+
+from pipeline.config import EvaluateConfig, RunConfig
+from pipeline.errors import StageError
+from pipeline.images import load_rgb, resolve_image_path
+from pipeline.metrics import mean_metrics, per_query_metrics
+from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model
+from pipeline.tracking import tracking_uri
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # name of the checkpoint folder inside a registered pyfunc model
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: Path
+    report: Path
+    summary: dict
+
+
+@dataclass(frozen=True)
+class TestSet:
+    queries: list[str]
+    relevant: list[set[str]]
+    gallery_ids: list[str]
+    gallery_paths: list[str]
+    gallery_kind: str
+
+
+def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig) -> TestSet:
+    pairs = pl.read_parquet(pairs_path).filter((pl.col("split") == "test") & (pl.col("clicks") > 0))
+    if pairs.is_empty():
+        raise StageError(f"{pairs_path} has no clicked test pairs to evaluate on")
+    grouped = pairs.group_by("query").agg(pl.col("image_id")).sort("query")
+    images = pl.read_parquet(images_path)
+    if cfg.gallery == "test":
+        images = images.filter(pl.col("split") == "test")
+    images = images.sort("image_id")
+    return TestSet(grouped["query"].to_list(), [set(ids) for ids in grouped["image_id"].to_list()],
+                   images["image_id"].to_list(), images["path"].to_list(), cfg.gallery)
+
+
+def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the top-k gallery items per query by inner product, shape (n_queries, k)."""
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    _, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, gallery.shape[0]))
+    return neighbours
+
+
+def score_model(bundle: ClipBundle, test: TestSet, root: Path, cfg: EvaluateConfig, label: str) -> dict:
+    images = (load_rgb(resolve_image_path(root, p)) for p in
+              track(test.gallery_paths, description=f"embedding catalog ({label})"))
+    gallery = embed_images(bundle, images, cfg.batch_size)
+    queries = embed_texts(bundle, test.queries, cfg.batch_size)
+    top = exact_search(queries, gallery, max(cfg.ks))
+    ranked = [[test.gallery_ids[j] for j in row if j >= 0] for row in top]
+    return mean_metrics(per_query_metrics(ranked, test.relevant, cfg.ks))
+
+
+def champion_model(cfg: RunConfig, workdir: Path) -> tuple[ClipBundle, str] | None:
+    """The registry's current champion and its version, or None when there is none yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg.promote)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        version = client.get_model_version_by_alias(cfg.promote.model_name, "champion")
+    except MlflowException:
+        return None
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{cfg.promote.model_name}/{version.version}", dst_path=str(workdir))
+    return load_checkpoint(Path(local) / "artifacts" / CHECKPOINT_ARTIFACT), version.version
+
+
+def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Path, out_dir: Path,
+             report_dir: Path, run_id: str) -> EvaluateResult:
+    test = load_test_set(pairs_path, images_path, cfg.evaluate)
+    root = cfg.data.image_root
+    results = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
+    with tempfile.TemporaryDirectory() as workdir:
+        champion = champion_model(cfg, Path(workdir))
+        if champion is not None:
+            results["champion"] = score_model(champion[0], test, root, cfg.evaluate, "champion")
+    results["start"] = score_model(starting_model(cfg.train), test, root, cfg.evaluate, "start")
+    summary = {
+        "run_id": run_id, "queries": len(test.queries), "gallery": len(test.gallery_ids),
+        "gallery_kind": test.gallery_kind, "ks": list(cfg.evaluate.ks),
+        "champion_version": champion[1] if champion else None,
+        "baseline": "champion" if champion else "start", "models": results,
+    }
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(summary, indent=2))
+    report_path = report_dir / "recall.md"
+    report_path.write_text(render_report(summary))
+    return EvaluateResult(metrics_path, report_path, summary)
+
+
+def render_report(summary: dict) -> str:
+    models = summary["models"]
+    names = list(models)
+    metric_names = list(models["candidate"])
+    lines = [
+        f"# Recall report — run `{summary['run_id']}`",
+        "",
+        f"{summary['queries']} held-out queries searched over {summary['gallery']} images "
+        f"({'the whole catalog, quarantined images excluded' if summary['gallery_kind'] == 'catalog' else 'test-split images only'}).",
+        f"Baseline for promotion: **{summary['baseline']}**"
+        + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
+           " (no champion registered yet, so the untrained starting model)") + ".",
+        "",
+        "| metric | " + " | ".join(names) + " | candidate − baseline |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    base = models[summary["baseline"]]
+    for metric in metric_names:
+        cells = " | ".join(f"{models[n][metric]:.4f}" for n in names)
+        lines.append(f"| {metric} | {cells} | {models['candidate'][metric] - base[metric]:+.4f} |")
+    lines += [
+        "",
+        "## Definitions",
+        "- Held-out queries: normalised queries with at least one click on a test-split image.",
+        "- Relevant images of a query: the test-split images it clicked (click pairs from the test split only).",
+        "- recall@k: share of a query's relevant images among its top k results, averaged over queries.",
+        "- hit@k: share of queries with at least one relevant image in the top k.",
+        "- MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
+        "- Search: exact inner product (FAISS IndexFlatIP) over L2-normalised embeddings.",
+        "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
+        "start = the model training started from.",
+        "",
+    ]
+    return "\n".join(lines)

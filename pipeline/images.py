@@ -1,0 +1,64 @@
+"""Safe image access shared by split, train and evaluate.
+
+Paths from the catalog are untrusted: they must resolve (symlinks followed) inside the image
+root. Pillow's decompression-bomb guard stays on; odd modes (palette, CMYK, 16-bit, alpha)
+are converted to RGB rather than rejected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class UnusableImage(Exception):
+    """An image that cannot be used; `reason` is the quarantine reason code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def resolve_image_path(root: Path, relative: str) -> Path:
+    """Absolute path of a catalog image, refusing anything that escapes the image root."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root):
+        raise UnusableImage("path_escapes_root", relative)
+    return candidate
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = max(float(array.max()), 1.0)
+        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image fully (first frame) as RGB, or raise UnusableImage with a reason code."""
+    if not path.is_file():
+        raise UnusableImage("missing_file", str(path))
+    if path.stat().st_size == 0:
+        raise UnusableImage("empty_file", str(path))
+    try:
+        with warnings.catch_warnings():
+            # over MAX_IMAGE_PIXELS is a bomb for us, not just a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnusableImage("oversized", str(exc)) from None
+    except UnidentifiedImageError:
+        raise UnusableImage("not_an_image", str(path)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnusableImage("unreadable", f"{path}: {exc}") from None

@@ -1,0 +1,48 @@
+"""Retrieval metrics over ranked result lists; definitions are repeated in the report.
+
+For one query with relevant set R and ranked results r_1..r_n:
+- recall@k = |R ∩ {r_1..r_k}| / |R|
+- hit@k    = 1 if R ∩ {r_1..r_k} is non-empty, else 0
+- MRR      = 1 / (rank of the first relevant result), 0 if none is retrieved
+Each is averaged over queries with at least one relevant item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def per_query_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[set[str]],
+                      ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-query values, one array per metric name, in the order of `ranked`."""
+    if len(ranked) != len(relevant):
+        raise ValueError("ranked and relevant must have one entry per query")
+    out = {f"recall@{k}": np.zeros(len(ranked)) for k in ks}
+    out.update({f"hit@{k}": np.zeros(len(ranked)) for k in ks})
+    out["mrr"] = np.zeros(len(ranked))
+    for q, (results, rel) in enumerate(zip(ranked, relevant, strict=True)):
+        if not rel:
+            raise ValueError(f"query {q} has no relevant items")
+        hits = np.array([item in rel for item in results], dtype=bool)
+        for k in ks:
+            found = int(hits[:k].sum())
+            out[f"recall@{k}"][q] = found / len(rel)
+            out[f"hit@{k}"][q] = float(found > 0)
+        first = np.flatnonzero(hits)
+        out["mrr"][q] = 1.0 / (first[0] + 1) if len(first) else 0.0
+    return out
+
+
+def mean_metrics(per_query: dict[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(values.mean()) if len(values) else 0.0 for name, values in per_query.items()}
+
+
+def rank_by_similarity(query_embeddings: np.ndarray, item_embeddings: np.ndarray, item_ids: Sequence[str],
+                       k: int) -> list[list[str]]:
+    """Top-k item ids per query by inner product (exact, numpy); for small in-training checks."""
+    scores = query_embeddings @ item_embeddings.T
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[item_ids[j] for j in row] for row in top]

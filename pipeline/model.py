@@ -1,0 +1,107 @@
+"""What a model is: open_clip models, their transforms and tokenizer, and safetensors checkpoints.
+
+A checkpoint is a folder in open_clip's own `local-dir:` layout (`open_clip_config.json` with
+`model_cfg` and `preprocess_cfg`, plus `open_clip_model.safetensors`), so it loads with plain
+`open_clip.create_model_and_transforms("local-dir:<folder>")`, without this package.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import save_model
+
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
+
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    preprocess_train: Callable[[Image.Image], torch.Tensor]
+    preprocess_eval: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    model_cfg: dict
+    source: str  # where the weights came from, for reports
+
+
+def load_checkpoint(folder: Path) -> ClipBundle:
+    """Load a checkpoint folder written by `save_checkpoint` (or any open_clip local-dir)."""
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"checkpoint {folder} needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    name = f"local-dir:{folder}"
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, weights_only=True)
+    model_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]
+    return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(name), model_cfg, str(folder))
+
+
+def starting_model(cfg: TrainConfig) -> ClipBundle:
+    """The model training starts from: a local checkpoint, a local pretrained file, or a seeded init."""
+    if cfg.checkpoint is not None:
+        return load_checkpoint(cfg.checkpoint)
+    if cfg.model not in open_clip.list_models():
+        raise ConfigError(f"train.model {cfg.model!r} is not an open_clip model config")
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"train.pretrained {cfg.pretrained!r} is not a local file: clickclip never "
+                          "downloads weights at run time; download them once and point to the file")
+    torch.manual_seed(cfg.seed)  # the same random init in train and evaluate
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+        cfg.model, pretrained=cfg.pretrained, weights_only=True)
+    source = cfg.pretrained or f"random init (seed {cfg.seed})"
+    return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.model),
+                      open_clip.get_model_config(cfg.model), source)
+
+
+def save_checkpoint(bundle: ClipBundle, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": bundle.model_cfg,
+              "preprocess_cfg": open_clip.get_model_preprocess_cfg(bundle.model)}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_model(bundle.model, str(folder / WEIGHTS_FILE))
+    return folder
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def embed_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised text embeddings, float32, shape (len(texts), embed_dim)."""
+    bundle.model.eval()
+    device = next(bundle.model.parameters()).device
+    chunks = [bundle.model.encode_text(bundle.tokenizer(batch).to(device), normalize=True).float().cpu()
+              for batch in _batches(texts, batch_size)]
+    dim = bundle.model_cfg["embed_dim"]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
+
+
+@torch.no_grad()
+def embed_images(bundle: ClipBundle, images: Iterator[Image.Image] | list[Image.Image],
+                 batch_size: int = 256) -> np.ndarray:
+    """L2-normalised image embeddings, float32, shape (n, embed_dim)."""
+    bundle.model.eval()
+    device = next(bundle.model.parameters()).device
+    chunks, pending = [], []
+    for image in images:
+        pending.append(bundle.preprocess_eval(image))
+        if len(pending) == batch_size:
+            chunks.append(bundle.model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
+            pending = []
+    if pending:
+        chunks.append(bundle.model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
+    dim = bundle.model_cfg["embed_dim"]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)

@@ -1,0 +1,139 @@
+"""Promote: log the run to MLflow, register the model, and move `champion` only if it wins.
+
+Idempotent per run: a second promote of the same run finds its registered version (by the
+MLflow run id) and registers nothing new. Writes `runs/<id>/promote/promotion.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PromoteConfig, RunConfig
+from pipeline.evaluate import CHECKPOINT_ARTIFACT
+from pipeline.tracking import ensure_experiment, tracking_uri
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+PIP_REQUIREMENTS = ["torch", "open_clip_torch", "pillow", "pandas", "numpy", "safetensors"]
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    decision: Path
+    summary: dict
+
+
+def decide(evaluation: dict, cfg: PromoteConfig) -> tuple[bool, str]:
+    """Promote when candidate − baseline on the configured metric exceeds the margin."""
+    models = evaluation["models"]
+    if cfg.metric not in models["candidate"]:
+        raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models['candidate'])}")
+    candidate = models["candidate"][cfg.metric]
+    baseline = models[evaluation["baseline"]][cfg.metric]
+    delta = candidate - baseline
+    verdict = delta > cfg.margin
+    reason = (f"candidate {cfg.metric} {candidate:.4f} vs {evaluation['baseline']} {baseline:.4f}: "
+              f"{delta:+.4f} {'>' if verdict else '<='} margin {cfg.margin}")
+    return verdict, reason
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir: Path) -> str:
+    """Log params, metrics, artifacts and the pyfunc model into the training's MLflow run."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    dim = json.loads((model_dir / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]))
+    mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+    for model, values in evaluation["models"].items():
+        mlflow.log_metrics({f"eval.{model}.{k.replace('@', '_at_')}": v for k, v in values.items()})
+    for path in artifacts:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=path.name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(SERVING_CODE), artifacts={CHECKPOINT_ARTIFACT: str(model_dir)},
+        signature=signature, input_example=pd.DataFrame({"text": ["navy striped trainers"]}),
+        pip_requirements=PIP_REQUIREMENTS)
+    return info.model_uri
+
+
+def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, model_dir: Path,
+            artifacts: list[Path], out_dir: Path) -> PromoteResult:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    pcfg = cfg.promote
+    uri = tracking_uri(pcfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = ensure_experiment(pcfg.experiment, uri)
+    if mlflow_run_id is not None:
+        try:
+            client.get_run(mlflow_run_id)
+        except MlflowException:
+            mlflow_run_id = None  # the store was reset since training; log into a fresh run
+    existing = []
+    if mlflow_run_id is not None:
+        existing = client.search_model_versions(f"name='{pcfg.model_name}' and run_id='{mlflow_run_id}'")
+
+    if existing:
+        version = existing[0]
+        promoted = version.tags.get("clickclip.decision") == "promoted"
+        reason = version.tags.get("clickclip.reason", "") + " (already registered; nothing new)"
+    else:
+        promoted, reason = decide(evaluation, pcfg)
+        with mlflow.start_run(run_id=mlflow_run_id, experiment_id=experiment_id, run_name=run_id) as active:
+            mlflow_run_id = active.info.run_id
+            mlflow.set_tag("clickclip.run_id", run_id)
+            model_uri = _log_run(cfg, evaluation, artifacts, model_dir)
+        tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
+                "clickclip.reason": reason}
+        version = mlflow.register_model(model_uri, pcfg.model_name, tags=tags)
+        if promoted:
+            _move_champion(client, pcfg.model_name, version.version)
+
+    summary = {
+        "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
+        "reason": reason, "mlflow_run_id": mlflow_run_id, "tracking_uri": _redact(uri),
+        "champion_uri": f"models:/{pcfg.model_name}@champion",
+    }
+    decision = out_dir / "promotion.json"
+    decision.write_text(json.dumps(summary, indent=2))
+    return PromoteResult(decision, summary)
+
+
+def _move_champion(client, name: str, version: str) -> None:
+    """Point `champion` at `version`; the former champion, if any, becomes `previous`."""
+    current = client.get_registered_model(name).aliases.get("champion")
+    if current is not None and str(current) != str(version):
+        client.set_registered_model_alias(name, "previous", current)
+    client.set_registered_model_alias(name, "champion", version)
+
+
+def _redact(uri: str) -> str:
+    """Hide credentials in a tracking URI before it is written anywhere."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri

@@ -1,0 +1,113 @@
+"""Drive the stages over one run folder: reuse what is intact, run what is not, record it all."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.config import RunConfig
+from pipeline.errors import StageError
+from pipeline.runs import STAGES, Run
+
+console = Console(stderr=True)
+
+
+def _extract(run: Run) -> tuple[dict[str, Any], dict]:
+    from pipeline.extract import extract
+
+    result = extract(run.config, run.stage_dir("extract"))
+    return {"pairs": result.pairs, "quarantine": result.quarantine}, result.summary
+
+
+def _split(run: Run) -> tuple[dict[str, Any], dict]:
+    from pipeline.split import split
+
+    result = split(run.config, run.output("extract", "pairs"), run.stage_dir("split"))
+    outputs = {"images": result.images, "image_quarantine": result.image_quarantine, "pairs": result.pairs,
+               "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit}
+    return outputs, result.summary
+
+
+def _train(run: Run) -> tuple[dict[str, Any], dict]:
+    from pipeline.train import train
+
+    result = train(run.config, run.output("split", "pairs"), run.output("split", "images"),
+                   run.stage_dir("train"), run.run_id)
+    return {"weights": result.model_dir, "metrics": result.metrics}, result.summary
+
+
+def _evaluate(run: Run) -> tuple[dict[str, Any], dict]:
+    from pipeline.evaluate import evaluate
+
+    result = evaluate(run.config, run.output("split", "pairs"), run.output("split", "images"),
+                      run.output("train", "weights").parent, run.stage_dir("evaluate"), run.report_dir(),
+                      run.run_id)
+    return {"metrics": result.metrics, "report": result.report}, result.summary
+
+
+def _promote(run: Run) -> tuple[dict[str, Any], dict]:
+    from pipeline.promote import promote
+
+    artifacts = [run.report_dir(), run.manifest_path, run.output("split", "leak_audit"),
+                 run.output("extract", "quarantine"), run.output("split", "image_quarantine")]
+    result = promote(run.config, run.run_id, run.summary("train").get("mlflow_run_id"),
+                     run.summary("evaluate"), run.output("train", "weights").parent, artifacts,
+                     run.stage_dir("promote"))
+    return {"decision": result.decision}, result.summary
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], tuple[dict[str, Any], dict]]] = {
+    "extract": _extract, "split": _split, "train": _train, "evaluate": _evaluate, "promote": _promote,
+}
+
+
+def run_stage(run: Run, stage: str) -> dict:
+    """Run one stage unless its recorded outputs are intact for the same fingerprint; return its summary."""
+    upstream = STAGES[: STAGES.index(stage)]
+    missing = [s for s in upstream if run.reusable(s) is None]
+    if missing:
+        raise StageError(f"stage {stage} needs {', '.join(missing)} to have run first for run "
+                         f"{run.run_id} with this config (clickclip run does them in order)")
+    if (entry := run.reusable(stage)) is not None:
+        console.print(f"[green]✓ {stage}[/] reused from {run.root / stage} (inputs and config unchanged)")
+        return entry["summary"]
+    console.rule(f"{stage} · run {run.run_id}")
+    started = time.perf_counter()
+    outputs, summary = STAGE_FUNCTIONS[stage](run)
+    seconds = time.perf_counter() - started
+    run.record(stage, outputs, summary, seconds)
+    console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
+    return summary
+
+
+def run_all(run: Run) -> dict[str, dict]:
+    return {stage: run_stage(run, stage) for stage in STAGES}
+
+
+def format_summary(run: Run, summaries: dict[str, dict]) -> str:
+    cfg: RunConfig = run.config
+    metric = cfg.promote.metric
+    evaluation, decision = summaries["evaluate"], summaries["promote"]
+    models = evaluation["models"]
+    extract = summaries["extract"]
+    lines = [
+        f"run {run.run_id}  ({run.root})",
+        f"rows read {extract['rows_read']}: kept {extract['rows_kept']}, quarantined {extract['rows_quarantined']}"
+        f" {extract['quarantined_by_reason']}",
+        f"images kept {summaries['split']['images_kept']}, quarantined {summaries['split']['images_quarantined']};"
+        f" leak audit passed",
+    ]
+    for k in cfg.evaluate.ks:
+        row = "  ".join(f"{name} {values[f'recall@{k}']:.4f}" for name, values in models.items())
+        lines.append(f"recall@{k}: {row}")
+    verdict = "PROMOTED to champion" if decision["promoted"] else "not promoted"
+    lines += [
+        f"decision on {metric}: {verdict} — {decision['reason']}",
+        f"registered: {decision['model_name']} version {decision['version']}",
+        f"champion: {decision['champion_uri']}",
+        f"report: {cfg.reports_dir / run.run_id / 'recall.md'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Run folders and their manifest: content hashes of inputs and outputs, and stage reuse.
+
+`runs/<run_id>/manifest.json` records, per stage, a fingerprint of everything the stage
+depends on (its config section, the input content hashes, the upstream fingerprints) and the
+sha256 of each output. A stage whose fingerprint matches and whose outputs are intact is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, SourceConfig
+
+STAGES = ("extract", "split", "train", "evaluate", "promote")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_sha256(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def source_files(source: SourceConfig) -> list[Path]:
+    """The files a source reads, in a stable order."""
+    path = source.path
+    if path.is_dir():
+        suffix = ".parquet" if source.format == "parquet" else ".csv"
+        return sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
+    if any(ch in str(path) for ch in "*?["):
+        anchor = Path(path.anchor or ".")
+        return sorted(anchor.glob(str(path.relative_to(anchor))))
+    return [path] if path.is_file() else []
+
+
+def source_digest(source: SourceConfig) -> str:
+    """Content hash of a source's files (their paths and bytes)."""
+    return text_sha256([(str(p), file_sha256(p)) for p in source_files(source)])
+
+
+def image_root_digest(root: Path) -> str:
+    """Cheap fingerprint of the image folder: relative path, size and mtime of every file."""
+    if not root.is_dir():
+        return "missing"
+    entries = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            stat = (Path(dirpath) / name).stat()
+            entries.append((os.path.relpath(Path(dirpath) / name, root), stat.st_size, stat.st_mtime_ns))
+    return text_sha256(sorted(entries))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class Run:
+    """One run folder, its manifest, and the reuse decisions made from it."""
+
+    run_id: str
+    root: Path
+    config: RunConfig
+    inputs: dict[str, str]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def report_dir(self) -> Path:
+        path = self.config.reports_dir / self.run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def fingerprint(self, stage: str) -> str:
+        cfg = self.config
+        own = {
+            "extract": (cfg.data.model_dump(mode="json"), cfg.extract.model_dump(mode="json"),
+                        self.inputs["events"], self.inputs["images"]),
+            "split": (cfg.split.model_dump(mode="json"), self.inputs["image_root"]),
+            "train": (cfg.train.model_dump(mode="json"),),
+            "evaluate": (cfg.evaluate.model_dump(mode="json"),),
+            "promote": (cfg.promote.model_dump(mode="json"),),
+        }[stage]
+        upstream = STAGES.index(stage)
+        parent = self.fingerprint(STAGES[upstream - 1]) if upstream else ""
+        return text_sha256(stage, own, parent)
+
+    def reusable(self, stage: str) -> dict[str, Any] | None:
+        """The recorded stage entry if its fingerprint matches and every output is intact."""
+        entry = self.manifest.get("stages", {}).get(stage)
+        if not entry or entry.get("fingerprint") != self.fingerprint(stage):
+            return None
+        for output in entry["outputs"].values():
+            path = self.root / output["path"]
+            if not path.is_file() or file_sha256(path) != output["sha256"]:
+                return None
+        return entry
+
+    def output(self, stage: str, name: str) -> Path:
+        """Path of a recorded output of an earlier stage."""
+        return self.root / self.manifest["stages"][stage]["outputs"][name]["path"]
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        return self.manifest["stages"][stage]["summary"]
+
+    def record(self, stage: str, outputs: dict[str, Path], summary: dict[str, Any],
+               seconds: float) -> None:
+        entry = {
+            "fingerprint": self.fingerprint(stage),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(seconds, 2),
+            # relative to the run folder; the published report lives beside it, under reports_dir
+            "outputs": {name: {"path": os.path.relpath(path, self.root), "sha256": file_sha256(path)}
+                        for name, path in outputs.items()},
+            "summary": summary,
+        }
+        self.manifest.setdefault("stages", {})[stage] = entry
+        self.save()
+
+    def save(self) -> None:
+        self.manifest.update(run_id=self.run_id, git_commit=git_commit(), inputs=self.inputs,
+                             config=self.config.model_dump(mode="json"))
+        with atomic_write(self.manifest_path) as tmp:
+            tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
+
+
+def input_digests(cfg: RunConfig) -> dict[str, str]:
+    return {
+        "events": source_digest(cfg.data.events),
+        "images": source_digest(cfg.data.images),
+        "image_root": image_root_digest(cfg.data.image_root),
+    }
+
+
+def open_run(cfg: RunConfig, run_id: str | None = None) -> Run:
+    """Open (or create) the run folder. Without a run id, the id derives from config and inputs,
+    so re-running unchanged inputs lands in the same folder and reuses its stages."""
+    inputs = input_digests(cfg)
+    if run_id is None:
+        run_id = f"{cfg.name}-{text_sha256(cfg.model_dump(mode='json'), inputs)[:10]}"
+    root = cfg.runs_dir / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    run = Run(run_id=run_id, root=root, config=cfg, inputs=inputs)
+    if run.manifest_path.is_file():
+        run.manifest = json.loads(run.manifest_path.read_text())
+    return run

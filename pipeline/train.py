@@ -1,0 +1,208 @@
+"""Train: fine-tune an open_clip model on clicked (query, image) pairs with Lightning.
+
+Reads split's `pairs.parquet`; writes `runs/<id>/train/model/` (safetensors checkpoint of the
+best epoch by validation recall@10), Lightning checkpoints for resuming, and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from open_clip.loss import ClipLoss
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.config import RunConfig, TrainConfig
+from pipeline.errors import StageError
+from pipeline.images import load_rgb, resolve_image_path
+from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
+from pipeline.model import ClipBundle, save_checkpoint, starting_model
+from pipeline.tracking import ensure_experiment, tracking_uri
+
+MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    metrics: Path
+    summary: dict
+
+
+class PairDataset(Dataset):
+    """(image tensor, query text, image_id) for each clicked pair."""
+
+    def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool):
+        self.queries = pairs["query"].to_list()
+        self.image_ids = pairs["image_id"].to_list()
+        self.paths = pairs["path"].to_list()
+        self.root = root
+        self.transform = bundle.preprocess_train if train else bundle.preprocess_eval
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
+        image = load_rgb(resolve_image_path(self.root, self.paths[index]))
+        return self.transform(image), self.queries[index], self.image_ids[index]
+
+
+class ClipFineTuner(L.LightningModule):
+    """The symmetric contrastive loss of open_clip over in-batch negatives."""
+
+    def __init__(self, bundle: ClipBundle, cfg: TrainConfig):
+        super().__init__()
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.cfg = cfg
+        self.loss = ClipLoss()
+        self.saw_nan = False
+        self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
+
+    def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(texts).to(self.device)
+        return (self.model.encode_image(images, normalize=True),
+                self.model.encode_text(tokens, normalize=True))
+
+    def training_step(self, batch, batch_idx):
+        images, texts, _ = batch
+        image_features, text_features = self._embed(images, list(texts))
+        loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
+        if not torch.isfinite(loss):
+            self.saw_nan = True
+            self.trainer.should_stop = True
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
+        self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=len(texts))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def validation_step(self, batch, batch_idx):
+        images, texts, image_ids = batch
+        image_features, text_features = self._embed(images, list(texts))
+        loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
+        self.log("val/loss", loss, batch_size=len(texts))
+        self._val.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(),
+                          list(texts), list(image_ids)))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        recall = validation_recall(self._val, k=10)
+        self._val.clear()
+        self.log("val/recall_at_10", recall, prog_bar=True)
+
+    def configure_optimizers(self):
+        # open_clip's rule: no weight decay on gains, biases, norms, embeddings and the temperature
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            exempt = param.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name \
+                or "embedding" in name
+            (no_decay if exempt else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.cfg.warmup_steps, total - 1)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def validation_recall(batches, k: int) -> float:
+    """recall@k of text->image retrieval among the validation images."""
+    image_emb = np.concatenate([b[0] for b in batches])
+    text_emb = np.concatenate([b[1] for b in batches])
+    queries = [q for b in batches for q in b[2]]
+    image_ids = [i for b in batches for i in b[3]]
+    first_image = {iid: n for n, iid in reversed(list(enumerate(image_ids)))}
+    first_query = {q: n for n, q in reversed(list(enumerate(queries)))}
+    gallery_ids = list(first_image)
+    gallery = image_emb[[first_image[i] for i in gallery_ids]]
+    relevant: dict[str, set[str]] = {}
+    for q, iid in zip(queries, image_ids, strict=True):
+        relevant.setdefault(q, set()).add(iid)
+    query_list = list(relevant)
+    ranked = rank_by_similarity(text_emb[[first_query[q] for q in query_list]], gallery, gallery_ids, k)
+    per_query = per_query_metrics(ranked, [relevant[q] for q in query_list], [k])
+    return mean_metrics(per_query)[f"recall@{k}"]
+
+
+def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: int) -> pl.DataFrame:
+    images = pl.read_parquet(images_path).select("image_id", "path")
+    pairs = pl.read_parquet(pairs_path).filter((pl.col("split") == split) & (pl.col("clicks") >= min_clicks)
+                                               & (pl.col("clicks") > 0))
+    return pairs.join(images, on="image_id").sort("query", "image_id")
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, train: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train,
+                      num_workers=cfg.num_workers, generator=generator,
+                      persistent_workers=cfg.num_workers > 0)
+
+
+def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, run_name: str) -> TrainResult:
+    """Fine-tune from the configured starting model; resumes from `out_dir/lightning/last.ckpt`."""
+    tcfg = cfg.train
+    L.seed_everything(tcfg.seed, workers=True, verbose=False)
+    bundle = starting_model(tcfg)
+    train_pairs = training_pairs(pairs_path, images_path, "train", tcfg.min_clicks)
+    val_pairs = training_pairs(pairs_path, images_path, "val", tcfg.min_clicks)
+    if train_pairs.height < tcfg.batch_size:
+        raise StageError(f"only {train_pairs.height} clicked training pairs, fewer than one batch "
+                         f"(train.batch_size={tcfg.batch_size}); lower the batch size or add data")
+    root = cfg.data.image_root
+    module = ClipFineTuner(bundle, tcfg)
+    uri = tracking_uri(cfg.promote)
+    ensure_experiment(cfg.promote.experiment, uri)
+    logger = MLFlowLogger(experiment_name=cfg.promote.experiment, run_name=run_name, tracking_uri=uri,
+                          tags={"clickclip.run_id": run_name})
+    ckpt_dir = out_dir / "lightning"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/recall_at_10", mode="max",
+                           save_last=True, save_weights_only=False)
+    trainer = L.Trainer(
+        max_epochs=tcfg.epochs, accelerator=tcfg.accelerator, devices=tcfg.devices,
+        precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step")],
+        deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    started = time.perf_counter()
+    resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
+    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True), tcfg, True),
+                _loader(PairDataset(val_pairs, root, bundle, False), tcfg, False), ckpt_path=resume)
+    seconds = time.perf_counter() - started
+
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    model_dir = save_checkpoint(bundle, out_dir / "model")
+    summary = {
+        "train_pairs": train_pairs.height, "val_pairs": val_pairs.height, "epochs": trainer.current_epoch,
+        "steps": trainer.global_step, "seconds": round(seconds, 1),
+        "samples_per_s": round(trainer.global_step * tcfg.batch_size / max(seconds, 1e-9), 1),
+        "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
+        "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
+        "mlflow_run_id": logger.run_id,
+    }
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(summary, indent=2))
+    return TrainResult(model_dir / "open_clip_model.safetensors", metrics_path, summary)

@@ -1,0 +1,43 @@
+"""Shared tiny fixtures: one generated demo shop per session and configs that point at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.demo_data import generate
+
+
+@pytest.fixture(scope="session")
+def tiny_shop(tmp_path_factory) -> Path:
+    """A tiny demo shop (200 products, 3,000 sessions), generated once per test session."""
+    out = tmp_path_factory.mktemp("tiny_shop")
+    generate(out, products=200, sessions=3000, seed=1)
+    return out
+
+
+def shop_config(shop: Path, work: Path, **sections) -> RunConfig:
+    """A run config over `shop` that writes runs, reports and the MLflow store under `work`."""
+    tree = {
+        "name": "tiny",
+        "runs_dir": str(work / "runs"),
+        "reports_dir": str(work / "reports"),
+        "data": {"events": {"path": str(shop / "events")}, "images": {"path": str(shop / "images.parquet")},
+                 "image_root": str(shop / "images")},
+        "extract": {"duckdb": {"memory_limit": "1GB", "threads": 2}},
+        "train": {"epochs": 8, "batch_size": 32, "learning_rate": 0.002, "warmup_steps": 10},
+        "evaluate": {"gallery": "test"},
+        "promote": {"model_name": "clickclip-tiny", "experiment": "clickclip-tiny",
+                    "tracking_uri": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    (work / "mlruns").mkdir(parents=True, exist_ok=True)
+    return RunConfig.model_validate(tree)
+
+
+@pytest.fixture
+def tiny_config(tiny_shop, tmp_path) -> RunConfig:
+    return shop_config(tiny_shop, tmp_path)

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_validate():
+    for name in ("demo.yaml", "tiny.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert isinstance(cfg, RunConfig)
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text() + "\ntrain:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(path)
+
+
+def test_overrides_beat_yaml():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.epochs=2", "evaluate.ks=[1, 3]"])
+    assert cfg.train.epochs == 2
+    assert cfg.evaluate.ks == (1, 3)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.epochs"])
+
+
+@pytest.mark.parametrize("table", ["events; DROP TABLE x", "a.b", "1abc", 'x"y'])
+def test_duckdb_table_must_be_plain_identifier(tmp_path, table):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""
+data:
+  events: {{format: duckdb, path: shop.duckdb, table: '{table}'}}
+  images: {{path: images.parquet}}
+  image_root: images
+""")
+    with pytest.raises(ConfigError, match="plain SQL identifier"):
+        load_config(path)
+
+
+def test_split_fractions_must_sum_to_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text()
+                    + "\nsplit:\n  fractions: {train: 0.8, val: 0.3, test: 0.1}\n")
+    with pytest.raises(ConfigError, match="add up to 1"):
+        load_config(path)

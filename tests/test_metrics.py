@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
+
+
+def test_hand_computed_case():
+    ranked = [["a", "x", "b", "y"], ["x", "y", "z", "c"], ["x", "y", "z", "w"]]
+    relevant = [{"a", "b"}, {"c"}, {"q"}]
+    got = mean_metrics(per_query_metrics(ranked, relevant, [1, 2, 4]))
+    assert got["recall@1"] == pytest.approx((0.5 + 0 + 0) / 3)
+    assert got["recall@4"] == pytest.approx((1 + 1 + 0) / 3)
+    assert got["hit@2"] == pytest.approx(1 / 3)
+    assert got["hit@4"] == pytest.approx(2 / 3)
+    assert got["mrr"] == pytest.approx((1 + 1 / 4 + 0) / 3)
+
+
+def test_query_without_relevant_items_is_an_error():
+    with pytest.raises(ValueError, match="no relevant"):
+        per_query_metrics([["a"]], [set()], [1])
+
+
+def test_rank_by_similarity():
+    items = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    ranked = rank_by_similarity(np.array([[1.0, 0.1]]), items, ["x", "y", "z"], k=2)
+    assert ranked == [["x", "z"]]

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -91,4 +92,4 @@ def test_champion_serves_the_evaluated_embeddings_in_a_fresh_process(first_and_s
     assert out.returncode == 0, out.stderr[-2000:]
     served = json.loads(out.stdout.strip().splitlines()[-1])
     local = embed_texts(load_checkpoint(_run_dir(work) / "train" / "model"), ["navy trainers", "red mug"])
-    assert local.tolist() == pytest.approx(served, abs=1e-5)
+    np.testing.assert_allclose(local, np.array(served), atol=1e-5)

@@ -38,7 +38,7 @@ def _open(config: Path, run_id: str | None, overrides: list[str] | None):
 def demo_data(
     out: Annotated[Path, typer.Option(help="folder to write the demo shop into")] = Path("data/demo"),
     products: Annotated[int, typer.Option(min=10)] = 600,
-    sessions: Annotated[int, typer.Option(min=10)] = 6000,
+    sessions: Annotated[int, typer.Option(min=10)] = 20000,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="regenerate even if the folder already holds demo data")] = False,
 ) -> None:

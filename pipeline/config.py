@@ -7,6 +7,7 @@ that names the key. Relative paths are resolved against the working directory.
 from __future__ import annotations
 
 import re
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,9 +66,49 @@ class DuckDBConfig(Strict):
         return value
 
 
+class WindowConfig(Strict):
+    """Which events to read: [since, until] (inclusive dates), or the last N days of the log."""
+
+    since: date | None = None
+    until: date | None = None
+    last_days: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> WindowConfig:
+        if self.last_days is not None and self.since is not None:
+            raise ValueError("set either 'since' or 'last_days', not both")
+        if self.since and self.until and self.since > self.until:
+            raise ValueError("'since' is after 'until'")
+        return self
+
+
+class BotConfig(Strict):
+    """Sessions above any of these rates are quarantined as `bot`."""
+
+    enabled: bool = True
+    max_impressions_per_minute: int = Field(default=120, ge=1)
+    max_impressions_per_session: int = Field(default=1000, ge=1)
+    max_click_through_rate: float = Field(default=0.8, gt=0, le=1)
+    min_impressions_for_ctr: int = Field(default=20, ge=1)
+
+
+class PropensityConfig(Strict):
+    """EM under the position-based model; positions past `max_position` share its estimate."""
+
+    max_position: int = Field(default=10, ge=1)
+    iterations: int = Field(default=200, ge=1)
+    min_pair_impressions: int = Field(default=10, ge=1)
+    clip: float = Field(default=0.05, gt=0, le=1)  # smallest propensity used in 1/θ weights
+
+
 class ExtractConfig(Strict):
     strip_punctuation: bool = False
-    min_impressions: int = Field(default=1, ge=1)
+    window: WindowConfig = WindowConfig()
+    long_queries: Literal["truncate", "quarantine"] = "truncate"
+    bots: BotConfig = BotConfig()
+    propensity: PropensityConfig = PropensityConfig()
+    weighting: Literal["raw", "ips", "ips_dwell"] = "ips"
+    satisfied_dwell_ms: int = Field(default=10_000, ge=0)
     duckdb: DuckDBConfig = DuckDBConfig()
 
 

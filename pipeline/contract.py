@@ -49,12 +49,14 @@ IMAGES = (
 )
 
 
-def _relation(con: duckdb.DuckDBPyConnection, source: SourceConfig) -> duckdb.DuckDBPyRelation:
+def _relation(con: duckdb.DuckDBPyConnection, source: SourceConfig,
+              files: list[Path] | None) -> duckdb.DuckDBPyRelation:
     """A relation over the source; paths go in as values, never spliced into SQL text."""
     if source.format == "parquet":
         path = source.path
         pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)
-        return con.read_parquet(pattern, hive_partitioning=True, filename=True, file_row_number=True,
+        target = [str(f) for f in files] if files is not None else pattern
+        return con.read_parquet(target, hive_partitioning=True, filename=True, file_row_number=True,
                                 union_by_name=True)
     if source.format == "csv":
         pattern = str(source.path / "*.csv") if source.path.is_dir() else str(source.path)
@@ -83,8 +85,10 @@ def check_columns(found: dict[str, str], contract: tuple[Column, ...], source: s
 
 
 def open_source(con: duckdb.DuckDBPyConnection, source: SourceConfig, view: str,
-                contract: tuple[Column, ...]) -> None:
-    """Create a DuckDB view `view` over the source after checking it against the contract."""
+                contract: tuple[Column, ...], files: list[Path] | None = None) -> None:
+    """Create a DuckDB view `view` over the source after checking it against the contract.
+
+    `files` restricts a Parquet source to those files (the partitions of a window)."""
     label = f"{source.format} source {source.path}"
     if source.format != "duckdb" and not source.path.exists() and "*" not in str(source.path):
         raise DataContractError(f"{label}: no such file or folder")
@@ -93,7 +97,7 @@ def open_source(con: duckdb.DuckDBPyConnection, source: SourceConfig, view: str,
             raise DataContractError(f"{label}: no such DuckDB database file")
         label = f"{label} table {source.table}"
     try:
-        _relation(con, source).create_view(view, replace=True)
+        _relation(con, source, files).create_view(view, replace=True)
     except duckdb.Error as exc:
         raise DataContractError(f"{label}: cannot be read ({str(exc).splitlines()[0]})") from None
     check_columns(_describe(con, view), contract, label)

@@ -154,15 +154,21 @@ def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int)
     intents = _intents(rng)
     zipf = 1.0 / np.arange(1, len(intents) + 1) ** 1.1
     zipf /= zipf.sum()
+    pools: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     rows = []
     for session in range(n_sessions):
-        intent = intents[int(rng.choice(len(intents), p=zipf))]
+        which = int(rng.choice(len(intents), p=zipf))
+        intent = intents[which]
         query = _surface_form(rng, intent)
-        pool = np.concatenate([rng.choice(by_category[intent[0]], 40), rng.integers(0, len(ids), 20)])
-        pool = np.unique(pool)
-        rel = np.array([relevance(intent, attrs[i]) for i in pool])
-        # the current production ranker: knows relevance only noisily
-        order = np.argsort(-(rel + rng.normal(0, 0.6, len(pool))))[:RESULTS_PER_QUERY]
+        if which not in pools:
+            # the production ranker's candidates and its (noisy) idea of their relevance, per intent
+            pool = np.unique(np.concatenate([rng.choice(by_category[intent[0]], 40),
+                                             rng.integers(0, len(ids), 20)]))
+            rel = np.array([relevance(intent, attrs[i]) for i in pool])
+            pools[which] = (pool, rel, rel + rng.normal(0, 0.6, len(pool)))
+        pool, rel, score = pools[which]
+        # per-session jitter moves the same image across positions, which makes position bias estimable
+        order = np.argsort(-(score + rng.normal(0, 0.4, len(pool))))[:RESULTS_PER_QUERY]
         start = START + timedelta(seconds=int(rng.integers(0, DAYS * 86400)))
         session_id = f"S{session:07d}"
         for position, pick in enumerate(order, start=1):
@@ -189,10 +195,27 @@ def _bad_rows(rng: np.random.Generator, events: pl.DataFrame) -> pl.DataFrame:
     bad_position = sample[3:4].with_columns(pl.lit(0, pl.Int32).alias("position"))
     null_position = sample[4:5].with_columns(pl.lit(None, pl.Int32).alias("position"))
     duplicate = sample[5:6]
-    return pl.concat([null_query, empty_query, unknown, bad_position, null_position, duplicate])
+    too_long = sample[0:1].with_columns(pl.lit(" ".join(["very"] * 90) + " long trainers").alias("query"))
+    return pl.concat([null_query, empty_query, unknown, bad_position, null_position, duplicate, too_long,
+                      _bot_session(rng, events)])
 
 
-def generate(out: Path, products: int = 600, sessions: int = 6000, seed: int = 0) -> DemoSummary:
+def _bot_session(rng: np.random.Generator, events: pl.DataFrame, impressions: int = 200) -> pl.DataFrame:
+    """A scraper: hundreds of impressions within a minute, clicking nearly everything."""
+    start = START + timedelta(days=2, hours=3)
+    ids = events["image_id"].unique().sort().to_list()
+    return pl.DataFrame({
+        "event_ts": [start + timedelta(milliseconds=250 * i) for i in range(impressions)],
+        "session_id": ["S_BOT_0001"] * impressions,
+        "query": [str(rng.choice(["cheap", "sale", "shoes"])) for _ in range(impressions)],
+        "image_id": [ids[int(i)] for i in rng.integers(0, len(ids), impressions)],
+        "position": [(i % RESULTS_PER_QUERY) + 1 for i in range(impressions)],
+        "clicked": [bool(rng.random() < 0.95) for _ in range(impressions)],
+        "dwell_ms": [None] * impressions, "relevance": [0.0] * impressions,
+    }, schema=events.schema)
+
+
+def generate(out: Path, products: int = 600, sessions: int = 20000, seed: int = 0) -> DemoSummary:
     """Write the demo shop to `out`; the same seed and sizes give the same bytes in the tables."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,8 +236,11 @@ def generate(out: Path, products: int = 600, sessions: int = 6000, seed: int = 0
     catalog.select("image_id", "product_id", "category", "colour", "pattern").write_parquet(
         truth / "products.parquet")
     (truth / "propensities.json").write_text(json.dumps(
-        {"positions": list(range(1, RESULTS_PER_QUERY + 1)), "examination": true_propensities(),
-         "broken_images": broken["image_id"].to_list()}, indent=2))
+        {"positions": list(range(1, RESULTS_PER_QUERY + 1)), "examination": true_propensities()}, indent=2))
+    (truth / "planted.json").write_text(json.dumps(
+        {"broken_images": broken["image_id"].to_list(), "bot_sessions": ["S_BOT_0001"],
+         "bad_event_rows": {"empty_query": 2, "bad_position": 2, "unknown_image": 1, "duplicate": 1,
+                            "query_too_long": 1}}, indent=2))
 
     catalog.select("image_id", "path", "product_id", "title", "category").write_parquet(
         out / "images.parquet")

@@ -1,34 +1,44 @@
-"""Extract: click logs -> weighted (query, image) pairs, with every unusable row quarantined.
+"""Extract: click logs -> debiased (query, image) pairs, with every unusable row quarantined.
 
 Outputs in `runs/<id>/extract/`: `pairs.parquet` (query, image_id, product_id, clicks,
-impressions, weight, first_seen, last_seen) and `quarantine.parquet` (the input row, its source
-file and 1-based row, and a reason code). kept + quarantined = read, always.
+impressions, weight, first_seen, last_seen), `quarantine.parquet` (the input row, its source file
+and 1-based row, and a reason code), `propensity.json` and `propensity.png` (the examination
+curve estimated by EM). kept + quarantined = read, always.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
-from pipeline.config import DuckDBConfig, RunConfig, SourceConfig
+from pipeline.config import DuckDBConfig, ExtractConfig, RunConfig, SourceConfig, WindowConfig
 from pipeline.contract import EVENTS, IMAGES, open_source
 from pipeline.errors import DataContractError
+from pipeline.propensity import Propensities, examination_propensities
+from pipeline.runs import source_files
 
-REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "duplicate")
+REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "outside_window",
+           "duplicate", "query_too_long", "bot")
 PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
+PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
+TEXT_CONTEXT = 77  # open_clip's text context: longer queries are counted, then truncated or quarantined
 
 
 @dataclass(frozen=True)
 class ExtractResult:
     pairs: Path
     quarantine: Path
+    propensity: Path
     summary: dict
 
 
@@ -55,52 +65,159 @@ def connect(settings: DuckDBConfig) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig) -> None:
+def partition_date(path: Path) -> date | None:
+    match = PARTITION.search(path.as_posix())
+    return date.fromisoformat(match.group(1)) if match else None
+
+
+def window_files(source: SourceConfig, window: WindowConfig) -> tuple[list[Path] | None, date | None, date | None]:
+    """The Parquet files a window needs (hive partitions outside it are not read) and its dates.
+
+    `last_days` counts back from `until`, or from the newest date partition."""
+    if source.format != "parquet" or window == WindowConfig():
+        return None, window.since, window.until
+    files = source_files(source)
+    dated = [d for d in map(partition_date, files) if d is not None]
+    until = window.until or (max(dated) if window.last_days and dated else None)
+    since = window.since or (until - timedelta(days=window.last_days - 1) if window.last_days and until else None)
+    keep = [f for f in files if (d := partition_date(f)) is None
+            or ((since is None or d >= since) and (until is None or d <= until))]
+    if not keep:
+        raise DataContractError(f"parquet source {source.path}: no partition falls in the window "
+                                f"{since or '…'} to {until or '…'}")
+    return keep, since, until
+
+
+def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: list[Path] | None) -> None:
     """events_raw: the contract columns plus the source file and the 1-based row within it."""
-    open_source(con, source, "events_source", EVENTS)
+    open_source(con, source, "events_source", EVENTS, files)
     columns = {name for name, *_ in con.execute('DESCRIBE "events_source"').fetchall()}
     row = "file_row_number + 1" if "file_row_number" in columns else "row_number() OVER ()"
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source")
 
 
 def _register_query_norms(con: duckdb.DuckDBPyConnection, strip_punctuation: bool) -> None:
-    # normalise each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
+    # each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
     raw = [r[0] for r in con.execute("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").fetchall()]
-    table = pa.table({"raw_query": raw, "query": [normalise_query(q, strip_punctuation) for q in raw]})
-    con.register("query_norms", table)
+    normalised = [normalise_query(q, strip_punctuation) for q in raw]
+    too_long = [len(tokenizer.encode(q)) + 2 > TEXT_CONTEXT for q in normalised]  # + start/end tokens
+    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised, "too_long": too_long}))
+
+
+def _bounds(since: date | None, until: date | None) -> dict:
+    """Timestamp bounds for SQL; until is inclusive as a date, so the bound is the next midnight."""
+    low = datetime.combine(since, time.min) if since else datetime.min
+    high = datetime.combine(until + timedelta(days=1), time.min) if until else datetime.max
+    return {"since": low, "until": high}
+
+
+def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig) -> None:
+    bots = ecfg.bots
+    con.execute("CREATE TEMP TABLE bot_sessions AS " + _sql("extract_bots.sql"), {
+        "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
+        "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
+        "max_ctr": bots.max_click_through_rate})
+    params = {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"}
+    try:
+        con.execute("CREATE TEMP TABLE classified AS " + _sql("extract_classify.sql"), params)
+    except duckdb.ConversionException as exc:
+        raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+
+
+def estimate_propensities(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig) -> Propensities:
+    settings = ecfg.propensity
+    counts = con.execute(_sql("extract_position_counts.sql"), {
+        "max_position": settings.max_position, "min_pair_impressions": settings.min_pair_impressions,
+    }).fetchnumpy()
+    if len(counts["pair"]) == 0:
+        flat = np.ones(settings.max_position)  # nothing to learn from: no position is discounted
+        return Propensities(np.arange(1, settings.max_position + 1), flat, 0, 0.0)
+    return examination_propensities(counts["pair"], counts["position"], counts["clicks"], counts["impressions"],
+                                    settings.max_position, settings.iterations)
+
+
+def plot_propensities(propensities: Propensities, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.plot(propensities.positions, propensities.examination, marker="o")
+    ax.set(xlabel="position", ylabel="examination probability (θ / θ₁)", ylim=(0, 1.05),
+           title="Position bias estimated from the log (PBM, EM)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def extract(cfg: RunConfig, out_dir: Path) -> ExtractResult:
     """Read the events and catalog sources, classify every impression, write pairs and quarantine."""
-    con = connect(cfg.extract.duckdb)
-    _open_events(con, cfg.data.events)
+    ecfg = cfg.extract
+    con = connect(ecfg.duckdb)
+    files, since, until = window_files(cfg.data.events, ecfg.window)
+    _open_events(con, cfg.data.events, files)
     open_source(con, cfg.data.images, "catalog_raw", IMAGES)
     con.execute("CREATE TEMP TABLE catalog_ids AS SELECT image_id, any_value(product_id) AS product_id "
                 "FROM catalog_raw WHERE image_id IS NOT NULL GROUP BY image_id")
-    _register_query_norms(con, cfg.extract.strip_punctuation)
-    try:
-        con.execute("CREATE TEMP TABLE classified AS " + _sql("extract_classify.sql"))
-    except duckdb.ConversionException as exc:
-        raise DataContractError(f"events source {cfg.data.events.path}: {str(exc).splitlines()[0]}") from None
+    _register_query_norms(con, ecfg.strip_punctuation)
+    _classify(con, ecfg, since, until, cfg.data.events)
 
+    propensities = estimate_propensities(con, ecfg)
+    con.register("propensity", pa.table({"position": propensities.positions.tolist(),
+                                         "examination": propensities.examination.tolist()}))
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
-    con.sql(_sql("extract_pairs.sql")).write_parquet(str(pairs_path))
-    con.sql("SELECT * EXCLUDE (query_norm) FROM classified WHERE reason IS NOT NULL "
+    pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip,
+                    "satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "max_position": ecfg.propensity.max_position}
+    con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
+    con.table("pairs").write_parquet(str(pairs_path))
+    con.sql("SELECT * EXCLUDE (query_norm, query_too_long) FROM classified WHERE reason IS NOT NULL "
             "ORDER BY source_file, source_row").write_parquet(str(quarantine_path))
-    return ExtractResult(pairs_path, quarantine_path, _summary(con))
+    propensity_path = out_dir / "propensity.json"
+    propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
+    plot_propensities(propensities, out_dir / "propensity.png")
+    summary = _summary(con, files, since, until)
+    summary["propensity"] = propensities.as_dict()
+    return ExtractResult(pairs_path, quarantine_path, propensity_path, summary)
 
 
-def _summary(con: duckdb.DuckDBPyConnection) -> dict:
-    read, kept = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM classified").fetchone()
+def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
+    """Head / torso / tail: queries by impressions, covering the first 50%, next 30%, last 20%."""
+    rows = con.execute("""
+        WITH q AS (SELECT query, sum(impressions) AS n FROM pairs GROUP BY query),
+        ranked AS (SELECT n, sum(n) OVER (ORDER BY n DESC, query ROWS UNBOUNDED PRECEDING) - n AS before,
+                          sum(n) OVER () AS total FROM q)
+        SELECT CASE WHEN before < 0.5 * total THEN 'head' WHEN before < 0.8 * total THEN 'torso' ELSE 'tail' END,
+               count(*), sum(n)
+        FROM ranked GROUP BY 1""").fetchall()
+    bands = {name: {"queries": 0, "impressions": 0} for name in ("head", "torso", "tail")}
+    for band, queries, impressions in rows:
+        bands[band] = {"queries": int(queries), "impressions": int(impressions)}
+    return bands
+
+
+def _summary(con: duckdb.DuckDBPyConnection, files, since, until) -> dict:
+    read, kept, long_kept = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE reason IS NULL), "
+        "count(*) FILTER (WHERE reason IS NULL AND query_too_long) FROM classified").fetchone()
     by_reason = dict.fromkeys(REASONS, 0)
     by_reason.update(dict(con.execute(
         "SELECT reason, count(*) FROM classified WHERE reason IS NOT NULL GROUP BY reason").fetchall()))
     pairs, queries, images, clicks, impressions = con.execute(
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
-        "FROM (" + _sql("extract_pairs.sql") + ")").fetchone()
+        "FROM pairs").fetchone()
+    bots = con.execute("SELECT count(*) FROM bot_sessions").fetchone()[0]
     return {
         "rows_read": read, "rows_kept": kept, "rows_quarantined": read - kept,
         "quarantined_by_reason": by_reason, "pairs": pairs, "queries": queries, "images": images,
         "clicks": int(clicks or 0), "impressions_in_pairs": int(impressions or 0),
+        "bot_sessions": int(bots), "long_queries_truncated": int(long_kept),
+        "window": {"since": str(since) if since else None, "until": str(until) if until else None,
+                   "files_read": len(files) if files is not None else "all"},
+        "query_bands": query_frequency_bands(con),
     }

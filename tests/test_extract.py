@@ -136,6 +136,80 @@ def test_demo_log_counts_add_up(tiny_config, tmp_path):
     s = result.summary
     assert s["rows_kept"] + s["rows_quarantined"] == s["rows_read"]
     assert s["impressions_in_pairs"] == s["rows_kept"]
-    # the generator plants 2 empty queries, 2 bad positions, 1 unknown image and 1 duplicate
+    # the generator plants 2 empty queries, 2 bad positions, 1 unknown image, 1 duplicate,
+    # one 90-word query (kept and counted under the default "truncate" policy) and a 200-row bot
     assert s["quarantined_by_reason"] == {"empty_query": 2, "missing_value": 0, "bad_position": 2,
-                                          "unknown_image": 1, "duplicate": 1}
+                                          "unknown_image": 1, "outside_window": 0, "duplicate": 1,
+                                          "query_too_long": 0, "bot": 200}
+    assert s["long_queries_truncated"] == 1
+    assert s["bot_sessions"] == 1
+    assert sum(band["impressions"] for band in s["query_bands"].values()) == s["rows_kept"]
+
+
+def _partitioned(tmp_path, rows) -> RunConfig:
+    events = _events(rows).with_columns(pl.col("event_ts").dt.date().alias("date"))
+    events.write_parquet(tmp_path / "events", partition_by="date")
+    _catalog().write_parquet(tmp_path / "images.parquet")
+    return RunConfig.model_validate({"data": {
+        "events": {"path": str(tmp_path / "events")}, "images": {"path": str(tmp_path / "images.parquet")},
+        "image_root": str(tmp_path)}})
+
+
+def _with_extract(cfg: RunConfig, **values) -> RunConfig:
+    return RunConfig.model_validate({**cfg.model_dump(), "extract": {**cfg.extract.model_dump(), **values}})
+
+
+def test_window_reads_only_its_partitions(tmp_path):
+    day = [(datetime(2026, 11, d, 10), f"s{d}", "mug", "a", 1, True, None) for d in (1, 2, 3, 4)]
+    cfg = _with_extract(_partitioned(tmp_path, day), window={"since": "2026-11-02", "until": "2026-11-03"})
+    result = extract(cfg, tmp_path)
+    assert result.summary["rows_read"] == 2  # the 1st and 4th are never read
+    assert result.summary["window"]["files_read"] == 2
+    last = extract(_with_extract(cfg, window={"last_days": 3}), tmp_path)
+    assert last.summary["rows_read"] == 3
+    assert last.summary["window"] == {"since": "2026-11-02", "until": "2026-11-04", "files_read": 3}
+
+
+def test_rows_outside_the_window_in_a_read_file_are_quarantined(tmp_path):
+    rows = [GOOD, (datetime(2026, 10, 1), "s1", "mug", "a", 1, True, None)]
+    cfg = _with_extract(_config(tmp_path, _events(rows)), window={"since": "2026-11-01"})
+    result = extract(cfg, tmp_path)
+    assert result.summary["quarantined_by_reason"]["outside_window"] == 1
+    assert result.summary["rows_kept"] == 1
+
+
+def test_bot_thresholds(tmp_path):
+    burst = [(T0.replace(second=i % 60), "bot", "mug", "a", 1 + i % 10, True, None) for i in range(30)]
+    clicky = [(T0.replace(minute=i), "clicky", "mug", "b", 1, True, None) for i in range(25)]
+    human = [(T0.replace(minute=i), "human", "mug", "c", 1, i % 5 == 0, None) for i in range(25)]
+    cfg = _with_extract(_config(tmp_path, _events(burst + clicky + human)), bots={
+        "max_impressions_per_minute": 20, "max_impressions_per_session": 1000,
+        "max_click_through_rate": 0.8, "min_impressions_for_ctr": 20})
+    result = extract(cfg, tmp_path)
+    quarantine = pl.read_parquet(result.quarantine)
+    assert set(quarantine.filter(pl.col("reason") == "bot")["session_id"]) == {"bot", "clicky"}
+    assert result.summary["bot_sessions"] == 2 and result.summary["rows_kept"] == 25
+    off = extract(_with_extract(cfg, bots={"enabled": False}), tmp_path)
+    assert off.summary["rows_kept"] == 80
+
+
+def test_long_query_policy(tmp_path):
+    long_query = " ".join(["word"] * 100)
+    rows = [GOOD, (T0, "s7", long_query, "a", 1, True, None)]
+    kept = extract(_config(tmp_path, _events(rows)), tmp_path)
+    assert kept.summary["long_queries_truncated"] == 1 and kept.summary["rows_kept"] == 2
+    cfg = _with_extract(_config(tmp_path, _events(rows)), long_queries="quarantine")
+    dropped = extract(cfg, tmp_path)
+    assert dropped.summary["quarantined_by_reason"]["query_too_long"] == 1
+
+
+def test_weighting_modes(tmp_path):
+    rows = [(T0, "s1", "mug", "a", 1, True, 50_000), (T0, "s2", "mug", "a", 3, True, 100),
+            (T0, "s3", "mug", "a", 2, False, None)]
+    cfg = _config(tmp_path, _events(rows))
+    weights = {}
+    for mode in ("raw", "ips", "ips_dwell"):
+        result = extract(_with_extract(cfg, weighting=mode, propensity={"min_pair_impressions": 100}), tmp_path)
+        weights[mode] = pl.read_parquet(result.pairs)["weight"][0]
+    # too little data to estimate bias: propensities stay flat, so ips = raw; the short dwell drops out
+    assert weights == {"raw": 2.0, "ips": 2.0, "ips_dwell": 1.0}

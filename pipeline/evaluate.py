@@ -8,6 +8,7 @@ human report `reports/<run_id>/recall.md`.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ def champion_model(cfg: RunConfig, workdir: Path) -> tuple[ClipBundle, str] | No
 
 
 def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Path, out_dir: Path,
-             report_dir: Path, run_id: str) -> EvaluateResult:
+             report_dir: Path, run_id: str, data: dict | None = None) -> EvaluateResult:
+    """Score candidate, champion and starting model; `data` (extract and split summaries and the
+    propensity plot) adds the input-data section to the report."""
     test = load_test_set(pairs_path, images_path, cfg.evaluate)
     root = cfg.data.image_root
     results = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
@@ -111,7 +114,12 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
     report_path = report_dir / "recall.md"
-    report_path.write_text(render_report(summary))
+    text = render_report(summary)
+    if data is not None:
+        if data["propensity_plot"].is_file():
+            shutil.copyfile(data["propensity_plot"], report_dir / "propensity.png")
+        text += render_data_section(data["extract"], data["split"])
+    report_path.write_text(text)
     return EvaluateResult(metrics_path, report_path, summary)
 
 
@@ -149,3 +157,34 @@ def render_report(summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_data_section(extract: dict, split: dict) -> str:
+    """Where the training data came from: counts that add up, quarantine reasons, position bias."""
+    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in extract["quarantined_by_reason"].items())
+    images = "\n".join(f"| {reason} | {count} |" for reason, count in split["images_quarantined_by_reason"].items())
+    bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
+                      for name, band in extract["query_bands"].items())
+    return "\n".join([
+        "## Input data",
+        f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} "
+        f"+ quarantined {extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; "
+        f"queries over the 77-token text context (kept, truncated): {extract['long_queries_truncated']}.",
+        f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images "
+        f"({bands}).",
+        "",
+        "| event quarantine reason | rows |", "|---|---|", reasons,
+        "",
+        f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
+        f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}); "
+        f"{split['pairs_excluded']} pairs excluded because their image was quarantined. Leak audit: passed.",
+        "",
+        "| image quarantine reason | images |", "|---|---|", images or "| (none) | 0 |",
+        "",
+        "### Position bias",
+        "Examination probability per position, estimated from the log by EM under the position-based "
+        "model; training weights are clicks divided by it (clipped).",
+        "",
+        "![propensity curve](propensity.png)",
+        "",
+    ])

@@ -19,7 +19,8 @@ def _extract(run: Run) -> tuple[dict[str, Any], dict]:
     from pipeline.extract import extract
 
     result = extract(run.config, run.stage_dir("extract"))
-    return {"pairs": result.pairs, "quarantine": result.quarantine}, result.summary
+    outputs = {"pairs": result.pairs, "quarantine": result.quarantine, "propensity": result.propensity}
+    return outputs, result.summary
 
 
 def _split(run: Run) -> tuple[dict[str, Any], dict]:
@@ -42,9 +43,11 @@ def _train(run: Run) -> tuple[dict[str, Any], dict]:
 def _evaluate(run: Run) -> tuple[dict[str, Any], dict]:
     from pipeline.evaluate import evaluate
 
+    data = {"extract": run.summary("extract"), "split": run.summary("split"),
+            "propensity_plot": run.output("extract", "propensity").with_suffix(".png")}
     result = evaluate(run.config, run.output("split", "pairs"), run.output("split", "images"),
                       run.output("train", "weights").parent, run.stage_dir("evaluate"), run.report_dir(),
-                      run.run_id)
+                      run.run_id, data)
     return {"metrics": result.metrics, "report": result.report}, result.summary
 
 

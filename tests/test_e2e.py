@@ -52,6 +52,8 @@ def test_trained_model_beats_untrained_on_test_split(first_and_second_run):
     assert metrics["candidate"]["recall@10"] > metrics["start"]["recall@10"]
     report = work / "reports" / _run_dir(work).name / "recall.md"
     assert "recall@10" in report.read_text()
+    assert "| bot | 200 |" in report.read_text()
+    assert (report.parent / "propensity.png").stat().st_size > 1000
 
 
 def test_nothing_is_lost_and_nothing_leaks(first_and_second_run):

@@ -96,15 +96,26 @@ def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: li
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source")
 
 
+def too_long_for_text_encoder(queries: list[str]) -> list[bool]:
+    """Whether each query needs more than the 77-token context (with start and end tokens)."""
+    # BPE never yields more tokens than UTF-8 bytes, so only long queries pay for the tokenizer
+    suspects = [i for i, q in enumerate(queries) if len(q.encode()) + 2 > TEXT_CONTEXT]
+    flags = [False] * len(queries)
+    if suspects:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tokenizer = SimpleTokenizer()
+        for i in suspects:
+            flags[i] = len(tokenizer.encode(queries[i])) + 2 > TEXT_CONTEXT
+    return flags
+
+
 def _register_query_norms(con: duckdb.DuckDBPyConnection, strip_punctuation: bool) -> None:
     # each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
     raw = [r[0] for r in con.execute("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").fetchall()]
     normalised = [normalise_query(q, strip_punctuation) for q in raw]
-    too_long = [len(tokenizer.encode(q)) + 2 > TEXT_CONTEXT for q in normalised]  # + start/end tokens
-    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised, "too_long": too_long}))
+    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised,
+                                          "too_long": too_long_for_text_encoder(normalised)}))
 
 
 def _bounds(since: date | None, until: date | None) -> dict:

@@ -1,0 +1,131 @@
+"""Extract at scale: a synthetic log of N impressions through the extract stage, vs Polars.
+
+    python benchmarks/bench_extract.py --impressions 100000000
+
+The log is generated once by DuckDB into benchmarks/.cache/extract-<N>/ (hive-partitioned
+Parquet, 30 days) and reused. The extraction runs in a child process so its peak RSS is its own.
+Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+IMAGES = 200_000
+QUERIES = 50_000
+
+GENERATE = """
+SELECT
+    TIMESTAMP '2026-10-01' + to_seconds((s % 30) * 86400 + (hash(s, 1) % 86000)::BIGINT)
+        + to_milliseconds(p * 150) AS event_ts,
+    'S' || s::VARCHAR AS session_id,
+    'q' || floor($queries * pow((hash(s, 2) % 1000003) / 1000003.0, 3))::BIGINT::VARCHAR AS query,
+    'I' || (hash(s, p) % $images)::VARCHAR AS image_id,
+    p::INTEGER AS position,
+    (hash(s, p, 3) % 1000) < 400 / (1 + 0.35 * (p - 1)) * ((hash(s, p, 4) % 100) / 100.0) AS clicked,
+    CASE WHEN hash(s, p, 5) % 3 = 0 THEN (hash(s, p, 6) % 60000)::INTEGER END AS dwell_ms,
+    DATE '2026-10-01' + (s % 30)::INTEGER AS date
+FROM range(0, $sessions) AS t(s), range(1, 11) AS u(p)
+"""
+
+
+def generate(impressions: int) -> Path:
+    out = CACHE / f"extract-{impressions}"
+    if (out / "done").is_file():
+        print(f"reusing cached log in {out}")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    con = duckdb.connect()
+    con.execute("SET preserve_insertion_order = false")
+    con.sql(GENERATE, params={"sessions": impressions // 10, "queries": QUERIES, "images": IMAGES}) \
+        .write_parquet(str(out / "events"), partition_by=["date"], overwrite=True)
+    con.sql("SELECT 'I' || i::VARCHAR AS image_id, 'I' || i::VARCHAR || '.png' AS path, "
+            "'P' || (i // 2)::VARCHAR AS product_id, NULL::VARCHAR AS title FROM range(0, $n) t(i)",
+            params={"n": IMAGES}).write_parquet(str(out / "images.parquet"))
+    (out / "done").write_text("ok")
+    print(f"generated {impressions:,} impressions in {time.perf_counter() - started:.1f} s into {out}")
+    return out
+
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from pipeline.config import RunConfig
+from pipeline.extract import extract
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = RunConfig.model_validate({"data": {"events": {"path": str(data / "events")},
+    "images": {"path": str(data / "images.parquet")}, "image_root": str(data)},
+    "extract": {"duckdb": {"memory_limit": sys.argv[3], "threads": int(sys.argv[4]),
+                            "temp_directory": str(out / "spill")}}})
+started = time.perf_counter()
+result = extract(cfg, out)
+print(json.dumps({"seconds": time.perf_counter() - started, "summary": result.summary}))
+"""
+
+
+def run_extract(data: Path, memory_limit: str, threads: int) -> tuple[float, float, dict]:
+    out = data / "out"
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(out), memory_limit, str(threads)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["seconds"], peak_mb, result["summary"]
+
+
+def run_polars(data: Path) -> float:
+    """The same core work in Polars' lazy engine: validate, drop bad rows, aggregate pairs."""
+    import polars as pl
+
+    started = time.perf_counter()
+    images = pl.scan_parquet(data / "images.parquet").select("image_id", "product_id")
+    events = pl.scan_parquet(data / "events" / "**" / "*.parquet", hive_partitioning=True)
+    kept = (events.filter(pl.col("query").str.strip_chars().str.len_chars() > 0)
+            .filter(pl.col("position") >= 1)
+            .unique(subset=["event_ts", "session_id", "query", "image_id", "position", "clicked", "dwell_ms"])
+            .join(images, on="image_id", how="inner")
+            .with_columns(pl.col("query").str.to_lowercase().str.strip_chars()))
+    pairs = kept.group_by("query", "image_id").agg(
+        pl.col("product_id").first(), pl.col("clicked").sum().alias("clicks"), pl.len().alias("impressions"),
+        pl.col("event_ts").min().alias("first_seen"), pl.col("event_ts").max().alias("last_seen"))
+    pairs.sort("query", "image_id").sink_parquet(data / "polars_pairs.parquet")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impressions", type=int, default=1_000_000)
+    parser.add_argument("--memory-limit", default="4GB")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-polars", action="store_true")
+    args = parser.parse_args()
+    data = generate(args.impressions)
+    seconds, peak_mb, summary = run_extract(data, args.memory_limit, args.threads)
+    print(f"extract: {args.impressions:,} impressions in {seconds:.1f} s "
+          f"({args.impressions / seconds:,.0f}/s), peak RSS {peak_mb:,.0f} MB, "
+          f"kept {summary['rows_kept']:,}, quarantined {summary['rows_quarantined']:,}, pairs {summary['pairs']:,}")
+    polars_seconds = None if args.skip_polars else run_polars(data)
+    if polars_seconds is not None:
+        print(f"polars lazy equivalent: {polars_seconds:.1f} s (ratio ours/polars {seconds / polars_seconds:.2f})")
+    print(json.dumps({
+        "impressions": args.impressions, "seconds": round(seconds, 2),
+        "impressions_per_s": round(args.impressions / seconds), "peak_rss_mb": round(peak_mb),
+        "polars_seconds": round(polars_seconds, 2) if polars_seconds else None,
+        "ratio_vs_polars": round(seconds / polars_seconds, 3) if polars_seconds else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()

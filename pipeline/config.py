@@ -130,6 +130,10 @@ class SplitConfig(Strict):
     max_distance: int = Field(default=6, ge=0, le=64)
     fractions: SplitFractions = SplitFractions()
     salt: str = "clickclip-v1"
+    # when new images link groups that earlier runs put in different splits
+    link_policy: Literal["keep_and_exclude", "exclude_group"] = "keep_and_exclude"
+    query_holdout: float = Field(default=0.1, ge=0, le=0.5)  # share of queries never trained on
+    giant_group_size: int = Field(default=100, ge=2)  # groups above this are flagged in the report
 
 
 class TrainConfig(Strict):
@@ -180,6 +184,7 @@ class RunConfig(Strict):
     name: str = "clickclip"
     runs_dir: Path = Path("runs")
     reports_dir: Path = Path("reports")
+    state_dir: Path = Path("state")  # kept across runs: split registry and hash cache, per name
     data: DataConfig
     extract: ExtractConfig = ExtractConfig()
     split: SplitConfig = SplitConfig()

@@ -1,9 +1,11 @@
-"""Split: perceptual hashes, near-duplicate + same-product groups, leak-free train/val/test.
+"""Split: near-duplicate + same-product groups, sticky leak-free train/val/test, held-out queries.
 
-Outputs in `runs/<id>/split/`: `images.parquet` (usable catalog rows with hash, group and split),
-`image_quarantine.parquet` (catalog rows that cannot be used, with a reason), `pairs.parquet`
-(extract's pairs with the split of their image), `pairs_excluded.parquet` (pairs whose image was
-quarantined) and `leak_audit.json`.
+Outputs in `runs/<id>/split/`: `images.parquet` (usable catalog rows with digest, hash, group and
+split), `image_quarantine.parquet` (catalog rows that cannot be used, with a reason),
+`pairs.parquet` (extract's pairs with the split of their image and whether their query is held
+out), `pairs_excluded.parquet` (pairs whose image was quarantined or excluded) and
+`leak_audit.json`. Across runs, `<state_dir>/<name>/split_registry.parquet` remembers every
+image's split so that it never moves, and `hash_cache.parquet` its perceptual hash.
 """
 
 from __future__ import annotations
@@ -11,15 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
-import imagehash
 import numpy as np
 import polars as pl
-from rich.progress import Progress
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -27,10 +26,11 @@ from pipeline.config import RunConfig, SplitConfig, SplitFractions
 from pipeline.contract import IMAGES, open_source
 from pipeline.errors import LeakError
 from pipeline.extract import connect
-from pipeline.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.images import UnusableImage, resolve_image_path
+from pipeline.leak_audit import leak_audit
+from pipeline.near_duplicates import hash_catalog, near_duplicate_pairs
 
-HASHERS = {"phash": imagehash.phash, "dhash": imagehash.dhash, "whash": imagehash.whash,
-           "average_hash": imagehash.average_hash}
+EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)
@@ -71,54 +71,17 @@ def catalog_problems(catalog: pl.DataFrame, root: Path) -> pl.Series:
     return pl.Series("reason", reasons, dtype=pl.Utf8)
 
 
-def _hash_one(args: tuple[str, str, str, int]) -> tuple[str | None, str | None]:
-    """(hex hash, None) or (None, reason) for one image; runs in a worker process."""
-    root, relative, method, size = args
-    try:
-        image = load_rgb(resolve_image_path(Path(root), relative))
-    except UnusableImage as exc:
-        return None, exc.reason
-    return str(HASHERS[method](image, hash_size=size)), None
-
-
-def hash_images(paths: list[str], root: Path, cfg: SplitConfig) -> list[tuple[str | None, str | None]]:
-    jobs = [(str(root), p, cfg.hash, cfg.hash_size) for p in paths]
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    results = []
-    with Progress(transient=False) as progress, ProcessPoolExecutor(workers) as pool:
-        task = progress.add_task("hashing images", total=len(jobs))
-        for result in pool.map(_hash_one, jobs, chunksize=64):
-            results.append(result)
-            progress.advance(task)
-    return results
-
-
-def near_duplicate_pairs(hex_hashes: list[str], max_distance: int) -> np.ndarray:
-    """All index pairs (i < j) whose hashes differ in at most `max_distance` bits, shape (P, 2).
-
-    FAISS's binary flat index does the Hamming range search exactly."""
-    if not hex_hashes:
-        return np.zeros((0, 2), dtype=np.int64)
-    codes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hex_hashes])
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-    index.add(codes)
-    lims, _, neighbours = index.range_search(codes, max_distance + 1)  # radius is exclusive
-    rows = np.repeat(np.arange(len(codes)), np.diff(lims.astype(np.int64)))
-    keep = rows < neighbours
-    return np.stack([rows[keep], neighbours[keep]], axis=1).astype(np.int64)
-
-
-def same_product_pairs(product_ids: list[str | None]) -> np.ndarray:
-    """Edges that chain every image of a product to the first image of that product, shape (P, 2)."""
+def same_key_pairs(keys: list[str | None]) -> np.ndarray:
+    """Edges chaining every item to the first item with the same (non-null) key, shape (P, 2)."""
     first: dict[str, int] = {}
     edges = []
-    for i, product in enumerate(product_ids):
-        if product is None:
+    for i, key in enumerate(keys):
+        if key is None:
             continue
-        if product in first:
-            edges.append((first[product], i))
+        if key in first:
+            edges.append((first[key], i))
         else:
-            first[product] = i
+            first[key] = i
     return np.array(edges, dtype=np.int64).reshape(-1, 2)
 
 
@@ -128,92 +91,151 @@ def connected_groups(n: int, edges: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def stable_fraction(key: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the salted sha256 of `key`."""
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
 def stable_split(group_key: str, salt: str, fractions: SplitFractions) -> str:
-    """train/val/test from a salted sha256 of the group key: the same group always lands alike."""
-    digest = hashlib.sha256(f"{salt}:{group_key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    """train/val/test from a salted hash of the group key: the same group always lands alike."""
+    u = stable_fraction(group_key, salt)
     if u < fractions.train:
         return "train"
     return "val" if u < fractions.train + fractions.val else "test"
 
 
-def leak_audit(images: pl.DataFrame, max_distance: int) -> dict:
-    """Independent check: recompute hash and product links and count those that cross splits."""
-    splits = images["split"].to_numpy()
-    crossing_hash = [
-        (images["image_id"][int(i)], images["image_id"][int(j)])
-        for i, j in near_duplicate_pairs(images["hash"].to_list(), max_distance)
-        if splits[i] != splits[j]
-    ]
-    per_product = (images.filter(pl.col("product_id").is_not_null())
-                   .group_by("product_id").agg(pl.col("split").n_unique().alias("splits")))
-    crossing_products = per_product.filter(pl.col("splits") > 1)["product_id"].to_list()
-    return {
-        "passed": not crossing_hash and not crossing_products,
-        "images": images.height,
-        "max_distance": max_distance,
-        "near_duplicate_links_crossing": len(crossing_hash),
-        "products_crossing": len(crossing_products),
-        "examples": {"hash": crossing_hash[:10], "products": crossing_products[:10]},
-    }
+def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dict[str, str],
+                         cfg: SplitConfig) -> tuple[list[str], dict]:
+    """Split per image. Registered images keep their split; new images follow their group's.
+
+    A group whose registered images sit in different splits (new images linked them) follows
+    `cfg.link_policy`: keep_and_exclude keeps the old assignments and excludes the new images;
+    exclude_group excludes the whole group from training and evaluation."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        members[int(label)].append(i)
+    splits = [""] * len(image_ids)
+    stats = {"new_groups": 0, "grown_groups": 0, "linked_groups": 0, "images_excluded": 0}
+    for group in members.values():
+        registered = {registry[image_ids[i]] for i in group if image_ids[i] in registry}
+        if not registered:
+            key = min(image_ids[i] for i in group)
+            for i in group:
+                splits[i] = stable_split(key, cfg.salt, cfg.fractions)
+            stats["new_groups"] += 1
+        elif len(registered) == 1:
+            (split,) = registered
+            stats["grown_groups"] += any(image_ids[i] not in registry for i in group)
+            for i in group:
+                splits[i] = split
+        else:
+            stats["linked_groups"] += 1
+            for i in group:
+                keep = cfg.link_policy == "keep_and_exclude" and image_ids[i] in registry
+                splits[i] = registry[image_ids[i]] if keep else EXCLUDED
+                stats["images_excluded"] += not keep
+    return splits, stats
+
+
+def read_registry(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    frame = pl.read_parquet(path)
+    return dict(zip(frame["image_id"], frame["split"], strict=True))
+
+
+def write_registry(path: Path, registry: dict[str, str], images: pl.DataFrame) -> str:
+    """Add this run's assignments (never changing an old one); return the registry's version."""
+    merged = dict(zip(images["image_id"], images["split"], strict=True))
+    merged = {k: v for k, v in merged.items() if v != EXCLUDED} | registry
+    frame = pl.DataFrame({"image_id": list(merged), "split": list(merged.values())}).sort("image_id")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return hashlib.sha256(frame.write_csv().encode()).hexdigest()[:12]
+
+
+def _hash_and_quarantine(cfg: RunConfig, catalog: pl.DataFrame, state: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    catalog = catalog.with_columns(catalog_problems(catalog, cfg.data.image_root))
+    todo = catalog.filter(pl.col("reason").is_null()).drop("reason")
+    hashed, cache_stats = hash_catalog(todo["path"].to_list(), cfg.data.image_root, cfg.split,
+                                       state / "hash_cache.parquet")
+    todo = pl.concat([todo, hashed.drop("path")], how="horizontal")
+    quarantine = pl.concat([catalog.filter(pl.col("reason").is_not_null()),
+                            todo.filter(pl.col("reason").is_not_null()).drop("digest", "hash")])
+    good = todo.filter(pl.col("reason").is_null()).drop("reason").sort("image_id")
+    return good, quarantine, cache_stats
 
 
 def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     """Hash, group and split the catalog, then tag extract's pairs with their image's split."""
-    catalog = read_catalog(cfg)
-    catalog = catalog.with_columns(catalog_problems(catalog, cfg.data.image_root))
-    todo = catalog.filter(pl.col("reason").is_null())
-    hashed = hash_images(todo["path"].to_list(), cfg.data.image_root, cfg.split)
-    todo = todo.with_columns(pl.Series("hash", [h for h, _ in hashed], dtype=pl.Utf8),
-                             pl.Series("reason", [r for _, r in hashed], dtype=pl.Utf8))
-    quarantine = pl.concat([catalog.filter(pl.col("reason").is_not_null()),
-                            todo.filter(pl.col("reason").is_not_null()).drop("hash")])
-    good = todo.filter(pl.col("reason").is_null()).drop("reason")
+    scfg = cfg.split
+    state = cfg.state_dir / cfg.name
+    good, quarantine, cache_stats = _hash_and_quarantine(cfg, read_catalog(cfg), state)
 
-    hash_edges = near_duplicate_pairs(good["hash"].to_list(), cfg.split.max_distance)
-    edges = np.concatenate([hash_edges, same_product_pairs(good["product_id"].to_list())])
+    hash_edges = near_duplicate_pairs(good["hash"].to_list(), scfg.max_distance)
+    edges = np.concatenate([hash_edges, same_key_pairs(good["digest"].to_list()),
+                            same_key_pairs(good["product_id"].to_list())])
     labels = connected_groups(good.height, edges)
-    group_keys = good.select(pl.Series("label", labels), "image_id").group_by("label").agg(
+    registry_path = state / "split_registry.parquet"
+    registry = read_registry(registry_path)
+    splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg)
+    group_ids = pl.DataFrame({"label": labels, "image_id": good["image_id"]}).group_by("label").agg(
         pl.col("image_id").min().alias("group_id"))
-    good = good.with_columns(pl.Series("label", labels)).join(group_keys, on="label").drop("label")
-    good = good.with_columns(pl.col("group_id").map_elements(
-        lambda g: stable_split(g, cfg.split.salt, cfg.split.fractions), return_dtype=pl.Utf8).alias("split"))
-    good = good.sort("image_id")
+    good = good.with_columns(pl.Series("label", labels), pl.Series("split", splits)).join(
+        group_ids, on="label").drop("label").sort("image_id")
 
-    audit = leak_audit(good, cfg.split.max_distance)
-    paths = {name: out_dir / f"{name}.parquet" for name in ("images", "image_quarantine", "pairs", "pairs_excluded")}
+    audit = leak_audit(good, scfg.max_distance)
     audit_path = out_dir / "leak_audit.json"
     audit_path.write_text(json.dumps(audit, indent=2))
     if not audit["passed"]:
-        raise LeakError(f"leak audit failed: {audit['near_duplicate_links_crossing']} near-duplicate links and "
-                        f"{audit['products_crossing']} products cross splits; see {audit_path}")
+        raise LeakError(f"leak audit failed: {audit['near_duplicate_links_crossing']} near-duplicate links, "
+                        f"{audit['identical_files_crossing']} identical files and {audit['products_crossing']} "
+                        f"products cross splits; see {audit_path}")
+    registry_version = write_registry(registry_path, registry, good)
 
-    pairs = pl.read_parquet(pairs_path)
-    tagged = pairs.join(good.select("image_id", "split", "group_id"), on="image_id", how="left")
-    excluded = tagged.filter(pl.col("split").is_null()).drop("split", "group_id").join(
-        quarantine.select("image_id", pl.col("reason").alias("image_reason")).unique("image_id"),
-        on="image_id", how="left").with_columns(pl.lit("image_quarantined").alias("reason"))
+    paths = {name: out_dir / f"{name}.parquet" for name in ("images", "image_quarantine", "pairs", "pairs_excluded")}
+    tagged, excluded = _tag_pairs(pl.read_parquet(pairs_path), good, quarantine, scfg)
     good.write_parquet(paths["images"])
     quarantine.sort("source_row").write_parquet(paths["image_quarantine"])
-    tagged.filter(pl.col("split").is_not_null()).write_parquet(paths["pairs"])
+    tagged.write_parquet(paths["pairs"])
     excluded.write_parquet(paths["pairs_excluded"])
-    summary = _summary(catalog, good, quarantine, hash_edges, tagged, excluded)
+    summary = _summary(good, quarantine, hash_edges, tagged, excluded, scfg) | {
+        "sticky": sticky, "hash_cache": cache_stats, "registry_version": registry_version,
+        "catalog_rows": good.height + quarantine.height}
     return SplitResult(paths["images"], paths["image_quarantine"], paths["pairs"], paths["pairs_excluded"],
                        audit_path, summary)
 
 
-def _summary(catalog, good, quarantine, hash_edges, tagged, excluded) -> dict:
-    group_sizes = good.group_by("group_id").len()["len"]
+def _tag_pairs(pairs: pl.DataFrame, good: pl.DataFrame, quarantine: pl.DataFrame,
+               scfg: SplitConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Pairs with their image's split and a held-out-query flag; the rest with a reason."""
+    heldout = pl.col("query").map_elements(lambda q: stable_fraction(q, scfg.salt + ":query") < scfg.query_holdout,
+                                           return_dtype=pl.Boolean)
+    tagged = pairs.join(good.select("image_id", "split", "group_id"), on="image_id", how="left").with_columns(
+        heldout.alias("query_heldout"))
+    reasons = quarantine.select("image_id", pl.lit("image_quarantined").alias("reason")).unique("image_id")
+    excluded = tagged.filter(pl.col("split").is_null() | (pl.col("split") == EXCLUDED)).join(
+        reasons, on="image_id", how="left").with_columns(pl.col("reason").fill_null("linked_across_splits"))
+    kept = tagged.filter(pl.col("split").is_not_null() & (pl.col("split") != EXCLUDED))
+    return kept, excluded.drop("split", "group_id")
+
+
+def _summary(good, quarantine, hash_edges, tagged, excluded, scfg: SplitConfig) -> dict:
+    group_sizes = good.group_by("group_id").len()
+    histogram = group_sizes.group_by("len").len("groups").sort("len")
     return {
-        "catalog_rows": catalog.height,
         "images_kept": good.height,
         "images_quarantined": quarantine.height,
-        "images_quarantined_by_reason": dict(quarantine.group_by("reason").len().iter_rows()),
+        "images_quarantined_by_reason": dict(quarantine.group_by("reason").len().sort("reason").iter_rows()),
         "near_duplicate_pairs": int(len(hash_edges)),
-        "groups": int(group_sizes.len()),
-        "largest_group": int(group_sizes.max() or 0),
+        "groups": group_sizes.height,
+        "largest_group": int(group_sizes["len"].max() or 0),
+        "group_size_histogram": {str(size): n for size, n in histogram.iter_rows()},
+        "giant_groups": group_sizes.filter(pl.col("len") > scfg.giant_group_size)["group_id"].to_list(),
         "images_by_split": dict(good.group_by("split").len().sort("split").iter_rows()),
-        "pairs_by_split": dict(tagged.filter(pl.col("split").is_not_null())
-                               .group_by("split").len().sort("split").iter_rows()),
+        "pairs_by_split": dict(tagged.group_by("split").len().sort("split").iter_rows()),
+        "pairs_heldout_queries": int(tagged["query_heldout"].sum()),
         "pairs_excluded": excluded.height,
     }

@@ -150,8 +150,9 @@ def validation_recall(batches, k: int) -> float:
 
 def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: int) -> pl.DataFrame:
     images = pl.read_parquet(images_path).select("image_id", "path")
+    # held-out queries are never trained on: evaluation measures them as unseen queries
     pairs = pl.read_parquet(pairs_path).filter((pl.col("split") == split) & (pl.col("clicks") >= min_clicks)
-                                               & (pl.col("clicks") > 0))
+                                               & (pl.col("clicks") > 0) & ~pl.col("query_heldout"))
     return pairs.join(images, on="image_id").sort("query", "image_id")
 
 

@@ -24,6 +24,7 @@ def shop_config(shop: Path, work: Path, **sections) -> RunConfig:
         "name": "tiny",
         "runs_dir": str(work / "runs"),
         "reports_dir": str(work / "reports"),
+        "state_dir": str(work / "state"),
         "data": {"events": {"path": str(shop / "events")}, "images": {"path": str(shop / "images.parquet")},
                  "image_root": str(shop / "images")},
         "extract": {"duckdb": {"memory_limit": "1GB", "threads": 2}},

@@ -1,42 +1,58 @@
 import json
+import shutil
 
 import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import SplitFractions
+from pipeline.config import SplitConfig, SplitFractions
+from pipeline.demo_images import draw_look, render_photo
 from pipeline.errors import LeakError
 from pipeline.extract import extract
-from pipeline.split import (
-    connected_groups,
-    leak_audit,
-    near_duplicate_pairs,
-    same_product_pairs,
-    split,
-    stable_split,
-)
+from pipeline.leak_audit import leak_audit
+from pipeline.near_duplicates import near_duplicate_pairs
+from pipeline.split import assign_sticky_splits, connected_groups, same_key_pairs, split, stable_split
+from tests.conftest import shop_config
 
 
 def _brute_force(hashes: list[str], t: int) -> set[tuple[int, int]]:
-    ints = [int(h, 16) for h in hashes]
-    return {(i, j) for i in range(len(ints)) for j in range(i + 1, len(ints))
-            if bin(ints[i] ^ ints[j]).count("1") <= t}
+    codes = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+    pairs = set()
+    for i in range(len(codes) - 1):
+        distance = np.bitwise_count(codes[i + 1:] ^ codes[i])
+        pairs.update((i, i + 1 + int(j)) for j in np.flatnonzero(distance <= t))
+    return pairs
+
+
+def _hashes_with_planted_neighbours(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+    planted = []
+    for i in range(n // 4):  # neighbours at every distance up to 12
+        flips = rng.choice(64, size=int(rng.integers(0, 13)), replace=False)
+        planted.append(base[i] ^ np.uint64(sum(1 << int(b) for b in flips)))
+    return [f"{int(v):016x}" for v in np.concatenate([base, planted])]
 
 
 @pytest.mark.parametrize("t", [0, 3, 8, 12])
 def test_near_duplicate_pairs_equal_brute_force(t):
-    rng = np.random.default_rng(t)
-    base = rng.integers(0, 2**63, size=300, dtype=np.int64).astype(np.uint64)
-    # plant neighbours at known distances so every t has pairs to find
-    flips = [base[i] ^ np.uint64((1 << int(rng.integers(0, 64))) | (1 << int(rng.integers(0, 64))))
-             for i in range(100)]
-    hashes = [f"{int(v):016x}" for v in np.concatenate([base, flips])]
-    got = {tuple(p) for p in near_duplicate_pairs(hashes, t).tolist()}
+    hashes = _hashes_with_planted_neighbours(400, seed=t)
+    got = {tuple(p) for p in near_duplicate_pairs(hashes, t, method="flat").tolist()}
     assert got == _brute_force(hashes, t)
 
 
+@pytest.mark.parametrize("t", [2, 6, 8])
+def test_multi_index_hashing_is_exact_on_20000_hashes(t):
+    hashes = _hashes_with_planted_neighbours(16_000, seed=100 + t)  # 16,000 + 4,000 planted
+    assert len(hashes) == 20_000
+    got = {tuple(p) for p in near_duplicate_pairs(hashes, t, method="multihash").tolist()}
+    expected = _brute_force(hashes, t)
+    assert len(expected) > 500
+    assert got == expected
+
+
 def test_groups_union_hash_and_product_edges():
-    edges = np.concatenate([np.array([[0, 1]]), same_product_pairs(["p", None, "q", "p", "q"])])
+    edges = np.concatenate([np.array([[0, 1]]), same_key_pairs(["p", None, "q", "p", "q"])])
     labels = connected_groups(5, edges)
     assert labels[0] == labels[1] == labels[3]
     assert labels[2] == labels[4] != labels[0]
@@ -54,7 +70,8 @@ def test_stable_split_is_deterministic_and_follows_fractions():
 
 def test_leak_audit_catches_a_crossing_group():
     images = pl.DataFrame({"image_id": ["a", "b", "c"], "hash": ["0" * 16, "0" * 15 + "1", "f" * 16],
-                           "product_id": ["p", "q", "q"], "split": ["train", "test", "val"]})
+                           "digest": ["d1", "d2", "d3"], "product_id": ["p", "q", "q"],
+                           "split": ["train", "test", "val"]})
     audit = leak_audit(images, max_distance=2)
     assert not audit["passed"]
     assert audit["near_duplicate_links_crossing"] == 1
@@ -94,6 +111,53 @@ def test_leak_error_when_audit_fails(tiny_config, tmp_path, monkeypatch):
 
     pairs = _extracted_pairs(tiny_config, tmp_path)
     monkeypatch.setattr(split_module, "stable_split", lambda key, salt, fr: "test" if key[-1] in "02468" else "train")
-    monkeypatch.setattr(split_module, "same_product_pairs", lambda ids: np.zeros((0, 2), dtype=np.int64))
+    monkeypatch.setattr(split_module, "same_key_pairs", lambda ids: np.zeros((0, 2), dtype=np.int64))
     with pytest.raises(LeakError, match="leak audit failed"):
         split(tiny_config, pairs, tmp_path / "split")
+
+
+def test_assign_sticky_splits_keeps_old_and_applies_link_policy():
+    ids = ["a", "b", "c", "d", "e", "f"]
+    labels = np.array([0, 0, 0, 1, 1, 2])  # c links a (train) with b (test); e joins d; f is new
+    registry = {"a": "train", "b": "test", "d": "val"}
+    splits, stats = assign_sticky_splits(ids, labels, registry, SplitConfig())
+    assert splits[:5] == ["train", "test", "excluded", "val", "val"]
+    assert splits[5] == stable_split("f", SplitConfig().salt, SplitConfig().fractions)
+    assert stats == {"new_groups": 1, "grown_groups": 1, "linked_groups": 1, "images_excluded": 1}
+    strict, _ = assign_sticky_splits(ids, labels, registry, SplitConfig(link_policy="exclude_group"))
+    assert strict[:3] == ["excluded"] * 3
+
+
+def test_rerun_with_new_images_keeps_assignments_and_hashes_only_new_files(tiny_shop, tmp_path):
+    shop = tmp_path / "shop"
+    shutil.copytree(tiny_shop, shop)
+    cfg = shop_config(shop, tmp_path / "work")
+    pairs = _extracted_pairs(cfg, tmp_path)
+    first = split(cfg, pairs, tmp_path / "split")
+    before = pl.read_parquet(first.images).select("image_id", "split")
+    assert first.summary["hash_cache"]["hashed"] == before.height + 1  # + the planted not-an-image file
+
+    catalog = pl.read_parquet(shop / "images.parquet")
+    rng = np.random.default_rng(7)
+    copies = catalog.filter(pl.col("image_id").is_in(before["image_id"].head(2).to_list()))
+    new_rows = [{"image_id": f"COPY{i}", "path": f"COPY{i}.png", "product_id": f"NEW{i}", "title": None,
+                 "category": row["category"]} for i, row in enumerate(copies.iter_rows(named=True))]
+    for i, row in enumerate(copies.iter_rows(named=True)):
+        shutil.copyfile(shop / "images" / row["path"], shop / "images" / f"COPY{i}.png")
+    for i in range(3):
+        look = draw_look(rng, "mug", "red", "dotted")
+        render_photo(look, rng).save(shop / "images" / f"NEWIMG{i}.png")
+        new_rows.append({"image_id": f"NEWIMG{i}", "path": f"NEWIMG{i}.png", "product_id": f"NEWP{i}",
+                         "title": "new mug", "category": "mug"})
+    pl.concat([catalog, pl.DataFrame(new_rows, schema=catalog.schema)]).write_parquet(shop / "images.parquet")
+
+    (tmp_path / "split2").mkdir()
+    second = split(cfg, pairs, tmp_path / "split2")
+    after = pl.read_parquet(second.images).select("image_id", "split")
+    joined = before.join(after, on="image_id", suffix="_after")
+    assert joined.height == before.height
+    assert (joined["split"] == joined["split_after"]).all()
+    assert second.summary["hash_cache"]["hashed"] == 3  # the byte-identical copies come from the cache
+    split_of = dict(after.iter_rows())
+    for i, row in enumerate(copies.iter_rows(named=True)):
+        assert split_of[f"COPY{i}"] == split_of[row["image_id"]]

@@ -116,8 +116,8 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     report_path = report_dir / "recall.md"
     text = render_report(summary)
     if data is not None:
-        if data["propensity_plot"].is_file():
-            shutil.copyfile(data["propensity_plot"], report_dir / "propensity.png")
+        for figure in data["figures"]:
+            shutil.copyfile(figure, report_dir / figure.name)
         text += render_data_section(data["extract"], data["split"])
     report_path.write_text(text)
     return EvaluateResult(metrics_path, report_path, summary)
@@ -180,6 +180,20 @@ def render_data_section(extract: dict, split: dict) -> str:
         f"{split['pairs_excluded']} pairs excluded because their image was quarantined. Leak audit: passed.",
         "",
         "| image quarantine reason | images |", "|---|---|", images or "| (none) | 0 |",
+        "",
+        "### Groups",
+        f"Near-duplicate pairs by hash: {split['near_duplicate_pairs']}. Group sizes (size: groups): "
+        + ", ".join(f"{size}: {n}" for size, n in split["group_size_histogram"].items()) + ".",
+        (f"**Giant groups** above the configured size: {', '.join(split['giant_groups'])}."
+         if split["giant_groups"] else "No giant groups."),
+        f"Sticky splits: {split['sticky']['new_groups']} new groups, {split['sticky']['grown_groups']} grown, "
+        f"{split['sticky']['linked_groups']} linked across splits ({split['sticky']['images_excluded']} new images "
+        f"excluded); split registry version {split['registry_version']}. Pairs with held-out queries: "
+        f"{split['pairs_heldout_queries']}.",
+        "",
+        "The largest groups, one per row:",
+        "",
+        "![largest groups](groups.png)",
         "",
         "### Position bias",
         "Examination probability per position, estimated from the log by EM under the position-based "

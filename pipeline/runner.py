@@ -28,7 +28,8 @@ def _split(run: Run) -> tuple[dict[str, Any], dict]:
 
     result = split(run.config, run.output("extract", "pairs"), run.stage_dir("split"))
     outputs = {"images": result.images, "image_quarantine": result.image_quarantine, "pairs": result.pairs,
-               "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit}
+               "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit,
+               "groups_sheet": result.groups_sheet}
     return outputs, result.summary
 
 
@@ -44,7 +45,7 @@ def _evaluate(run: Run) -> tuple[dict[str, Any], dict]:
     from pipeline.evaluate import evaluate
 
     data = {"extract": run.summary("extract"), "split": run.summary("split"),
-            "propensity_plot": run.output("extract", "propensity").with_suffix(".png")}
+            "figures": [run.output("extract", "propensity").with_suffix(".png"), run.output("split", "groups_sheet")]}
     result = evaluate(run.config, run.output("split", "pairs"), run.output("split", "images"),
                       run.output("train", "weights").parent, run.stage_dir("evaluate"), run.report_dir(),
                       run.run_id, data)

@@ -40,6 +40,7 @@ class SplitResult:
     pairs: Path
     pairs_excluded: Path
     leak_audit: Path
+    groups_sheet: Path
     summary: dict
 
 
@@ -201,11 +202,12 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     quarantine.sort("source_row").write_parquet(paths["image_quarantine"])
     tagged.write_parquet(paths["pairs"])
     excluded.write_parquet(paths["pairs_excluded"])
+    example_groups_sheet(good, cfg.data.image_root, out_dir / "groups.png")
     summary = _summary(good, quarantine, hash_edges, tagged, excluded, scfg) | {
         "sticky": sticky, "hash_cache": cache_stats, "registry_version": registry_version,
         "catalog_rows": good.height + quarantine.height}
     return SplitResult(paths["images"], paths["image_quarantine"], paths["pairs"], paths["pairs_excluded"],
-                       audit_path, summary)
+                       audit_path, out_dir / "groups.png", summary)
 
 
 def _tag_pairs(pairs: pl.DataFrame, good: pl.DataFrame, quarantine: pl.DataFrame,
@@ -220,6 +222,27 @@ def _tag_pairs(pairs: pl.DataFrame, good: pl.DataFrame, quarantine: pl.DataFrame
         reasons, on="image_id", how="left").with_columns(pl.col("reason").fill_null("linked_across_splits"))
     kept = tagged.filter(pl.col("split").is_not_null() & (pl.col("split") != EXCLUDED))
     return kept, excluded.drop("split", "group_id")
+
+
+def example_groups_sheet(images: pl.DataFrame, root: Path, path: Path, groups: int = 4, per_group: int = 8,
+                         size: int = 64) -> Path:
+    """A contact sheet of the largest groups, one row each, so a reviewer can see what was merged."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.images import load_rgb
+
+    largest = images.group_by("group_id").len().sort(["len", "group_id"], descending=[True, False]).head(groups)
+    sheet = Image.new("RGB", (per_group * size, max(1, largest.height) * (size + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (group_id, count) in enumerate(largest.iter_rows()):
+        members = images.filter(pl.col("group_id") == group_id).head(per_group)
+        y = row * (size + 14)
+        draw.text((2, y), f"group {group_id}: {count} images", fill="black")
+        for col, (relative, product) in enumerate(members.select("path", "product_id").iter_rows()):
+            thumb = load_rgb(resolve_image_path(root, relative)).resize((size, size))
+            sheet.paste(thumb, (col * size, y + 14))
+    sheet.save(path)
+    return path
 
 
 def _summary(good, quarantine, hash_edges, tagged, excluded, scfg: SplitConfig) -> dict:

@@ -106,21 +106,24 @@ def near_duplicate_pairs(hex_hashes: list[str], max_distance: int, method: str =
     """Every index pair (i < j) whose hashes differ in at most `max_distance` bits, shape (P, 2).
 
     Exact either way: a brute-force flat index for small inputs; above that, multi-index hashing
-    (FAISS IndexBinaryMultiHash): with the code cut into m 16-bit chunks, two codes within
-    distance t agree on some chunk up to t // m flipped bits (pigeonhole), and that many flips
-    are probed, so no pair is missed and far fewer than all pairs are compared.
+    (FAISS IndexBinaryMultiHash): with m chunks of b bits cut from the code, two codes within
+    distance t differ in at most t // m bits on some chunk (pigeonhole), and every such flip is
+    probed, so no pair is missed and far fewer than all pairs are compared. b ~ log2(N) keeps the
+    buckets small.
     `method` forces "flat" or "multihash"; "auto" picks by size."""
     if not hex_hashes:
         return np.zeros((0, 2), dtype=np.int64)
     codes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hex_hashes])
     bits = codes.shape[1] * 8
     if method == "auto":
-        method = "flat" if len(codes) <= FLAT_SEARCH_LIMIT or bits % 16 else "multihash"
+        method = "flat" if len(codes) <= FLAT_SEARCH_LIMIT else "multihash"
     if method == "flat":
         index = faiss.IndexBinaryFlat(bits)
     else:
-        index = faiss.IndexBinaryMultiHash(bits, bits // 16, 16)
-        index.nflip = max_distance // (bits // 16)
+        chunk_bits = int(min(24, max(16, np.ceil(np.log2(len(codes))))))
+        chunks = bits // chunk_bits
+        index = faiss.IndexBinaryMultiHash(bits, chunks, chunk_bits)
+        index.nflip = max_distance // chunks
     index.add(codes)
     lims, _, neighbours = index.range_search(codes, max_distance + 1)  # radius is exclusive
     rows = np.repeat(np.arange(len(codes)), np.diff(lims.astype(np.int64)))

@@ -151,6 +151,11 @@ class TrainConfig(Strict):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1
     min_clicks: int = Field(default=1, ge=0)
+    gradient_clip: float | None = Field(default=1.0, gt=0)
+    # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
+    # micro-batches so batch_size can exceed memory, with gradients equal to one big batch
+    negatives: Literal["in_batch", "grad_cache"] = "in_batch"
+    micro_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> TrainConfig:

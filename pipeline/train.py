@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError
+from pipeline.grad_cache import grad_cache_backward
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
 from pipeline.model import ClipBundle, save_checkpoint, starting_model
@@ -66,6 +67,7 @@ class ClipFineTuner(L.LightningModule):
         self.cfg = cfg
         self.loss = ClipLoss()
         self.saw_nan = False
+        self.automatic_optimization = cfg.negatives == "in_batch"
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
 
     def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,14 +77,32 @@ class ClipFineTuner(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, texts, _ = batch
-        image_features, text_features = self._embed(images, list(texts))
-        loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
+        if self.cfg.negatives == "grad_cache":
+            loss = self._grad_cache_step(images, list(texts))
+        else:
+            image_features, text_features = self._embed(images, list(texts))
+            loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
         if not torch.isfinite(loss):
             self.saw_nan = True
             self.trainer.should_stop = True
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=len(texts))
+        return loss
+
+    def _grad_cache_step(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """One optimiser step over the whole batch, embedded micro-batch by micro-batch."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        tokens = self.tokenizer(texts).to(self.device)
+        loss = grad_cache_backward(self.model, images, tokens, self.cfg.micro_batch_size, self.loss,
+                                   self.manual_backward)
+        if not torch.isfinite(loss):
+            return loss
+        if self.cfg.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.gradient_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -184,6 +204,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
                            save_last=True, save_weights_only=False)
     trainer = L.Trainer(
         max_epochs=tcfg.epochs, accelerator=tcfg.accelerator, devices=tcfg.devices,
+        gradient_clip_val=tcfg.gradient_clip if tcfg.negatives == "in_batch" else None,
         precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step")],
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     started = time.perf_counter()

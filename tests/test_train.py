@@ -1,0 +1,90 @@
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from pipeline.config import TrainConfig
+from pipeline.grad_cache import grad_cache_backward
+from pipeline.model import starting_model
+
+
+def _batch(bundle, n: int):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 64, 64, generator=generator)
+    tokens = bundle.tokenizer([f"query number {i} red mug" for i in range(n)])
+    return images, tokens
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("learn_temperature", [True, False])
+def test_grad_cache_equals_one_big_batch(learn_temperature):
+    bundle = starting_model(TrainConfig(seed=0))
+    model = bundle.model.double()
+    model.logit_scale.requires_grad_(learn_temperature)
+    images, tokens = _batch(bundle, 16)
+    images = images.double()
+    loss_fn = ClipLoss()
+
+    model.zero_grad()
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokens, normalize=True)
+    big_loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+    big_loss.backward()
+    expected = _grads(model)
+
+    model.zero_grad()
+    cached_loss = grad_cache_backward(model, images, tokens, micro_batch=4, loss_fn=loss_fn)
+    got = _grads(model)
+
+    assert cached_loss.item() == pytest.approx(big_loss.item(), rel=1e-10)
+    assert got.keys() == expected.keys()
+    assert ("logit_scale" in got) is learn_temperature
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_plain_accumulation_would_differ():
+    """The reason grad caching exists: per-micro-batch losses see fewer negatives."""
+    bundle = starting_model(TrainConfig(seed=0))
+    model = bundle.model.double()
+    images, tokens = _batch(bundle, 16)
+    images = images.double()
+    loss_fn = ClipLoss()
+    model.zero_grad()
+    grad_cache_backward(model, images, tokens, micro_batch=4, loss_fn=loss_fn)
+    cached = _grads(model)
+    model.zero_grad()
+    for i in range(4):
+        chunk = slice(4 * i, 4 * i + 4)
+        loss = loss_fn(model.encode_image(images[chunk], normalize=True),
+                       model.encode_text(tokens[chunk], normalize=True), model.logit_scale.exp()) / 4
+        loss.backward()
+    accumulated = _grads(model)
+    assert not torch.allclose(cached["visual.proj"], accumulated["visual.proj"])
+
+
+@pytest.mark.parametrize("negatives", ["in_batch", "grad_cache"])
+def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, negatives):
+    import polars as pl
+
+    from pipeline.extract import extract
+    from pipeline.model import load_checkpoint
+    from pipeline.split import split
+    from pipeline.train import train
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "negatives": negatives, "micro_batch_size": 8})
+    for stage in ("extract", "split", "train"):
+        (tmp_path / stage).mkdir()
+    pairs = extract(cfg, tmp_path / "extract").pairs
+    split_result = split(cfg, pairs, tmp_path / "split")
+    result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "test-run")
+    assert result.summary["finished_without_nan"]
+    assert result.summary["steps"] == result.summary["train_pairs"] // cfg.train.batch_size
+    heldout = pl.read_parquet(split_result.pairs).filter(pl.col("query_heldout") & (pl.col("split") == "train")
+                                                         & (pl.col("clicks") > 0))
+    assert result.summary["train_pairs"] + heldout.height <= pl.read_parquet(split_result.pairs).filter(
+        (pl.col("split") == "train") & (pl.col("clicks") > 0)).height
+    load_checkpoint(result.model_dir.parent)

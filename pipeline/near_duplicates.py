@@ -115,13 +115,15 @@ def near_duplicate_pairs(hex_hashes: list[str], max_distance: int, method: str =
         return np.zeros((0, 2), dtype=np.int64)
     codes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hex_hashes])
     bits = codes.shape[1] * 8
+    chunk_bits = int(min(24, max(16, np.ceil(np.log2(len(codes))))))
+    chunks = bits // chunk_bits
     if method == "auto":
-        method = "flat" if len(codes) <= FLAT_SEARCH_LIMIT else "multihash"
+        # probing 3+ flips per chunk costs more than the brute force it avoids
+        cheap = max_distance // max(chunks, 1) <= 2
+        method = "multihash" if len(codes) > FLAT_SEARCH_LIMIT and chunks and cheap else "flat"
     if method == "flat":
         index = faiss.IndexBinaryFlat(bits)
     else:
-        chunk_bits = int(min(24, max(16, np.ceil(np.log2(len(codes))))))
-        chunks = bits // chunk_bits
         index = faiss.IndexBinaryMultiHash(bits, chunks, chunk_bits)
         index.nflip = max_distance // chunks
     index.add(codes)

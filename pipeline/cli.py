@@ -68,8 +68,49 @@ def _stage_command(stage: str):
     return command
 
 
-for _stage in ("extract", "split", "train", "evaluate", "promote"):
+for _stage in ("extract", "split", "train", "evaluate"):
     app.command(_stage)(_stage_command(_stage))
+
+
+@app.command("promote")
+def promote(
+    config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
+    force: Annotated[bool, typer.Option(help="make this run's version champion even if its gates failed")] = False,
+    reason: Annotated[str, typer.Option(help="why (required with --force; recorded on the version)")] = "",
+) -> None:
+    """Register the run's model and move `champion` if it wins; --force promotes by hand."""
+    from pipeline.promote import force_promote
+    from pipeline.runner import run_stage
+
+    try:
+        run = _open(config, run_id, set_)
+        summary = run_stage(run, "promote")
+        if force:
+            if not reason.strip():
+                raise ClickclipError("--force needs --reason: say why the gates are overridden")
+            summary = force_promote(run.config.promote, summary["version"], reason)
+    except ClickclipError as exc:
+        _fail(exc)
+    console.print_json(data=summary)
+
+
+@app.command("rollback")
+def rollback(
+    config: ConfigOption, set_: SetOption = None,
+    reason: Annotated[str, typer.Option(help="why; recorded on the rolled-back version")] = "",
+) -> None:
+    """Move `champion` back to the `previous` version."""
+    from pipeline.config import load_config
+    from pipeline.promote import rollback as rollback_alias
+
+    try:
+        cfg = load_config(config, set_ or [])
+        summary = rollback_alias(cfg.promote, reason)
+    except ClickclipError as exc:
+        _fail(exc)
+    except LookupError as exc:
+        _fail(ClickclipError(str(exc)))
+    console.print_json(data=summary)
 
 
 @app.command("run")

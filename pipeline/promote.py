@@ -137,3 +137,44 @@ def _redact(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def force_promote(cfg: PromoteConfig, version: str, reason: str) -> dict:
+    """Move `champion` to `version` past failed gates; records who and why on the version."""
+    from mlflow.tracking import MlflowClient
+
+    if not reason.strip():
+        raise ValueError("a forced promotion needs --reason")
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client.get_model_version(cfg.model_name, version)  # fails clearly if it does not exist
+    _move_champion(client, cfg.model_name, version)
+    tags = {"clickclip.decision": "forced", "clickclip.forced_by": _who(), "clickclip.force_reason": reason}
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    return {"model_name": cfg.model_name, "champion": version, **tags}
+
+
+def rollback(cfg: PromoteConfig, reason: str = "") -> dict:
+    """Point `champion` back at `previous`; the rolled-back version keeps a tag saying so."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    aliases = client.get_registered_model(cfg.model_name).aliases
+    if "previous" not in aliases:
+        raise LookupError(f"model {cfg.model_name!r} has no 'previous' version to roll back to")
+    current, previous = aliases.get("champion"), aliases["previous"]
+    client.set_registered_model_alias(cfg.model_name, "champion", previous)
+    client.delete_registered_model_alias(cfg.model_name, "previous")
+    if current is not None:
+        client.set_model_version_tag(cfg.model_name, current, "clickclip.rolled_back",
+                                     f"by {_who()}: {reason or 'no reason given'}")
+    return {"model_name": cfg.model_name, "champion": str(previous), "rolled_back": current}

@@ -30,3 +30,52 @@ def test_flatten_and_redact():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert _redact("https://user:secret@mlflow.example:5000") == "https://***@mlflow.example:5000"
     assert _redact("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = PromoteConfig(model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", source=str(tmp_path))
+    return cfg, client
+
+
+def _aliases(client) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model("m").aliases.items()}
+
+
+def test_champion_moves_and_previous_follows(registry):
+    from pipeline.promote import _move_champion
+
+    cfg, client = registry
+    _move_champion(client, "m", "1")
+    assert _aliases(client) == {"champion": "1"}
+    _move_champion(client, "m", "2")
+    assert _aliases(client) == {"champion": "2", "previous": "1"}
+    _move_champion(client, "m", "2")  # promoting the champion again changes nothing
+    assert _aliases(client) == {"champion": "2", "previous": "1"}
+
+
+def test_rollback_and_forced_promotion(registry):
+    from pipeline.promote import _move_champion, force_promote, rollback
+
+    cfg, client = registry
+    _move_champion(client, "m", "1")
+    _move_champion(client, "m", "2")
+    summary = rollback(cfg, reason="bad recall in prod")
+    assert summary["champion"] == "1"
+    assert _aliases(client) == {"champion": "1"}
+    assert "bad recall in prod" in client.get_model_version("m", "2").tags["clickclip.rolled_back"]
+    with pytest.raises(LookupError, match="no 'previous'"):
+        rollback(cfg)
+    forced = force_promote(cfg, "3", reason="hotfix for a broken tokenizer")
+    assert forced["champion"] == "3"
+    assert _aliases(client) == {"champion": "3", "previous": "1"}
+    tags = client.get_model_version("m", "3").tags
+    assert tags["clickclip.decision"] == "forced" and tags["clickclip.force_reason"].startswith("hotfix")
+    with pytest.raises(ValueError, match="reason"):
+        force_promote(cfg, "2", reason=" ")

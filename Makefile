@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Airflow lives in its own environment, as in a deployment: it never imports torch or mlflow
+AIRFLOW_VENV ?= .venv-airflow
 
 .PHONY: demo test lint clean
 
@@ -21,11 +23,16 @@ demo: $(VENV)/.installed
 	$(BIN)/clickclip demo-data --out data/demo
 	$(BIN)/clickclip run --config configs/demo.yaml
 
-test: $(VENV)/.installed-dev
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check 'apache-airflow>=3.0,<4'
+	touch $@
+
+test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check pipeline tests dags benchmarks
 
 clean:
-	rm -rf runs reports/*/ mlruns data/demo data/tiny
+	rm -rf runs reports/*/ mlruns state data/demo data/tiny

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,11 @@ SetOption = Annotated[list[str] | None, typer.Option(
 def _fail(exc: ClickclipError) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(code=2)
+
+
+def _emit(summary: dict) -> None:
+    """The stage's summary as one JSON line on stdout, for schedulers and scripts."""
+    print(json.dumps(summary, default=str))
 
 
 def _open(config: Path, run_id: str | None, overrides: list[str] | None):
@@ -62,7 +68,7 @@ def _stage_command(stage: str):
             summary = run_stage(run, stage)
         except ClickclipError as exc:
             _fail(exc)
-        console.print_json(data=summary)
+        _emit(summary)
 
     command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run)."
     return command
@@ -91,7 +97,7 @@ def promote(
             summary = force_promote(run.config.promote, summary["version"], reason)
     except ClickclipError as exc:
         _fail(exc)
-    console.print_json(data=summary)
+    _emit(summary)
 
 
 @app.command("rollback")
@@ -110,7 +116,7 @@ def rollback(
         _fail(exc)
     except LookupError as exc:
         _fail(ClickclipError(str(exc)))
-    console.print_json(data=summary)
+    _emit(summary)
 
 
 @app.command("run")

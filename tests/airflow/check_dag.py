@@ -1,0 +1,51 @@
+"""Runs inside the Airflow virtualenv (.venv-airflow), called by tests/test_dags.py.
+
+Parses dags/ with Airflow's DagBag and, with --run CONFIG, test-runs the whole DAG on that config
+with `dag.test()`. Prints one JSON object describing what it found.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from airflow.dag_processing.dagbag import DagBag
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def describe(dag) -> dict:
+    schedule = dag.timetable
+    return {
+        "task_ids": sorted(dag.task_ids),
+        "downstream": {t: sorted(dag.get_task(t).downstream_task_ids) for t in dag.task_ids},
+        "retries": {t: dag.get_task(t).retries for t in dag.task_ids},
+        "schedule": type(schedule).__name__,
+        "cron": schedule.timetable.expression,
+        "timezone": str(schedule.timetable.timezone),
+        "assets": [asset.uri for asset in schedule.asset_condition.objects],
+        "catchup": dag.catchup,
+        "max_active_runs": dag.max_active_runs,
+        "params": sorted(dag.params.keys()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", help="config file to test-run the DAG on")
+    args = parser.parse_args()
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    report = {"import_errors": {path: str(error) for path, error in bag.import_errors.items()},
+              "dag_ids": sorted(bag.dags)}
+    dag = bag.dags.get("clickclip_retrain")
+    if dag is not None:
+        report.update(describe(dag))
+        if args.run:
+            run = dag.test(run_conf={"config": args.run})
+            report["state"] = str(run.state)
+            report["task_states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+            report["run_id"] = run.run_id
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()

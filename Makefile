@@ -29,6 +29,7 @@ $(AIRFLOW_VENV)/.installed:
 	touch $@
 
 test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed
+	$(BIN)/ruff check pipeline tests dags benchmarks
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-dev

@@ -107,7 +107,7 @@ def clickclip_retrain():
         return message
 
     stages = [extract(), split(), train(), evaluate()]
-    for upstream, downstream in zip(stages, stages[1:]):
+    for upstream, downstream in zip(stages, stages[1:], strict=False):
         upstream >> downstream
     decision = promote()
     stages[-1] >> decision

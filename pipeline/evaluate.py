@@ -127,11 +127,12 @@ def render_report(summary: dict) -> str:
     models = summary["models"]
     names = list(models)
     metric_names = list(models["candidate"])
+    gallery = ("the whole catalog, quarantined images excluded" if summary["gallery_kind"] == "catalog"
+               else "test-split images only")
     lines = [
         f"# Recall report — run `{summary['run_id']}`",
         "",
-        f"{summary['queries']} held-out queries searched over {summary['gallery']} images "
-        f"({'the whole catalog, quarantined images excluded' if summary['gallery_kind'] == 'catalog' else 'test-split images only'}).",
+        f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}).",
         f"Baseline for promotion: **{summary['baseline']}**"
         + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
            " (no champion registered yet, so the untrained starting model)") + ".",

@@ -45,9 +45,9 @@ def examination_propensities(pair: np.ndarray, position: np.ndarray, clicks: np.
     per_pair_impressions = np.bincount(pair, weights=impressions, minlength=n_pairs)
     per_position_impressions = np.bincount(pos, weights=impressions, minlength=max_position)
     gamma = np.full(n_pairs, 0.5)
-    previous = -np.inf
-    done = 0
-    for done in range(1, iterations + 1):
+    previous, likelihood, done = -np.inf, 0.0, 0
+    for step in range(1, iterations + 1):
+        done = step
         t, g = theta[pos], gamma[pair]
         p_skip = np.clip(1 - t * g, 1e-12, None)
         # posterior shares of a skip: examined but not relevant, or relevant but not examined

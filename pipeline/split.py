@@ -238,7 +238,7 @@ def example_groups_sheet(images: pl.DataFrame, root: Path, path: Path, groups: i
         members = images.filter(pl.col("group_id") == group_id).head(per_group)
         y = row * (size + 14)
         draw.text((2, y), f"group {group_id}: {count} images", fill="black")
-        for col, (relative, product) in enumerate(members.select("path", "product_id").iter_rows()):
+        for col, relative in enumerate(members["path"]):
             thumb = load_rgb(resolve_image_path(root, relative)).resize((size, size))
             sheet.paste(thumb, (col * size, y + 14))
     sheet.save(path)

@@ -157,6 +157,7 @@ class TrainConfig(Strict):
     # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
     # micro-batches so batch_size can exceed memory, with gradients equal to one big batch
     negatives: Literal["in_batch", "grad_cache"] = "in_batch"
+    unique_batches: bool = True  # no query, image or product twice in a batch (no false negatives)
     micro_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")

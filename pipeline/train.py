@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.batching import UniqueBatchSampler
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError
 from pipeline.grad_cache import grad_cache_backward
@@ -176,11 +177,15 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
     return pairs.join(images, on="image_id").sort("query", "image_id")
 
 
-def _loader(dataset: Dataset, cfg: TrainConfig, train: bool) -> DataLoader:
+def _loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool) -> DataLoader:
+    workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    if train and cfg.unique_batches:
+        sampler = UniqueBatchSampler(pairs["query"].to_list(), pairs["image_id"].to_list(),
+                                     pairs["product_id"].to_list(), cfg.batch_size, cfg.seed)
+        return DataLoader(dataset, batch_sampler=sampler, **workers)
     generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train,
-                      num_workers=cfg.num_workers, generator=generator,
-                      persistent_workers=cfg.num_workers > 0)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train, generator=generator,
+                      **workers)
 
 
 def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, run_name: str) -> TrainResult:
@@ -209,8 +214,8 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     started = time.perf_counter()
     resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
-    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True), tcfg, True),
-                _loader(PairDataset(val_pairs, root, bundle, False), tcfg, False), ckpt_path=resume)
+    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True), train_pairs, tcfg, True),
+                _loader(PairDataset(val_pairs, root, bundle, False), val_pairs, tcfg, False), ckpt_path=resume)
     seconds = time.perf_counter() - started
 
     if best.best_model_path:

@@ -12,9 +12,9 @@ from pipeline.demo_data import generate
 
 @pytest.fixture(scope="session")
 def tiny_shop(tmp_path_factory) -> Path:
-    """A tiny demo shop (200 products, 3,000 sessions), generated once per test session."""
+    """A tiny demo shop (200 products, 6,000 sessions), generated once per test session."""
     out = tmp_path_factory.mktemp("tiny_shop")
-    generate(out, products=200, sessions=3000, seed=1)
+    generate(out, products=200, sessions=6000, seed=1)
     return out
 
 

@@ -82,7 +82,9 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     split_result = split(cfg, pairs, tmp_path / "split")
     result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "test-run")
     assert result.summary["finished_without_nan"]
-    assert result.summary["steps"] == result.summary["train_pairs"] // cfg.train.batch_size
+    # unique-key batches pack a little below train_pairs / batch_size
+    assert 0.5 * result.summary["train_pairs"] // cfg.train.batch_size <= result.summary["steps"] \
+        <= result.summary["train_pairs"] // cfg.train.batch_size
     heldout = pl.read_parquet(split_result.pairs).filter(pl.col("query_heldout") & (pl.col("split") == "train")
                                                          & (pl.col("clicks") > 0))
     assert result.summary["train_pairs"] + heldout.height <= pl.read_parquet(split_result.pairs).filter(

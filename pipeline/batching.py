@@ -1,0 +1,67 @@
+"""Batches without false negatives: no query, image or product appears twice in one batch.
+
+Click logs repeat queries and images; under the contrastive loss a second copy in the batch
+would be pushed away as a negative though it is a positive. Written by hand because neither
+Lightning nor open_clip samples under such constraints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+def unique_batches(queries: Sequence[str], image_ids: Sequence[str], product_ids: Sequence[str | None],
+                   batch_size: int, seed: int, open_batches: int = 16) -> list[list[int]]:
+    """Greedy packing of a seeded shuffle: each item goes into the first open batch it does not
+    clash with. Full batches only; items that never fit are left for the next epoch's shuffle."""
+    order = np.random.default_rng(seed).permutation(len(queries))
+    pending: list[tuple[list[int], set[str]]] = []
+    full: list[list[int]] = []
+    for index in order.tolist():
+        keys = {f"q:{queries[index]}", f"i:{image_ids[index]}"}
+        if product_ids[index] is not None:
+            keys.add(f"p:{product_ids[index]}")
+        for members, taken in pending:
+            if not keys & taken:
+                members.append(index)
+                taken |= keys
+                break
+        else:
+            if len(pending) == open_batches:
+                pending.sort(key=lambda batch: -len(batch[0]))
+                pending.pop()  # the emptiest open batch gives way; its items wait for the next epoch
+            pending.append(([index], set(keys)))
+            continue
+        full_now = [batch for batch in pending if len(batch[0]) == batch_size]
+        for batch in full_now:
+            full.append(batch[0])
+            pending.remove(batch)
+    return full
+
+
+class UniqueBatchSampler(Sampler[list[int]]):
+    """A batch sampler over `unique_batches`, reshuffled every epoch."""
+
+    def __init__(self, queries: Sequence[str], image_ids: Sequence[str], product_ids: Sequence[str | None],
+                 batch_size: int, seed: int):
+        self.queries, self.image_ids, self.product_ids = list(queries), list(image_ids), list(product_ids)
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self._length = len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches(self.epoch)
+        self.epoch += 1
+        # a fixed length keeps the LR schedule's step count true; an epoch that packs a batch or
+        # two fewer repeats its first batches
+        while len(batches) < self._length:
+            batches += batches[: self._length - len(batches)]
+        return iter(batches[: self._length])
+
+    def __len__(self) -> int:
+        return self._length

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
-from pipeline.runs import STAGES, Run
+from pipeline.runs import STAGES, Run, run_lock
 
 console = Console(stderr=True)
 
@@ -69,6 +69,12 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], tuple[dict[str, Any], dict]]] = {
 
 
 def run_stage(run: Run, stage: str) -> dict:
+    """Run one stage (holding the run folder's lock) unless it can be reused; return its summary."""
+    with run_lock(run.root):
+        return _run_stage(run, stage)
+
+
+def _run_stage(run: Run, stage: str) -> dict:
     """Run one stage unless its recorded outputs are intact for the same fingerprint; return its summary."""
     upstream = STAGES[: STAGES.index(stage)]
     missing = [s for s in upstream if run.reusable(s) is None]
@@ -88,7 +94,8 @@ def run_stage(run: Run, stage: str) -> dict:
 
 
 def run_all(run: Run) -> dict[str, dict]:
-    return {stage: run_stage(run, stage) for stage in STAGES}
+    with run_lock(run.root):
+        return {stage: _run_stage(run, stage) for stage in STAGES}
 
 
 def format_summary(run: Run, summaries: dict[str, dict]) -> str:

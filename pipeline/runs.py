@@ -8,9 +8,11 @@ sha256 of each output. A stage whose fingerprint matches and whose outputs are i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, SourceConfig
+from pipeline.errors import ClickclipError
 
 STAGES = ("extract", "split", "train", "evaluate", "promote")
 
@@ -85,6 +88,36 @@ def atomic_write(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class RunLockedError(ClickclipError):
+    """Another live process is working in the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder, or fail at once naming the holder.
+
+    An flock dies with its process, so a lock left by a killed run is never stale: the next run
+    simply takes it."""
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            raise RunLockedError(f"run folder {root} is in use by {holder}; wait for it to finish or use "
+                                 "another --run-id") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -168,7 +168,7 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    ks: tuple[int, ...] = (1, 5, 10)
+    ks: tuple[int, ...] = (1, 5, 10, 50)
     gallery: Literal["catalog", "test"] = "catalog"
     batch_size: int = Field(default=256, ge=1)
 

@@ -38,7 +38,7 @@ class EvaluateResult:
 @dataclass(frozen=True)
 class TestSet:
     queries: list[str]
-    relevant: list[set[str]]
+    relevant: list[dict[str, float]]  # relevant image -> graded gain (its click weight)
     gallery_ids: list[str]
     gallery_paths: list[str]
     gallery_kind: str
@@ -48,12 +48,14 @@ def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig) -> T
     pairs = pl.read_parquet(pairs_path).filter((pl.col("split") == "test") & (pl.col("clicks") > 0))
     if pairs.is_empty():
         raise StageError(f"{pairs_path} has no clicked test pairs to evaluate on")
-    grouped = pairs.group_by("query").agg(pl.col("image_id")).sort("query")
+    grouped = pairs.group_by("query").agg(pl.col("image_id"), pl.col("weight")).sort("query")
     images = pl.read_parquet(images_path)
     if cfg.gallery == "test":
         images = images.filter(pl.col("split") == "test")
     images = images.sort("image_id")
-    return TestSet(grouped["query"].to_list(), [set(ids) for ids in grouped["image_id"].to_list()],
+    relevant = [dict(zip(ids, weights, strict=True))
+                for ids, weights in zip(grouped["image_id"].to_list(), grouped["weight"].to_list(), strict=True)]
+    return TestSet(grouped["query"].to_list(), relevant,
                    images["image_id"].to_list(), images["path"].to_list(), cfg.gallery)
 
 
@@ -152,6 +154,8 @@ def render_report(summary: dict) -> str:
         "- recall@k: share of a query's relevant images among its top k results, averaged over queries.",
         "- hit@k: share of queries with at least one relevant image in the top k.",
         "- MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
+        "- nDCG@10: DCG@10 / ideal DCG@10 with DCG@10 = Σ gain / log2(rank + 1) over the top 10, the gain of an "
+        "image being its held-out click weight (position-debiased clicks).",
         "- Search: exact inner product (FAISS IndexFlatIP) over L2-normalised embeddings.",
         "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
         "start = the model training started from.",

@@ -4,25 +4,39 @@ For one query with relevant set R and ranked results r_1..r_n:
 - recall@k = |R ∩ {r_1..r_k}| / |R|
 - hit@k    = 1 if R ∩ {r_1..r_k} is non-empty, else 0
 - MRR      = 1 / (rank of the first relevant result), 0 if none is retrieved
+- nDCG@k   = DCG@k / ideal DCG@k, DCG@k = Σ_{i≤k} gain(r_i) / log2(i + 1), with graded gains
+             (the click weights of held-out pairs); 1 when the k best-gain items lead in order
 Each is averaged over queries with at least one relevant item.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 
-def per_query_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[set[str]],
-                      ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per-query values, one array per metric name, in the order of `ranked`."""
+def ndcg(results: Sequence[str], gains: Mapping[str, float], k: int) -> float:
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = sum(gains.get(item, 0.0) * d for item, d in zip(results[:k], discounts, strict=False))
+    ideal = sum(g * d for g, d in zip(sorted(gains.values(), reverse=True)[:k], discounts, strict=False))
+    return dcg / ideal if ideal > 0 else 0.0
+
+
+def per_query_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[set[str] | Mapping[str, float]],
+                      ks: Sequence[int], ndcg_k: int = 10) -> dict[str, np.ndarray]:
+    """Per-query values, one array per metric name, in the order of `ranked`.
+
+    `relevant` holds, per query, a set of relevant items (gain 1 each) or item -> graded gain."""
     if len(ranked) != len(relevant):
         raise ValueError("ranked and relevant must have one entry per query")
     out = {f"recall@{k}": np.zeros(len(ranked)) for k in ks}
     out.update({f"hit@{k}": np.zeros(len(ranked)) for k in ks})
     out["mrr"] = np.zeros(len(ranked))
+    out[f"ndcg@{ndcg_k}"] = np.zeros(len(ranked))
     for q, (results, rel) in enumerate(zip(ranked, relevant, strict=True)):
+        gains = rel if isinstance(rel, Mapping) else dict.fromkeys(rel, 1.0)
+        out[f"ndcg@{ndcg_k}"][q] = ndcg(results, gains, ndcg_k)
         if not rel:
             raise ValueError(f"query {q} has no relevant items")
         hits = np.array([item in rel for item in results], dtype=bool)

@@ -24,3 +24,14 @@ def test_rank_by_similarity():
     items = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     ranked = rank_by_similarity(np.array([[1.0, 0.1]]), items, ["x", "y", "z"], k=2)
     assert ranked == [["x", "z"]]
+
+
+def test_ndcg_with_graded_gains_by_hand():
+    ranked = [["b", "x", "a"]]
+    gains = [{"a": 3.0, "b": 1.0}]
+    got = per_query_metrics(ranked, gains, [1], ndcg_k=3)["ndcg@3"][0]
+    dcg = 1.0 / np.log2(2) + 3.0 / np.log2(4)
+    ideal = 3.0 / np.log2(2) + 1.0 / np.log2(3)
+    assert got == pytest.approx(dcg / ideal)
+    perfect = per_query_metrics([["a", "b", "x"]], gains, [1], ndcg_k=3)["ndcg@3"][0]
+    assert perfect == pytest.approx(1.0)

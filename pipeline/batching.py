@@ -54,6 +54,10 @@ class UniqueBatchSampler(Sampler[list[int]]):
     def _batches(self, epoch: int) -> list[list[int]]:
         return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch, so a resumed run sees the same batches again."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches(self.epoch)
         self.epoch += 1

@@ -158,6 +158,7 @@ class TrainConfig(Strict):
     # micro-batches so batch_size can exceed memory, with gradients equal to one big batch
     negatives: Literal["in_batch", "grad_cache"] = "in_batch"
     unique_batches: bool = True  # no query, image or product twice in a batch (no false negatives)
+    pair_weights: Literal["none", "extract"] = "none"  # extract: weight each pair's loss by its click weight
     micro_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")

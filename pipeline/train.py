@@ -10,12 +10,14 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from open_clip.loss import ClipLoss
@@ -41,21 +43,40 @@ class TrainResult:
 
 
 class PairDataset(Dataset):
-    """(image tensor, query text, image_id) for each clicked pair."""
+    """(image tensor, query text, image_id, pair weight) for each clicked pair."""
 
     def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool):
         self.queries = pairs["query"].to_list()
         self.image_ids = pairs["image_id"].to_list()
         self.paths = pairs["path"].to_list()
+        self.weights = pairs["weight"].cast(pl.Float32).to_list()
         self.root = root
         self.transform = bundle.preprocess_train if train else bundle.preprocess_eval
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, float]:
         image = load_rgb(resolve_image_path(self.root, self.paths[index]))
-        return self.transform(image), self.queries[index], self.image_ids[index]
+        return self.transform(image), self.queries[index], self.image_ids[index], self.weights[index]
+
+
+class WeightedClipLoss(ClipLoss):
+    """open_clip's ClipLoss, with optional per-pair weights on each pair's two cross-entropy terms.
+
+    Weights are normalised to mean 1 within the batch, so uniform weights give exactly ClipLoss."""
+
+    def forward(self, image_features, text_features, logit_scale, weights: torch.Tensor | None = None,
+                output_dict: bool = False):
+        if weights is None:
+            return super().forward(image_features, text_features, logit_scale, output_dict=output_dict)
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
+        labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
+        w = weights.to(logits_per_image.dtype)
+        w = w / w.mean()
+        loss = ((F.cross_entropy(logits_per_image, labels, reduction="none") * w).mean()
+                + (F.cross_entropy(logits_per_text, labels, reduction="none") * w).mean()) / 2
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class ClipFineTuner(L.LightningModule):
@@ -66,7 +87,7 @@ class ClipFineTuner(L.LightningModule):
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self.cfg = cfg
-        self.loss = ClipLoss()
+        self.loss = WeightedClipLoss()
         self.saw_nan = False
         self.automatic_optimization = cfg.negatives == "in_batch"
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
@@ -77,12 +98,13 @@ class ClipFineTuner(L.LightningModule):
                 self.model.encode_text(tokens, normalize=True))
 
     def training_step(self, batch, batch_idx):
-        images, texts, _ = batch
+        images, texts, _, weights = batch
+        loss_fn = partial(self.loss, weights=weights) if self.cfg.pair_weights == "extract" else self.loss
         if self.cfg.negatives == "grad_cache":
-            loss = self._grad_cache_step(images, list(texts))
+            loss = self._grad_cache_step(images, list(texts), loss_fn)
         else:
             image_features, text_features = self._embed(images, list(texts))
-            loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
+            loss = loss_fn(image_features, text_features, self.model.logit_scale.exp())
         if not torch.isfinite(loss):
             self.saw_nan = True
             self.trainer.should_stop = True
@@ -91,12 +113,12 @@ class ClipFineTuner(L.LightningModule):
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=len(texts))
         return loss
 
-    def _grad_cache_step(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def _grad_cache_step(self, images: torch.Tensor, texts: list[str], loss_fn) -> torch.Tensor:
         """One optimiser step over the whole batch, embedded micro-batch by micro-batch."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
         tokens = self.tokenizer(texts).to(self.device)
-        loss = grad_cache_backward(self.model, images, tokens, self.cfg.micro_batch_size, self.loss,
+        loss = grad_cache_backward(self.model, images, tokens, self.cfg.micro_batch_size, loss_fn,
                                    self.manual_backward)
         if not torch.isfinite(loss):
             return loss
@@ -111,7 +133,7 @@ class ClipFineTuner(L.LightningModule):
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def validation_step(self, batch, batch_idx):
-        images, texts, image_ids = batch
+        images, texts, image_ids, _ = batch
         image_features, text_features = self._embed(images, list(texts))
         loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
         self.log("val/loss", loss, batch_size=len(texts))

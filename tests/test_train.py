@@ -75,7 +75,8 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     from pipeline.train import train
     from tests.conftest import shop_config
 
-    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "negatives": negatives, "micro_batch_size": 8})
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "negatives": negatives, "micro_batch_size": 8,
+                                                  "pair_weights": "extract"})
     for stage in ("extract", "split", "train"):
         (tmp_path / stage).mkdir()
     pairs = extract(cfg, tmp_path / "extract").pairs
@@ -90,3 +91,22 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     assert result.summary["train_pairs"] + heldout.height <= pl.read_parquet(split_result.pairs).filter(
         (pl.col("split") == "train") & (pl.col("clicks") > 0)).height
     load_checkpoint(result.model_dir.parent)
+
+
+def test_weighted_clip_loss():
+    from pipeline.train import WeightedClipLoss
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = WeightedClipLoss()
+    assert loss(image, text, scale, weights=torch.full((6,), 3.0)).item() == pytest.approx(
+        ClipLoss()(image, text, scale).item(), rel=1e-6)
+    weights = torch.tensor([5.0, 1, 1, 1, 1, 1])
+    logits = scale * image @ text.T
+    labels = torch.arange(6)
+    per_pair = (torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                + torch.nn.functional.cross_entropy(logits.T, labels, reduction="none")) / 2
+    expected = (per_pair * weights / weights.mean()).mean()
+    assert loss(image, text, scale, weights=weights).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -159,6 +159,11 @@ class TrainConfig(Strict):
     negatives: Literal["in_batch", "grad_cache"] = "in_batch"
     unique_batches: bool = True  # no query, image or product twice in a batch (no false negatives)
     pair_weights: Literal["none", "extract"] = "none"  # extract: weight each pair's loss by its click weight
+    # LiT-style locking: a locked tower trains only its last N layer groups (0 = fully frozen)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = Field(default=0, ge=0)
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = Field(default=0, ge=0)
     micro_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")

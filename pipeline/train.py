@@ -172,6 +172,14 @@ class ClipFineTuner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def lock_towers(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Freeze towers as configured, with open_clip's own LiT locking."""
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+
+
 def validation_recall(batches, k: int) -> float:
     """recall@k of text->image retrieval among the validation images."""
     image_emb = np.concatenate([b[0] for b in batches])
@@ -221,6 +229,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         raise StageError(f"only {train_pairs.height} clicked training pairs, fewer than one batch "
                          f"(train.batch_size={tcfg.batch_size}); lower the batch size or add data")
     root = cfg.data.image_root
+    lock_towers(bundle.model, tcfg)
     module = ClipFineTuner(bundle, tcfg)
     uri = tracking_uri(cfg.promote)
     ensure_experiment(cfg.promote.experiment, uri)

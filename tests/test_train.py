@@ -110,3 +110,15 @@ def test_weighted_clip_loss():
                 + torch.nn.functional.cross_entropy(logits.T, labels, reduction="none")) / 2
     expected = (per_pair * weights / weights.mean()).mean()
     assert loss(image, text, scale, weights=weights).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_tower_locking_freezes_all_but_the_last_groups():
+    from pipeline.train import lock_towers
+
+    bundle = starting_model(TrainConfig(seed=0))
+    lock_towers(bundle.model, TrainConfig(lock_image=True, lock_image_unlocked_groups=1, lock_text=True))
+    trainable = {name for name, p in bundle.model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith(("transformer.", "token_embedding")) for name in trainable)
+    assert any(name.startswith("visual.") for name in trainable)  # the last group stays open
+    assert not any(name.startswith("visual.conv1") for name in trainable)
+    assert "logit_scale" in trainable

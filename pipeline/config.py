@@ -186,12 +186,21 @@ class EvaluateConfig(Strict):
         return tuple(sorted(set(value)))
 
 
+class GatesConfig(Strict):
+    """Every gate must pass for `champion` to move; each is recorded with its numbers."""
+
+    min_candidate: float = Field(default=0.0, ge=0, le=1)  # floor on the candidate's promote.metric
+    use_lower_bound: bool = True  # compare the 95% CI's lower bound of candidate − baseline, not its mean
+    max_quarantine_rate: float = Field(default=0.2, ge=0, le=1)  # share of event rows quarantined
+
+
 class PromoteConfig(Strict):
     model_name: str = "clickclip"
     experiment: str = "clickclip"
     tracking_uri: str | None = None
     metric: str = "recall@10"
     margin: float = 0.0
+    gates: GatesConfig = GatesConfig()
 
 
 class RunConfig(Strict):

@@ -21,7 +21,7 @@ from rich.progress import track
 from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.errors import StageError
 from pipeline.images import load_rgb, resolve_image_path
-from pipeline.metrics import mean_metrics, per_query_metrics
+from pipeline.metrics import mean_metrics, paired_bootstrap, per_query_metrics
 from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model
 from pipeline.tracking import tracking_uri
 
@@ -74,7 +74,7 @@ def score_model(bundle: ClipBundle, test: TestSet, root: Path, cfg: EvaluateConf
     queries = embed_texts(bundle, test.queries, cfg.batch_size)
     top = exact_search(queries, gallery, max(cfg.ks))
     ranked = [[test.gallery_ids[j] for j in row if j >= 0] for row in top]
-    return mean_metrics(per_query_metrics(ranked, test.relevant, cfg.ks))
+    return per_query_metrics(ranked, test.relevant, cfg.ks)
 
 
 def champion_model(cfg: RunConfig, workdir: Path) -> tuple[ClipBundle, str] | None:
@@ -101,17 +101,22 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     propensity plot) adds the input-data section to the report."""
     test = load_test_set(pairs_path, images_path, cfg.evaluate)
     root = cfg.data.image_root
-    results = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
+    per_query = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
     with tempfile.TemporaryDirectory() as workdir:
         champion = champion_model(cfg, Path(workdir))
         if champion is not None:
-            results["champion"] = score_model(champion[0], test, root, cfg.evaluate, "champion")
-    results["start"] = score_model(starting_model(cfg.train), test, root, cfg.evaluate, "start")
+            per_query["champion"] = score_model(champion[0], test, root, cfg.evaluate, "champion")
+    per_query["start"] = score_model(starting_model(cfg.train), test, root, cfg.evaluate, "start")
+    baseline = "champion" if champion else "start"
     summary = {
         "run_id": run_id, "queries": len(test.queries), "gallery": len(test.gallery_ids),
         "gallery_kind": test.gallery_kind, "ks": list(cfg.evaluate.ks),
-        "champion_version": champion[1] if champion else None,
-        "baseline": "champion" if champion else "start", "models": results,
+        "champion_version": champion[1] if champion else None, "baseline": baseline,
+        "models": {name: mean_metrics(values) for name, values in per_query.items()},
+        "delta_vs_baseline": {
+            metric: dict(zip(("mean", "low", "high"), paired_bootstrap(values, per_query[baseline][metric]),
+                             strict=True))
+            for metric, values in per_query["candidate"].items()},
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
@@ -139,13 +144,13 @@ def render_report(summary: dict) -> str:
         + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
            " (no champion registered yet, so the untrained starting model)") + ".",
         "",
-        "| metric | " + " | ".join(names) + " | candidate − baseline |",
-        "|---|" + "---|" * (len(names) + 1),
+        "| metric | " + " | ".join(names) + " | candidate − baseline | 95% CI (paired bootstrap) |",
+        "|---|" + "---|" * (len(names) + 2),
     ]
-    base = models[summary["baseline"]]
     for metric in metric_names:
         cells = " | ".join(f"{models[n][metric]:.4f}" for n in names)
-        lines.append(f"| {metric} | {cells} | {models['candidate'][metric] - base[metric]:+.4f} |")
+        delta = summary["delta_vs_baseline"][metric]
+        lines.append(f"| {metric} | {cells} | {delta['mean']:+.4f} | [{delta['low']:+.4f}, {delta['high']:+.4f}] |")
     lines += [
         "",
         "## Definitions",
@@ -157,6 +162,7 @@ def render_report(summary: dict) -> str:
         "- nDCG@10: DCG@10 / ideal DCG@10 with DCG@10 = Σ gain / log2(rank + 1) over the top 10, the gain of an "
         "image being its held-out click weight (position-debiased clicks).",
         "- Search: exact inner product (FAISS IndexFlatIP) over L2-normalised embeddings.",
+        "- CI: 2,000 paired bootstrap resamples of the held-out queries; both models scored on the same queries.",
         "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
         "start = the model training started from.",
         "",

@@ -60,3 +60,20 @@ def rank_by_similarity(query_embeddings: np.ndarray, item_embeddings: np.ndarray
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [[item_ids[j] for j in row] for row in top]
+
+
+def paired_bootstrap(candidate: np.ndarray, baseline: np.ndarray, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of candidate − baseline over queries and its bootstrap confidence interval.
+
+    Paired: both models are scored on the same resampled queries, so query difficulty cancels."""
+    if candidate.shape != baseline.shape or candidate.ndim != 1:
+        raise ValueError("candidate and baseline need one value per query, in the same order")
+    differences = candidate - baseline
+    if len(differences) == 0:
+        return 0.0, 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(differences), size=(resamples, len(differences)))
+    means = differences[samples].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(differences.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

@@ -25,18 +25,44 @@ class PromoteResult:
     summary: dict
 
 
-def decide(evaluation: dict, cfg: PromoteConfig) -> tuple[bool, str]:
-    """Promote when candidate − baseline on the configured metric exceeds the margin."""
-    models = evaluation["models"]
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gates need from the earlier stages, besides the evaluation."""
+
+    quarantine_rate: float
+    leak_audit_passed: bool
+    finished_without_nan: bool
+
+
+def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
+    """Each gate with pass/fail and the numbers behind it."""
+    models, baseline = evaluation["models"], evaluation["baseline"]
     if cfg.metric not in models["candidate"]:
         raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models['candidate'])}")
     candidate = models["candidate"][cfg.metric]
-    baseline = models[evaluation["baseline"]][cfg.metric]
-    delta = candidate - baseline
-    verdict = delta > cfg.margin
-    reason = (f"candidate {cfg.metric} {candidate:.4f} vs {evaluation['baseline']} {baseline:.4f}: "
-              f"{delta:+.4f} {'>' if verdict else '<='} margin {cfg.margin}")
-    return verdict, reason
+    delta = evaluation["delta_vs_baseline"][cfg.metric]
+    statistic = delta["low"] if cfg.gates.use_lower_bound else delta["mean"]
+    label = "95% CI lower bound" if cfg.gates.use_lower_bound else "mean"
+    return [
+        {"gate": "min_candidate", "passed": candidate >= cfg.gates.min_candidate,
+         "detail": f"candidate {cfg.metric} {candidate:.4f} >= {cfg.gates.min_candidate}"},
+        {"gate": "beats_baseline", "passed": statistic > cfg.margin,
+         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} > margin {cfg.margin} "
+                   f"(mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
+        {"gate": "leak_audit", "passed": inputs.leak_audit_passed, "detail": "no group straddles splits"},
+        {"gate": "quarantine_rate", "passed": inputs.quarantine_rate <= cfg.gates.max_quarantine_rate,
+         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined <= {cfg.gates.max_quarantine_rate}"},
+        {"gate": "no_nan", "passed": inputs.finished_without_nan, "detail": "training finished without NaN"},
+    ]
+
+
+def decide(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> tuple[bool, str, list[dict]]:
+    """Promote only when every gate passes; the reason lists the failed gates, or the decisive one."""
+    gates = evaluate_gates(evaluation, cfg, inputs)
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        return False, "failed: " + "; ".join(f"{g['gate']} ({g['detail']})" for g in failed), gates
+    return True, "all gates passed; " + gates[1]["detail"], gates
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,8 +103,9 @@ def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir:
     return info.model_uri
 
 
-def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, model_dir: Path,
-            artifacts: list[Path], out_dir: Path) -> PromoteResult:
+def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
+            lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path) -> PromoteResult:
+    """Decide by the gates, log the run and its lineage tags, register, and move the alias."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -97,25 +124,28 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
     if mlflow_run_id is not None:
         existing = client.search_model_versions(f"name='{pcfg.model_name}' and run_id='{mlflow_run_id}'")
 
+    promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
     if existing:
         version = existing[0]
         promoted = version.tags.get("clickclip.decision") == "promoted"
         reason = version.tags.get("clickclip.reason", "") + " (already registered; nothing new)"
     else:
-        promoted, reason = decide(evaluation, pcfg)
+        gate_tags = {f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}"
+                     for g in gates}
+        tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
+                "clickclip.reason": reason, **{f"clickclip.{k}": v for k, v in lineage.items()}, **gate_tags}
         with mlflow.start_run(run_id=mlflow_run_id, experiment_id=experiment_id, run_name=run_id) as active:
             mlflow_run_id = active.info.run_id
-            mlflow.set_tag("clickclip.run_id", run_id)
+            mlflow.set_tags(tags)
             model_uri = _log_run(cfg, evaluation, artifacts, model_dir)
-        tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
-                "clickclip.reason": reason}
         version = mlflow.register_model(model_uri, pcfg.model_name, tags=tags)
         if promoted:
             _move_champion(client, pcfg.model_name, version.version)
 
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
-        "reason": reason, "mlflow_run_id": mlflow_run_id, "tracking_uri": _redact(uri),
+        "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": _redact(uri),
         "champion_uri": f"models:/{pcfg.model_name}@champion",
     }
     decision = out_dir / "promotion.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,13 +54,20 @@ def _evaluate(run: Run) -> tuple[dict[str, Any], dict]:
 
 
 def _promote(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.promote import promote
+    from pipeline.promote import GateInputs, promote
 
+    extract, split, train, evaluation = (run.summary(s) for s in ("extract", "split", "train", "evaluate"))
+    gate_inputs = GateInputs(
+        quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
+        leak_audit_passed=json.loads(run.output("split", "leak_audit").read_text())["passed"],
+        finished_without_nan=train["finished_without_nan"])
+    lineage = {"git_commit": run.manifest.get("git_commit", "unknown"), "input_events_sha256": run.inputs["events"],
+               "input_images_sha256": run.inputs["images"], "split_registry_version": split["registry_version"],
+               "parent_champion_version": str(evaluation["champion_version"] or "none")}
     artifacts = [run.report_dir(), run.manifest_path, run.output("split", "leak_audit"),
                  run.output("extract", "quarantine"), run.output("split", "image_quarantine")]
-    result = promote(run.config, run.run_id, run.summary("train").get("mlflow_run_id"),
-                     run.summary("evaluate"), run.output("train", "weights").parent, artifacts,
-                     run.stage_dir("promote"))
+    result = promote(run.config, run.run_id, train.get("mlflow_run_id"), evaluation, gate_inputs, lineage,
+                     run.output("train", "weights").parent, artifacts, run.stage_dir("promote"))
     return {"decision": result.decision}, result.summary
 
 

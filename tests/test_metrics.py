@@ -35,3 +35,17 @@ def test_ndcg_with_graded_gains_by_hand():
     assert got == pytest.approx(dcg / ideal)
     perfect = per_query_metrics([["a", "b", "x"]], gains, [1], ndcg_k=3)["ndcg@3"][0]
     assert perfect == pytest.approx(1.0)
+
+
+def test_paired_bootstrap():
+    from pipeline.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 400)
+    mean, low, high = paired_bootstrap(base + 0.05, base)
+    assert mean == pytest.approx(0.05) and low == pytest.approx(0.05) and high == pytest.approx(0.05)
+    noisy = base + rng.normal(0.05, 0.2, 400)
+    mean, low, high = paired_bootstrap(noisy, base)
+    assert low < mean < high and low > 0 and high - low < 0.1
+    mean, low, high = paired_bootstrap(base + rng.normal(0, 0.2, 400), base)
+    assert low < 0 < high

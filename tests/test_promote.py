@@ -1,29 +1,57 @@
 import pytest
 
 from pipeline.config import PromoteConfig
-from pipeline.promote import _redact, decide, flatten
+from pipeline.promote import GateInputs, _redact, decide, flatten
 
 
-def _evaluation(candidate, baseline_value, baseline="champion"):
-    return {"baseline": baseline, "models": {"candidate": {"recall@10": candidate},
-                                             baseline: {"recall@10": baseline_value}}}
+def _evaluation(candidate, baseline_value, baseline="champion", low=None):
+    delta = candidate - baseline_value
+    return {"baseline": baseline,
+            "models": {"candidate": {"recall@10": candidate}, baseline: {"recall@10": baseline_value}},
+            "delta_vs_baseline": {"recall@10": {"mean": delta, "low": delta if low is None else low,
+                                                "high": delta + 0.01}}}
+
+
+FINE = GateInputs(quarantine_rate=0.01, leak_audit_passed=True, finished_without_nan=True)
 
 
 def test_promotes_only_beyond_the_margin():
     cfg = PromoteConfig(margin=0.01)
-    assert decide(_evaluation(0.30, 0.28), cfg)[0] is True
-    assert decide(_evaluation(0.285, 0.28), cfg)[0] is False
-    assert decide(_evaluation(0.28, 0.28), PromoteConfig())[0] is False  # a tie does not promote
+    assert decide(_evaluation(0.30, 0.28), cfg, FINE)[0] is True
+    assert decide(_evaluation(0.285, 0.28), cfg, FINE)[0] is False
+    assert decide(_evaluation(0.28, 0.28), PromoteConfig(), FINE)[0] is False  # a tie does not promote
+
+
+def test_lower_confidence_bound_gate():
+    noisy = _evaluation(0.30, 0.28, low=-0.01)
+    assert decide(noisy, PromoteConfig(), FINE)[0] is False
+    assert decide(noisy, PromoteConfig(gates={"use_lower_bound": False}), FINE)[0] is True
+
+
+@pytest.mark.parametrize("inputs, gate", [
+    (GateInputs(0.5, True, True), "quarantine_rate"),
+    (GateInputs(0.0, False, True), "leak_audit"),
+    (GateInputs(0.0, True, False), "no_nan"),
+])
+def test_each_gate_can_block(inputs, gate):
+    promoted, reason, gates = decide(_evaluation(0.5, 0.1), PromoteConfig(), inputs)
+    assert not promoted and gate in reason
+    assert [g["gate"] for g in gates if not g["passed"]] == [gate]
+
+
+def test_minimum_candidate_gate():
+    promoted, reason, _ = decide(_evaluation(0.05, 0.01), PromoteConfig(gates={"min_candidate": 0.1}), FINE)
+    assert not promoted and "min_candidate" in reason
 
 
 def test_reason_names_the_numbers():
-    _, reason = decide(_evaluation(0.3, 0.1, baseline="start"), PromoteConfig())
-    assert "0.3000" in reason and "start 0.1000" in reason
+    _, reason, _ = decide(_evaluation(0.3, 0.1, baseline="start"), PromoteConfig(), FINE)
+    assert "+0.2000" in reason and "start" in reason
 
 
 def test_unknown_metric_is_an_error():
     with pytest.raises(KeyError, match="recall@7"):
-        decide(_evaluation(0.3, 0.1), PromoteConfig(metric="recall@7"))
+        decide(_evaluation(0.3, 0.1), PromoteConfig(metric="recall@7"), FINE)
 
 
 def test_flatten_and_redact():

@@ -177,6 +177,7 @@ class EvaluateConfig(Strict):
     ks: tuple[int, ...] = (1, 5, 10, 50)
     gallery: Literal["catalog", "test"] = "catalog"
     batch_size: int = Field(default=256, ge=1)
+    slice_tolerance: float = Field(default=0.02, ge=0)  # a slice confidently worse by more is flagged
 
     @field_validator("ks")
     @classmethod

@@ -23,6 +23,7 @@ from pipeline.errors import StageError
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.metrics import mean_metrics, paired_bootstrap, per_query_metrics
 from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model
+from pipeline.slices import query_slices, render_slices, slice_table
 from pipeline.tracking import tracking_uri
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # name of the checkpoint folder inside a registered pyfunc model
@@ -108,6 +109,8 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
             per_query["champion"] = score_model(champion[0], test, root, cfg.evaluate, "champion")
     per_query["start"] = score_model(starting_model(cfg.train), test, root, cfg.evaluate, "start")
     baseline = "champion" if champion else "start"
+    families = query_slices(test.queries, test.relevant, pl.read_parquet(pairs_path), pl.read_parquet(images_path))
+    slices = slice_table(per_query, baseline, families, cfg.promote.metric, cfg.evaluate.slice_tolerance)
     summary = {
         "run_id": run_id, "queries": len(test.queries), "gallery": len(test.gallery_ids),
         "gallery_kind": test.gallery_kind, "ks": list(cfg.evaluate.ks),
@@ -117,11 +120,13 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
             metric: dict(zip(("mean", "low", "high"), paired_bootstrap(values, per_query[baseline][metric]),
                              strict=True))
             for metric, values in per_query["candidate"].items()},
+        "slices": slices,
+        "flagged_slices": [f"{row['family']}={row['slice']}" for row in slices if row["flagged"]],
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
     report_path = report_dir / "recall.md"
-    text = render_report(summary)
+    text = render_report(summary) + render_slices(slices, cfg.promote.metric, baseline, cfg.evaluate.slice_tolerance)
     if data is not None:
         for figure in data["figures"]:
             shutil.copyfile(figure, report_dir / figure.name)

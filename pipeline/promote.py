@@ -49,6 +49,8 @@ def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> 
         {"gate": "beats_baseline", "passed": statistic > cfg.margin,
          "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} > margin {cfg.margin} "
                    f"(mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
+        {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
+         "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
         {"gate": "leak_audit", "passed": inputs.leak_audit_passed, "detail": "no group straddles splits"},
         {"gate": "quarantine_rate", "passed": inputs.quarantine_rate <= cfg.gates.max_quarantine_rate,
          "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined <= {cfg.gates.max_quarantine_rate}"},

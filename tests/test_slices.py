@@ -1,0 +1,30 @@
+import numpy as np
+import polars as pl
+
+from pipeline.slices import frequency_bands, query_slices, slice_table
+
+
+def test_frequency_bands_by_traffic_share():
+    pairs = pl.DataFrame({"query": ["a", "a", "b", "c", "d"], "impressions": [30, 20, 30, 15, 5]})
+    # a holds the first 50% of 100 impressions, b the next 30%, c and d the rest
+    assert frequency_bands(pairs) == {"a": "head", "b": "torso", "c": "tail", "d": "tail"}
+
+
+def test_query_slices_mark_heldout_queries_and_categories():
+    pairs = pl.DataFrame({"query": ["q1", "q2"], "impressions": [5, 5], "query_heldout": [False, True]})
+    images = pl.DataFrame({"image_id": ["i1", "i2", "i3"], "category": ["mug", "mug", "hat"]})
+    families = query_slices(["q1", "q2"], [{"i1": 1.0, "i2": 1.0}, {"i3": 2.0}], pairs, images)
+    assert families["query"] == ["seen query / new image", "new query / new image"]
+    assert families["category"] == ["mug", "hat"]
+
+
+def test_only_confidently_worse_slices_are_flagged():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.7, 400)
+    candidate = base.copy()
+    candidate[:200] -= 0.2  # slice "a" clearly regressed
+    candidate[200:] += rng.normal(0, 0.3, 200)  # slice "b" only noisy
+    per_query = {"candidate": {"recall@10": candidate}, "champion": {"recall@10": base}}
+    rows = slice_table(per_query, "champion", {"family": ["a"] * 200 + ["b"] * 200}, "recall@10", 0.02)
+    flagged = {row["slice"]: row["flagged"] for row in rows}
+    assert flagged == {"a": True, "b": False}

@@ -157,7 +157,8 @@ class TrainConfig(Strict):
     # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
     # micro-batches so batch_size can exceed memory, with gradients equal to one big batch
     negatives: Literal["in_batch", "grad_cache"] = "in_batch"
-    unique_batches: bool = True  # no query, image or product twice in a batch (no false negatives)
+    # no query, image or product twice in a batch; off by default: on the demo it trained worse (RESULTS.md)
+    unique_batches: bool = False
     pair_weights: Literal["none", "extract"] = "none"  # extract: weight each pair's loss by its click weight
     # LiT-style locking: a locked tower trains only its last N layer groups (0 = fully frozen)
     lock_image: bool = False

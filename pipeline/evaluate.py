@@ -125,6 +125,7 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
+    shutil.copyfile(metrics_path, report_dir / "metrics.json")  # the report folder stands on its own
     report_path = report_dir / "recall.md"
     text = render_report(summary) + render_slices(slices, cfg.promote.metric, baseline, cfg.evaluate.slice_tolerance)
     if data is not None:

@@ -54,6 +54,7 @@ def test_trained_model_beats_untrained_on_test_split(first_and_second_run):
     assert "recall@10" in report.read_text()
     assert "| bot | 200 |" in report.read_text()
     assert (report.parent / "propensity.png").stat().st_size > 1000
+    assert json.loads((report.parent / "metrics.json").read_text())["models"] == metrics
 
 
 def test_nothing_is_lost_and_nothing_leaks(first_and_second_run):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from pipeline.config import DuckDBConfig, ExtractConfig, RunConfig, SourceConfig, WindowConfig
@@ -197,17 +198,26 @@ def extract(cfg: RunConfig, out_dir: Path) -> ExtractResult:
     return ExtractResult(pairs_path, quarantine_path, propensity_path, summary)
 
 
+def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:
+    """head / torso / tail per query: by impressions, the queries covering the first 50%, next 30%,
+    last 20% of traffic. `pairs` needs `query` and `impressions` columns."""
+    per_query = pairs.group_by("query").agg(pl.col("impressions").sum().alias("n")).sort(
+        ["n", "query"], descending=[True, False])
+    before = per_query["n"].cum_sum() - per_query["n"]
+    total = max(1, int(per_query["n"].sum()))
+    bands = ["head" if b < 0.5 * total else "torso" if b < 0.8 * total else "tail" for b in before]
+    return dict(zip(per_query["query"], bands, strict=True))
+
+
 def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
-    """Head / torso / tail: queries by impressions, covering the first 50%, next 30%, last 20%."""
-    rows = con.execute("""
-        WITH q AS (SELECT query, sum(impressions) AS n FROM pairs GROUP BY query),
-        ranked AS (SELECT n, sum(n) OVER (ORDER BY n DESC, query ROWS UNBOUNDED PRECEDING) - n AS before,
-                          sum(n) OVER () AS total FROM q)
-        SELECT CASE WHEN before < 0.5 * total THEN 'head' WHEN before < 0.8 * total THEN 'torso' ELSE 'tail' END,
-               count(*), sum(n)
-        FROM ranked GROUP BY 1""").fetchall()
+    """Queries and impressions per frequency band (distinct queries are few, so Polars is fine)."""
+    rows = con.execute("SELECT query, sum(impressions)::BIGINT FROM pairs GROUP BY query").fetchall()
+    per_query = pl.DataFrame(rows, schema={"query": pl.Utf8, "impressions": pl.Int64}, orient="row")
+    band_of = frequency_bands(per_query)
+    counted = per_query.with_columns(pl.col("query").replace_strict(band_of).alias("band")).group_by("band").agg(
+        pl.len().alias("queries"), pl.col("impressions").sum())
     bands = {name: {"queries": 0, "impressions": 0} for name in ("head", "torso", "tail")}
-    for band, queries, impressions in rows:
+    for band, queries, impressions in counted.iter_rows():
         bands[band] = {"queries": int(queries), "impressions": int(impressions)}
     return bands
 

@@ -9,18 +9,8 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
+from pipeline.extract import frequency_bands
 from pipeline.metrics import paired_bootstrap
-
-
-def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:
-    """head / torso / tail per query: by impressions, the queries covering the first 50%, next 30%,
-    last 20% of traffic (the same definition as extract's summary)."""
-    per_query = pairs.group_by("query").agg(pl.col("impressions").sum().alias("n")).sort(
-        ["n", "query"], descending=[True, False])
-    before = per_query["n"].cum_sum() - per_query["n"]
-    total = max(1, int(per_query["n"].sum()))
-    bands = ["head" if b < 0.5 * total else "torso" if b < 0.8 * total else "tail" for b in before]
-    return dict(zip(per_query["query"], bands, strict=True))
 
 
 def query_slices(queries: list[str], relevant: list[dict[str, float]], pairs: pl.DataFrame,

@@ -1,7 +1,8 @@
 import numpy as np
 import polars as pl
 
-from pipeline.slices import frequency_bands, query_slices, slice_table
+from pipeline.extract import frequency_bands
+from pipeline.slices import query_slices, slice_table
 
 
 def test_frequency_bands_by_traffic_share():

@@ -129,6 +129,8 @@ class Run:
     config: RunConfig
     inputs: dict[str, str]
     manifest: dict[str, Any] = field(default_factory=dict)
+    # stage -> fingerprint whose outputs this process already hashed; spares re-hashing large outputs
+    verified: dict[str, str] = field(default_factory=dict)
 
     @property
     def manifest_path(self) -> Path:
@@ -161,12 +163,16 @@ class Run:
     def reusable(self, stage: str) -> dict[str, Any] | None:
         """The recorded stage entry if its fingerprint matches and every output is intact."""
         entry = self.manifest.get("stages", {}).get(stage)
-        if not entry or entry.get("fingerprint") != self.fingerprint(stage):
+        fingerprint = self.fingerprint(stage)
+        if not entry or entry.get("fingerprint") != fingerprint:
             return None
+        if self.verified.get(stage) == fingerprint:
+            return entry
         for output in entry["outputs"].values():
             path = self.root / output["path"]
             if not path.is_file() or file_sha256(path) != output["sha256"]:
                 return None
+        self.verified[stage] = fingerprint
         return entry
 
     def output(self, stage: str, name: str) -> Path:
@@ -188,6 +194,7 @@ class Run:
             "summary": summary,
         }
         self.manifest.setdefault("stages", {})[stage] = entry
+        self.verified[stage] = entry["fingerprint"]
         self.save()
 
     def save(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
+from itertools import combinations
+from math import comb
 from pathlib import Path
 
 import faiss
@@ -105,29 +107,100 @@ def _add_to_cache(cache_path: Path, fresh: pl.DataFrame, cfg: SplitConfig) -> No
 def near_duplicate_pairs(hex_hashes: list[str], max_distance: int, method: str = "auto") -> np.ndarray:
     """Every index pair (i < j) whose hashes differ in at most `max_distance` bits, shape (P, 2).
 
-    Exact either way: a brute-force flat index for small inputs; above that, multi-index hashing
-    (FAISS IndexBinaryMultiHash): with m chunks of b bits cut from the code, two codes within
-    distance t differ in at most t // m bits on some chunk (pigeonhole), and every such flip is
-    probed, so no pair is missed and far fewer than all pairs are compared. b ~ log2(N) keeps the
-    buckets small.
-    `method` forces "flat" or "multihash"; "auto" picks by size."""
+    Exact either way: a brute-force FAISS flat index for small inputs; above that, multi-index
+    hashing (Norouzi et al.): cut the code into m chunks; two codes within distance t differ in at
+    most t // m bits on some chunk (pigeonhole), so probing every key within that radius of each
+    chunk finds every pair, while comparing only codes that share a bucket.
+    `method` forces "flat" or "multihash"; "auto" picks by size and estimated cost."""
     if not hex_hashes:
         return np.zeros((0, 2), dtype=np.int64)
-    codes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hex_hashes])
-    bits = codes.shape[1] * 8
-    chunk_bits = int(min(24, max(16, np.ceil(np.log2(len(codes))))))
-    chunks = bits // chunk_bits
+    width = len(hex_hashes[0]) // 2
+    if any(len(h) != 2 * width for h in hex_hashes):
+        raise ValueError("near_duplicate_pairs needs hashes of one length")
+    codes = np.frombuffer(bytes.fromhex("".join(hex_hashes)), dtype=np.uint8).reshape(-1, width)
+    n, bits = len(codes), codes.shape[1] * 8
+    plan = _mih_plan(n, bits, max_distance)
     if method == "auto":
-        # probing 3+ flips per chunk costs more than the brute force it avoids
-        cheap = max_distance // max(chunks, 1) <= 2
-        method = "multihash" if len(codes) > FLAT_SEARCH_LIMIT and chunks and cheap else "flat"
-    if method == "flat":
-        index = faiss.IndexBinaryFlat(bits)
-    else:
-        index = faiss.IndexBinaryMultiHash(bits, chunks, chunk_bits)
-        index.nflip = max_distance // chunks
+        brute_cost = n * n * (bits / 64) / FLAT_SPEEDUP
+        method = "multihash" if n > FLAT_SEARCH_LIMIT and plan[2] < brute_cost else "flat"
+    if method == "multihash":
+        return multi_index_pairs(codes, max_distance, chunk_bits=plan[0])
+    index = faiss.IndexBinaryFlat(bits)
     index.add(codes)
     lims, _, neighbours = index.range_search(codes, max_distance + 1)  # radius is exclusive
-    rows = np.repeat(np.arange(len(codes)), np.diff(lims.astype(np.int64)))
+    rows = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
     keep = rows < neighbours
     return np.stack([rows[keep], neighbours[keep]], axis=1).astype(np.int64)
+
+
+# measured on 2 cores: ~18 ns per unit of MIH cost against 0.15-0.4 ns per 64-bit word FAISS's flat scan compares
+FLAT_SPEEDUP = 100
+
+
+def _flip_patterns(width: int, radius: int) -> np.ndarray:
+    """Every `width`-bit mask with at most `radius` bits set."""
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << b for b in combo) for combo in combinations(range(width), r)]
+    return np.asarray(masks, dtype=np.int64)
+
+
+def _mih_plan(n: int, bits: int, t: int) -> tuple[int, int, float]:
+    """(chunk width, chunks, estimated cost) minimising probes plus bucket comparisons."""
+    best = (bits, 1, float("inf"))
+    for width in range(8, min(24, bits) + 1):
+        chunks = bits // width
+        radius = t // chunks
+        probes = chunks * sum(comb(width, r) for r in range(radius + 1))
+        cost = probes * n * (1.0 + n / 2**width * (bits / 64))
+        if cost < best[2]:
+            best = (width, chunks, cost)
+    return best
+
+
+def multi_index_pairs(codes: np.ndarray, t: int, chunk_bits: int) -> np.ndarray:
+    """Exact multi-index hashing in vectorised numpy over (N, B) uint8 codes.
+
+    Hand-written because FAISS's IndexBinaryMultiHash probes one query at a time and took 205 s
+    for 1M 64-bit codes at t=8; here each (chunk, flip mask) probe is one pass over all codes."""
+    n, width_bytes = codes.shape
+    bits = width_bytes * 8
+    words = np.zeros((n, -(-width_bytes // 8) * 8), dtype=np.uint8)
+    words[:, :width_bytes] = codes
+    words = words.view(np.uint64)
+    unpacked = np.unpackbits(codes, axis=1)
+    chunks = bits // chunk_bits
+    radius = t // chunks
+    weights = (1 << np.arange(chunk_bits, dtype=np.int32))
+    found = []
+    for c in range(chunks):
+        keys = unpacked[:, c * chunk_bits:(c + 1) * chunk_bits].astype(np.int32) @ weights
+        order = np.argsort(keys, kind="stable").astype(np.int32)
+        keys = keys[order]  # probing in key order keeps the bucket lookups cache-friendly
+        offsets = np.zeros(2**chunk_bits + 1, dtype=np.int32)
+        np.cumsum(np.bincount(keys, minlength=2**chunk_bits), out=offsets[1:])
+        sizes = np.diff(offsets)
+        for mask in _flip_patterns(chunk_bits, radius).astype(np.int32):
+            probe = keys ^ mask
+            count = sizes[probe]
+            hit = np.flatnonzero(count).astype(np.int32)
+            if not len(hit):
+                continue
+            count, start = count[hit], offsets[probe[hit]]
+            # most buckets hold one code: expand runs only where they are longer
+            i, j = hit, start
+            long = np.flatnonzero(count > 1)
+            if len(long):
+                extra = count[long] - 1
+                i_more = np.repeat(hit[long], extra)
+                run_start = np.repeat(np.cumsum(extra) - extra, extra)
+                j_more = np.repeat(start[long] + 1, extra) + np.arange(len(i_more), dtype=np.int32) - run_start
+                i, j = np.concatenate([i, i_more]), np.concatenate([j, j_more])
+            i, j = order[i], order[j]
+            keep = i < j
+            i, j = i[keep], j[keep]
+            distance = np.bitwise_count(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
+            close = distance <= t
+            found.append(i[close].astype(np.int64) * n + j[close])
+    flat = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    return np.stack([flat // n, flat % n], axis=1).astype(np.int64)

@@ -104,6 +104,9 @@ class PropensityConfig(Strict):
 class ExtractConfig(Strict):
     strip_punctuation: bool = False
     window: WindowConfig = WindowConfig()
+    # read only date partitions that are new or changed since the last run and merge their
+    # statistics with the kept ones (watermark in <state_dir>/<name>/extract/)
+    incremental: bool = False
     long_queries: Literal["truncate", "quarantine"] = "truncate"
     bots: BotConfig = BotConfig()
     propensity: PropensityConfig = PropensityConfig()

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline import incremental
 from pipeline.config import DuckDBConfig, ExtractConfig, RunConfig, SourceConfig, WindowConfig
 from pipeline.contract import EVENTS, IMAGES, open_source
 from pipeline.errors import DataContractError
@@ -90,11 +91,15 @@ def window_files(source: SourceConfig, window: WindowConfig) -> tuple[list[Path]
 
 
 def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: list[Path] | None) -> None:
-    """events_raw: the contract columns plus the source file and the 1-based row within it."""
-    open_source(con, source, "events_source", EVENTS, files)
+    """events_raw: the contract columns plus the source file and the 1-based row within it.
+
+    An empty `files` list (an incremental run with nothing new) gives the same columns and no rows."""
+    nothing = files is not None and not files
+    open_source(con, source, "events_source", EVENTS, source_files(source)[:1] if nothing else files)
     columns = {name for name, *_ in con.execute('DESCRIBE "events_source"').fetchall()}
     row = "file_row_number + 1" if "file_row_number" in columns else "row_number() OVER ()"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source"
+                + (" WHERE false" if nothing else ""))
 
 
 def too_long_for_text_encoder(queries: list[str]) -> list[bool]:
@@ -115,8 +120,9 @@ def _register_query_norms(con: duckdb.DuckDBPyConnection, strip_punctuation: boo
     # each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
     raw = [r[0] for r in con.execute("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").fetchall()]
     normalised = [normalise_query(q, strip_punctuation) for q in raw]
-    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised,
-                                          "too_long": too_long_for_text_encoder(normalised)}))
+    con.register("query_norms", pa.table({"raw_query": pa.array(raw, pa.string()),
+                                          "query": pa.array(normalised, pa.string()),
+                                          "too_long": pa.array(too_long_for_text_encoder(normalised), pa.bool_())}))
 
 
 def _bounds(since: date | None, until: date | None) -> dict:
@@ -168,24 +174,33 @@ def plot_propensities(propensities: Propensities, path: Path) -> Path:
     return path
 
 
-def extract(cfg: RunConfig, out_dir: Path) -> ExtractResult:
-    """Read the events and catalog sources, classify every impression, write pairs and quarantine."""
+def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> ExtractResult:
+    """Read the events and catalog sources, classify every impression, write pairs and quarantine.
+
+    With `extract.incremental`, only partitions the watermark lacks are read, and their statistics
+    are merged with those kept from earlier runs (see pipeline.incremental)."""
     ecfg = cfg.extract
     con = connect(ecfg.duckdb)
     files, since, until = window_files(cfg.data.events, ecfg.window)
-    _open_events(con, cfg.data.events, files)
+    plan = incremental.plan(cfg, files, since, until, run_id or out_dir.parent.name) if ecfg.incremental else None
+    _open_events(con, cfg.data.events, plan.read_files if plan else files)
     open_source(con, cfg.data.images, "catalog_raw", IMAGES)
     con.execute("CREATE TEMP TABLE catalog_ids AS SELECT image_id, any_value(product_id) AS product_id "
                 "FROM catalog_raw WHERE image_id IS NOT NULL GROUP BY image_id")
     _register_query_norms(con, ecfg.strip_punctuation)
     _classify(con, ecfg, since, until, cfg.data.events)
+    con.execute("CREATE TEMP TABLE stats AS " + _sql("extract_daily_stats.sql"),
+                {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms})
+    if plan and plan.previous_stats and plan.reused_days:
+        con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
+                    [str(plan.previous_stats), plan.reused_days])
 
     propensities = estimate_propensities(con, ecfg)
     con.register("propensity", pa.table({"position": propensities.positions.tolist(),
                                          "examination": propensities.examination.tolist()}))
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
     pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip,
-                    "satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "max_position": ecfg.propensity.max_position}
+                    "max_position": ecfg.propensity.max_position}
     con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
     con.table("pairs").write_parquet(str(pairs_path))
     con.sql("SELECT * EXCLUDE (query_norm, query_too_long) FROM classified WHERE reason IS NOT NULL "
@@ -193,8 +208,14 @@ def extract(cfg: RunConfig, out_dir: Path) -> ExtractResult:
     propensity_path = out_dir / "propensity.json"
     propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
     plot_propensities(propensities, out_dir / "propensity.png")
-    summary = _summary(con, files, since, until)
+    summary = _summary(con, plan.read_files if plan else files, since, until)
     summary["propensity"] = propensities.as_dict()
+    if plan:
+        stats_path = out_dir / "stats.parquet"
+        con.sql("SELECT * FROM stats ORDER BY day, query, image_id, position").write_parquet(str(stats_path))
+        days = [d for (d,) in con.execute("SELECT DISTINCT day FROM stats ORDER BY day").fetchall()]
+        incremental.commit(plan, stats_path, sorted({*days, *plan.read_days}))
+        summary["incremental"] = plan.summary()
     return ExtractResult(pairs_path, quarantine_path, propensity_path, summary)
 
 
@@ -233,11 +254,15 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until) -> dict:
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
         "FROM pairs").fetchone()
     bots = con.execute("SELECT count(*) FROM bot_sessions").fetchone()[0]
+    # only statistics kept from earlier incremental runs can name an image the catalog since dropped
+    dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
+                          "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]
     return {
         "rows_read": read, "rows_kept": kept, "rows_quarantined": read - kept,
         "quarantined_by_reason": by_reason, "pairs": pairs, "queries": queries, "images": images,
         "clicks": int(clicks or 0), "impressions_in_pairs": int(impressions or 0),
         "bot_sessions": int(bots), "long_queries_truncated": int(long_kept),
+        "pairs_dropped_image_left_catalog": int(dropped),
         "window": {"since": str(since) if since else None, "until": str(until) if until else None,
                    "files_read": len(files) if files is not None else "all"},
         "query_bands": query_frequency_bands(con),

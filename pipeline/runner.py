@@ -19,8 +19,10 @@ console = Console(stderr=True)
 def _extract(run: Run) -> tuple[dict[str, Any], dict]:
     from pipeline.extract import extract
 
-    result = extract(run.config, run.stage_dir("extract"))
+    result = extract(run.config, run.stage_dir("extract"), run.run_id)
     outputs = {"pairs": result.pairs, "quarantine": result.quarantine, "propensity": result.propensity}
+    if run.config.extract.incremental:
+        outputs["stats"] = result.pairs.with_name("stats.parquet")
     return outputs, result.summary
 
 

@@ -1,0 +1,156 @@
+"""Incremental extract: a watermark of the date partitions already read, and their statistics.
+
+With `extract.incremental: true`, extract keeps, in `<state_dir>/<name>/extract/`, the usable
+impressions summed per (day, query, image, position) (`stats-<run>.parquet`) and a watermark
+(`current.json`): the size and mtime of every partition file already read. A nightly run reads only
+the partitions that are new or whose files changed since, replaces those days' statistics, keeps
+the other days (inside the window), and recomputes propensities and pair weights over the merged
+statistics, so the pairs equal a full extract of the same data.
+
+A run that is redone (same run id, e.g. after a crash) plans against the state as it was before
+that run, so a rerun reads the same partitions and writes the same outputs.
+Settings that change how rows are classified or weighted invalidate the state: the run reads
+every partition in the window again and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from pipeline.config import ExtractConfig, RunConfig
+from pipeline.errors import DataContractError
+from pipeline.runs import atomic_write, file_sha256, source_files, text_sha256
+
+STATE_VERSION = 1
+KEEP_STATS_FILES = 2  # the current statistics and the ones before them (a redone run plans against those)
+
+
+@dataclass(frozen=True)
+class IncrementalPlan:
+    """What an incremental run reads, and what it merges from earlier runs."""
+
+    state_dir: Path
+    run_id: str
+    settings: str
+    read_files: list[Path]
+    read_days: list[date]
+    reused_days: list[date]
+    previous_stats: Path | None  # statistics of earlier runs; only `reused_days` of it are merged
+    status: str  # "first run", "resumed", or why the state was rebuilt
+    previous_run: str | None
+    files: dict[str, list[int]] = field(default_factory=dict)  # the watermark after this run
+
+    def summary(self) -> dict:
+        return {"status": self.status, "previous_run": self.previous_run,
+                "partitions_read": [str(d) for d in self.read_days], "partitions_reused": len(self.reused_days)}
+
+
+def settings_key(ecfg: ExtractConfig) -> str:
+    """What the kept statistics depend on besides the data: changing any of it rebuilds them."""
+    return text_sha256(STATE_VERSION, ecfg.strip_punctuation, ecfg.long_queries, ecfg.bots.model_dump(),
+                       ecfg.satisfied_dwell_ms)
+
+
+def _load(state_dir: Path, run_id: str) -> dict | None:
+    """The state to plan against: the current one, or the one before it when this run is being redone."""
+    current = state_dir / "current.json"
+    if not current.is_file():
+        return None
+    state = json.loads(current.read_text())
+    if state.get("run_id") == run_id:
+        state = state.get("previous")
+    if not state or state.get("version") != STATE_VERSION:
+        return None
+    stats = state_dir / state["stats"]
+    if not stats.is_file() or file_sha256(stats) != state["sha256"]:
+        return {"corrupt": True}
+    return state
+
+
+def _snapshot(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: date | None,
+         run_id: str) -> IncrementalPlan:
+    """Which partitions to read: every one the watermark lacks or whose files changed."""
+    from pipeline.extract import partition_date
+
+    source = cfg.data.events
+    if source.format != "parquet":
+        raise DataContractError(f"{source.format} source {source.path}: incremental extract needs a Parquet "
+                                "source partitioned by date=YYYY-MM-DD")
+    files = source_files(source) if files is None else files
+    by_day: dict[date, list[Path]] = {}
+    for path in files:
+        day = partition_date(path)
+        if day is None:
+            raise DataContractError(f"parquet source {source.path}: {path} is not under a date=YYYY-MM-DD "
+                                    "partition, which incremental extract needs")
+        by_day.setdefault(day, []).append(path)
+    snapshot = {str(p): _snapshot(p) for p in files}
+    state_dir = cfg.state_dir / cfg.name / "extract"
+    settings = settings_key(cfg.extract)
+    state = _load(state_dir, run_id)
+    status, old_files, old_days = "first run", {}, set()
+    if state and state.get("corrupt"):
+        status = "rebuilt: the kept statistics are missing or damaged"
+    elif state and state["settings"] != settings:
+        status = "rebuilt: extract settings changed since the watermark was written"
+    elif state:
+        status, old_files, old_days = "resumed", state["files"], {date.fromisoformat(d) for d in state["days"]}
+
+    old_by_day: dict[date | None, dict[str, list[int]]] = {}
+    for path, stat in old_files.items():
+        old_by_day.setdefault(_day_of(path), {})[path] = stat
+
+    def unchanged(day: date) -> bool:
+        return day in old_days and old_by_day.get(day) == {str(p): snapshot[str(p)] for p in by_day[day]}
+
+    reused = sorted(d for d in by_day if unchanged(d))
+    # days only the state knows (their partitions were deleted since) stay while they are in the window
+    reused += sorted(d for d in old_days - set(by_day)
+                     if (since is None or d >= since) and (until is None or d <= until))
+    read_days = sorted(d for d in by_day if d not in reused)
+    kept_files = {p: s for p, s in old_files.items() if _day_of(p) in set(reused)}
+    return IncrementalPlan(
+        state_dir=state_dir, run_id=run_id, settings=settings,
+        read_files=[p for d in read_days for p in by_day[d]], read_days=read_days, reused_days=sorted(reused),
+        previous_stats=state_dir / state["stats"] if status == "resumed" else None, status=status,
+        previous_run=state.get("run_id") if status == "resumed" else None,
+        files={**kept_files, **{str(p): snapshot[str(p)] for d in read_days for p in by_day[d]}})
+
+
+def _day_of(path: str) -> date | None:
+    from pipeline.extract import partition_date
+
+    return partition_date(Path(path))
+
+
+def commit(plan: IncrementalPlan, stats: Path, days: list[date]) -> None:
+    """Keep this run's merged statistics and move the watermark to them (the watermark last)."""
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    name = f"stats-{plan.run_id}.parquet"
+    with atomic_write(plan.state_dir / name) as tmp:
+        tmp.write_bytes(stats.read_bytes())
+    current = plan.state_dir / "current.json"
+    before = json.loads(current.read_text()) if current.is_file() else None
+    if before and before.get("run_id") == plan.run_id:
+        before = before.get("previous")
+    if before:
+        before.pop("previous", None)
+    state = {"version": STATE_VERSION, "run_id": plan.run_id, "settings": plan.settings, "stats": name,
+             "sha256": file_sha256(plan.state_dir / name), "days": [str(d) for d in days],
+             "files": plan.files, "previous": before}
+    with atomic_write(current) as tmp:
+        tmp.write_text(json.dumps(state, indent=1))
+    wanted = {name, before["stats"] if before else None}
+    olds = sorted(plan.state_dir.glob("stats-*.parquet"), key=os.path.getmtime)
+    for old in olds[:-KEEP_STATS_FILES]:
+        if old.name not in wanted:
+            old.unlink()

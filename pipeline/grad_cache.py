@@ -19,7 +19,9 @@ import torch
 
 
 def _embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+    from pipeline.model import encode_text
+
+    return model.encode_image(images, normalize=True), encode_text(model, tokens)
 
 
 def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, micro_batch: int,

@@ -9,6 +9,10 @@ statistics, so the pairs equal a full extract of the same data.
 
 A run that is redone (same run id, e.g. after a crash) plans against the state as it was before
 that run, so a rerun reads the same partitions and writes the same outputs.
+Bot sessions and exact duplicates are judged within the partitions a run reads (events are
+partitioned by their own date, so a duplicate never spans partitions; a session that crosses
+midnight is judged per day). An image that later leaves the catalog drops out of the pairs and is
+counted in the summary (`pairs_dropped_image_left_catalog`).
 Settings that change how rows are classified or weighted invalidate the state: the run reads
 every partition in the window again and says so.
 """

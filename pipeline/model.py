@@ -73,6 +73,36 @@ def save_checkpoint(bundle: ClipBundle, folder: Path) -> Path:
     return folder
 
 
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns every row shares: click-log queries use a few of the 77 positions."""
+    used = (tokens != 0).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """open_clip's CLIP.encode_text on tokens trimmed to the batch's longest query.
+
+    Exact: the text tower's attention is causal, so padding after a query's end token never
+    reaches the pooled end-token feature. open_clip's CLIP adds the full positional table and so
+    needs all 77 positions; this is that method with the table and mask cut to the used length.
+    Models without a causal, end-token-pooled text tower are encoded untrimmed."""
+    trimmable = isinstance(model, open_clip.CLIP) and model.attn_mask is not None \
+        and model.text_pool_type == "argmax"
+    if not trimmable:
+        return model.encode_text(tokens, normalize=normalize)
+    tokens = trim_tokens(tokens)
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+            else x @ model.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -83,7 +113,7 @@ def embed_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> 
     """L2-normalised text embeddings, float32, shape (len(texts), embed_dim)."""
     bundle.model.eval()
     device = next(bundle.model.parameters()).device
-    chunks = [bundle.model.encode_text(bundle.tokenizer(batch).to(device), normalize=True).float().cpu()
+    chunks = [encode_text(bundle.model, bundle.tokenizer(batch).to(device)).float().cpu()
               for batch in _batches(texts, batch_size)]
     dim = bundle.model_cfg["embed_dim"]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)

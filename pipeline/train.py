@@ -29,7 +29,7 @@ from pipeline.errors import StageError
 from pipeline.grad_cache import grad_cache_backward
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
-from pipeline.model import ClipBundle, save_checkpoint, starting_model
+from pipeline.model import ClipBundle, encode_text, save_checkpoint, starting_model
 from pipeline.tracking import ensure_experiment, tracking_uri
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp
@@ -94,8 +94,7 @@ class ClipFineTuner(L.LightningModule):
 
     def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(texts).to(self.device)
-        return (self.model.encode_image(images, normalize=True),
-                self.model.encode_text(tokens, normalize=True))
+        return self.model.encode_image(images, normalize=True), encode_text(self.model, tokens)
 
     def training_step(self, batch, batch_idx):
         images, texts, _, weights = batch

@@ -36,3 +36,18 @@ def test_checkpoint_loads_with_plain_open_clip_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() in {"CLIP", "CustomTextCLIP"}
     assert open_clip.__name__ == "open_clip"
+
+
+def test_trimmed_text_encoding_equals_full_context():
+    from pipeline.model import encode_text, trim_tokens
+
+    for name in ("ClickCLIP-Tiny", "ViT-B-32"):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name).eval()
+        tokens = open_clip.get_tokenizer(name)(["navy trainers", "a", "red striped ceramic mug with a handle"])
+        trimmed = trim_tokens(tokens)
+        assert trimmed.shape[1] < tokens.shape[1]
+        with torch.no_grad():
+            full = model.encode_text(tokens, normalize=True)
+            short = encode_text(model, tokens)
+        torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)

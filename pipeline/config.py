@@ -158,8 +158,11 @@ class TrainConfig(Strict):
     min_clicks: int = Field(default=1, ge=0)
     gradient_clip: float | None = Field(default=1.0, gt=0)
     # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
-    # micro-batches so batch_size can exceed memory, with gradients equal to one big batch
-    negatives: Literal["in_batch", "grad_cache"] = "in_batch"
+    # micro-batches so batch_size can exceed memory, with gradients equal to one big batch;
+    # memory_bank: plus a FIFO of embeddings from recent steps (XBM), after a warm-up
+    negatives: Literal["in_batch", "grad_cache", "memory_bank"] = "in_batch"
+    memory_bank_size: int = Field(default=4096, ge=1)
+    memory_bank_warmup_steps: int = Field(default=100, ge=0)
     # no query, image or product twice in a batch; off by default: on the demo it trained worse (RESULTS.md)
     unique_batches: bool = False
     pair_weights: Literal["none", "extract"] = "none"  # extract: weight each pair's loss by its click weight

@@ -28,6 +28,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError
 from pipeline.grad_cache import grad_cache_backward
 from pipeline.images import load_rgb, resolve_image_path
+from pipeline.memory_bank import MemoryBank, key_ids, memory_bank_loss
 from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
 from pipeline.model import ClipBundle, encode_text, save_checkpoint, starting_model
 from pipeline.tracking import ensure_experiment, tracking_uri
@@ -43,11 +44,12 @@ class TrainResult:
 
 
 class PairDataset(Dataset):
-    """(image tensor, query text, image_id, pair weight) for each clicked pair."""
+    """(image tensor, query text, image_id, product_id or "", pair weight) for each clicked pair."""
 
     def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool):
         self.queries = pairs["query"].to_list()
         self.image_ids = pairs["image_id"].to_list()
+        self.product_ids = [p or "" for p in pairs["product_id"].to_list()]
         self.paths = pairs["path"].to_list()
         self.weights = pairs["weight"].cast(pl.Float32).to_list()
         self.root = root
@@ -56,9 +58,10 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, float]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, str, float]:
         image = load_rgb(resolve_image_path(self.root, self.paths[index]))
-        return self.transform(image), self.queries[index], self.image_ids[index], self.weights[index]
+        return (self.transform(image), self.queries[index], self.image_ids[index], self.product_ids[index],
+                self.weights[index])
 
 
 class WeightedClipLoss(ClipLoss):
@@ -89,7 +92,9 @@ class ClipFineTuner(L.LightningModule):
         self.cfg = cfg
         self.loss = WeightedClipLoss()
         self.saw_nan = False
-        self.automatic_optimization = cfg.negatives == "in_batch"
+        self.automatic_optimization = cfg.negatives != "grad_cache"
+        if cfg.negatives == "memory_bank":
+            self.bank = MemoryBank(cfg.memory_bank_size, bundle.model_cfg["embed_dim"])
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
 
     def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +102,21 @@ class ClipFineTuner(L.LightningModule):
         return self.model.encode_image(images, normalize=True), encode_text(self.model, tokens)
 
     def training_step(self, batch, batch_idx):
-        images, texts, _, weights = batch
-        loss_fn = partial(self.loss, weights=weights) if self.cfg.pair_weights == "extract" else self.loss
+        images, texts, image_ids, product_ids, weights = batch
+        weights = weights if self.cfg.pair_weights == "extract" else None
+        loss_fn = partial(self.loss, weights=weights)
         if self.cfg.negatives == "grad_cache":
             loss = self._grad_cache_step(images, list(texts), loss_fn)
+        elif self.cfg.negatives == "memory_bank":
+            keys = torch.stack([key_ids(list(image_ids)), key_ids(list(product_ids)), key_ids(list(texts))],
+                               dim=1).to(self.device)
+            image_features, text_features = self._embed(images, list(texts))
+            if self.global_step >= self.cfg.memory_bank_warmup_steps:
+                loss = memory_bank_loss(image_features, text_features, self.model.logit_scale.exp(), self.bank,
+                                        keys, weights)
+            else:
+                loss = loss_fn(image_features, text_features, self.model.logit_scale.exp())
+            self.bank.enqueue(image_features, text_features, keys)
         else:
             image_features, text_features = self._embed(images, list(texts))
             loss = loss_fn(image_features, text_features, self.model.logit_scale.exp())
@@ -132,7 +148,7 @@ class ClipFineTuner(L.LightningModule):
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def validation_step(self, batch, batch_idx):
-        images, texts, image_ids, _ = batch
+        images, texts, image_ids, _, _ = batch
         image_features, text_features = self._embed(images, list(texts))
         loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
         self.log("val/loss", loss, batch_size=len(texts))

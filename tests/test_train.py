@@ -75,9 +75,9 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     from pipeline.train import train
     from tests.conftest import shop_config
 
-    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "negatives": negatives, "micro_batch_size": 8, "memory_bank_size": 64,
-                                                  "memory_bank_warmup_steps": 2,
-                                                  "pair_weights": "extract"})
+    cfg = shop_config(tiny_shop, tmp_path, train={
+        "epochs": 1, "negatives": negatives, "micro_batch_size": 8, "memory_bank_size": 64,
+        "memory_bank_warmup_steps": 2, "pair_weights": "extract"})
     for stage in ("extract", "split", "train"):
         (tmp_path / stage).mkdir()
     pairs = extract(cfg, tmp_path / "extract").pairs

@@ -161,6 +161,9 @@ class TrainConfig(Strict):
     # micro-batches so batch_size can exceed memory, with gradients equal to one big batch;
     # memory_bank: plus a FIFO of embeddings from recent steps (XBM), after a warm-up
     negatives: Literal["in_batch", "grad_cache", "memory_bank"] = "in_batch"
+    # clip: open_clip's ClipLoss (softmax); siglip: open_clip's SigLipLoss (pairwise sigmoid, with a
+    # learned logit bias that starts at -10)
+    loss: Literal["clip", "siglip"] = "clip"
     memory_bank_size: int = Field(default=4096, ge=1)
     memory_bank_warmup_steps: int = Field(default=100, ge=0)
     # no query, image or product twice in a batch; off by default: on the demo it trained worse (RESULTS.md)
@@ -177,6 +180,8 @@ class TrainConfig(Strict):
     def _one_weight_source(self) -> TrainConfig:
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("set either 'pretrained' (an open_clip tag) or 'checkpoint', not both")
+        if self.loss == "siglip" and (self.negatives == "memory_bank" or self.pair_weights == "extract"):
+            raise ValueError("loss 'siglip' works with negatives in_batch or grad_cache and pair_weights none")
         return self
 
 

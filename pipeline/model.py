@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 CONFIG_FILE = "open_clip_config.json"
+SIGLIP_LOGIT_BIAS = -10.0  # SigLIP's initial bias (Zhai et al. 2023)
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
@@ -57,11 +58,19 @@ def starting_model(cfg: TrainConfig) -> ClipBundle:
         raise ConfigError(f"train.pretrained {cfg.pretrained!r} is not a local file: clickclip never "
                           "downloads weights at run time; download them once and point to the file")
     torch.manual_seed(cfg.seed)  # the same random init in train and evaluate
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        cfg.model, pretrained=cfg.pretrained, weights_only=True)
+    model_cfg = dict(open_clip.get_model_config(cfg.model))
+    extra = {}
+    if cfg.loss == "siglip" and "init_logit_bias" not in model_cfg:
+        extra = {"init_logit_bias": SIGLIP_LOGIT_BIAS}
+        model_cfg.update(extra)  # saved with the checkpoint, so it reloads with its bias
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(cfg.model, weights_only=True, **extra)
+    if cfg.pretrained is not None:
+        open_clip.load_checkpoint(model, cfg.pretrained, weights_only=True)
+        if extra:  # CLIP weights carry no logit bias (open_clip fills in 0): start SigLIP's at its init
+            with torch.no_grad():
+                model.logit_bias.fill_(SIGLIP_LOGIT_BIAS)
     source = cfg.pretrained or f"random init (seed {cfg.seed})"
-    return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.model),
-                      open_clip.get_model_config(cfg.model), source)
+    return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.model), model_cfg, source)
 
 
 def save_checkpoint(bundle: ClipBundle, folder: Path) -> Path:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.batching import UniqueBatchSampler
@@ -90,7 +90,11 @@ class ClipFineTuner(L.LightningModule):
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         self.cfg = cfg
-        self.loss = WeightedClipLoss()
+        if cfg.loss == "siglip":
+            siglip = SigLipLoss()
+            self.loss = lambda image, text, scale, weights=None: siglip(image, text, scale, self.model.logit_bias)
+        else:
+            self.loss = WeightedClipLoss()
         self.saw_nan = False
         self.automatic_optimization = cfg.negatives != "grad_cache"
         if cfg.negatives == "memory_bank":

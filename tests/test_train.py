@@ -123,3 +123,25 @@ def test_tower_locking_freezes_all_but_the_last_groups():
     assert any(name.startswith("visual.") for name in trainable)  # the last group stays open
     assert not any(name.startswith("visual.conv1") for name in trainable)
     assert "logit_scale" in trainable
+
+
+def test_siglip_loss_trains_a_logit_bias_that_the_checkpoint_keeps(tiny_shop, tmp_path):
+    from pipeline.extract import extract
+    from pipeline.model import SIGLIP_LOGIT_BIAS, load_checkpoint
+    from pipeline.split import split
+    from pipeline.train import train
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "loss": "siglip"})
+    for stage in ("extract", "split", "train"):
+        (tmp_path / stage).mkdir()
+    split_result = split(cfg, extract(cfg, tmp_path / "extract").pairs, tmp_path / "split")
+    result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "siglip-run")
+    assert result.summary["finished_without_nan"]
+    bias = load_checkpoint(result.model_dir.parent).model.logit_bias.item()
+    assert bias != SIGLIP_LOGIT_BIAS  # learned, saved and reloaded
+
+
+def test_siglip_refuses_settings_it_does_not_support():
+    with pytest.raises(ValueError, match="siglip"):
+        TrainConfig(loss="siglip", negatives="memory_bank")

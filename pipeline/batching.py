@@ -54,18 +54,44 @@ class UniqueBatchSampler(Sampler[list[int]]):
     def _batches(self, epoch: int) -> list[list[int]]:
         return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at each epoch, so a resumed run sees the same batches again."""
+    def start_at_epoch(self, epoch: int) -> None:
+        """The next iteration is epoch `epoch`: the trainer calls it when training (re)starts."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches(self.epoch)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        batches = self._batches(epoch)
         self.epoch += 1
         # a fixed length keeps the LR schedule's step count true; an epoch that packs a batch or
         # two fewer repeats its first batches
         while len(batches) < self._length:
             batches += batches[: self._length - len(batches)]
-        return iter(batches[: self._length])
+        return iter([[(index, epoch) for index in batch] for batch in batches[: self._length]])
 
     def __len__(self) -> int:
         return self._length
+
+
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """A seeded shuffle per epoch that yields (index, epoch): the epoch seeds each sample's random
+    augmentation, so a run resumed at any epoch sees the same batches and the same crops as an
+    uninterrupted one, whatever the number of DataLoader workers.
+
+    Each iteration is the next epoch; the trainer calls start_at_epoch when training (re)starts.
+    (Not Lightning's set_epoch: after a resume from an end-of-epoch checkpoint, Lightning 2.6
+    passes the epoch before the one it trains.)"""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def start_at_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return iter([(int(index), epoch) for index in order])
+
+    def __len__(self) -> int:
+        return self.size

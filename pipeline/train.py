@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.batching import UniqueBatchSampler
+from pipeline.batching import EpochShuffleSampler, UniqueBatchSampler
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError
 from pipeline.grad_cache import grad_cache_backward
@@ -46,21 +46,32 @@ class TrainResult:
 class PairDataset(Dataset):
     """(image tensor, query text, image_id, product_id or "", pair weight) for each clicked pair."""
 
-    def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool):
+    def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool, seed: int = 0):
         self.queries = pairs["query"].to_list()
         self.image_ids = pairs["image_id"].to_list()
         self.product_ids = [p or "" for p in pairs["product_id"].to_list()]
         self.paths = pairs["path"].to_list()
         self.weights = pairs["weight"].cast(pl.Float32).to_list()
         self.root = root
+        self.train = train
+        self.seed = seed
         self.transform = bundle.preprocess_train if train else bundle.preprocess_eval
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, str, float]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, str, str, float]:
+        """`key` is an index, or (index, epoch) from the training samplers."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         image = load_rgb(resolve_image_path(self.root, self.paths[index]))
-        return (self.transform(image), self.queries[index], self.image_ids[index], self.product_ids[index],
+        if self.train:
+            # the random crop depends on (seed, epoch, index) only: resumable and worker-independent
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+                tensor = self.transform(image)
+        else:
+            tensor = self.transform(image)
+        return (tensor, self.queries[index], self.image_ids[index], self.product_ids[index],
                 self.weights[index])
 
 
@@ -147,6 +158,13 @@ class ClipFineTuner(L.LightningModule):
         scheduler.step()
         return loss
 
+    def on_train_start(self) -> None:
+        # a resumed run continues the samplers' epoch sequence where the checkpoint left it
+        loader = self.trainer.train_dataloader
+        for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+            if hasattr(sampler, "start_at_epoch"):
+                sampler.start_at_epoch(self.current_epoch)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -227,18 +245,23 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
 
 
 def _loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool) -> DataLoader:
-    workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
+               "pin_memory": torch.cuda.is_available()}
     if train and cfg.unique_batches:
         sampler = UniqueBatchSampler(pairs["query"].to_list(), pairs["image_id"].to_list(),
                                      pairs["product_id"].to_list(), cfg.batch_size, cfg.seed)
         return DataLoader(dataset, batch_sampler=sampler, **workers)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train, generator=generator,
-                      **workers)
+    if train:
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=EpochShuffleSampler(len(dataset), cfg.seed),
+                          drop_last=True, **workers)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **workers)
 
 
-def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, run_name: str) -> TrainResult:
-    """Fine-tune from the configured starting model; resumes from `out_dir/lightning/last.ckpt`."""
+def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, run_name: str,
+          callbacks: list[L.Callback] | None = None) -> TrainResult:
+    """Fine-tune from the configured starting model; resumes from `out_dir/lightning/last.ckpt`.
+
+    `callbacks` are added to Lightning's (the fault-injection tests use one)."""
     tcfg = cfg.train
     L.seed_everything(tcfg.seed, workers=True, verbose=False)
     bundle = starting_model(tcfg)
@@ -260,11 +283,11 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     trainer = L.Trainer(
         max_epochs=tcfg.epochs, accelerator=tcfg.accelerator, devices=tcfg.devices,
         gradient_clip_val=tcfg.gradient_clip if tcfg.negatives == "in_batch" else None,
-        precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step")],
+        precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step"), *(callbacks or [])],
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     started = time.perf_counter()
     resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
-    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True), train_pairs, tcfg, True),
+    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed), train_pairs, tcfg, True),
                 _loader(PairDataset(val_pairs, root, bundle, False), val_pairs, tcfg, False), ckpt_path=resume)
     seconds = time.perf_counter() - started
 

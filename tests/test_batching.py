@@ -43,10 +43,11 @@ def test_sampler_reshuffles_each_epoch_with_a_fixed_length():
     assert list(UniqueBatchSampler(queries, images, products, 16, seed=3)) == first
 
 
-def test_set_epoch_replays_an_epoch():
+def test_start_at_epoch_replays_an_epoch():
     queries, images, products = _clicky_log()
     sampler = UniqueBatchSampler(queries, images, products, batch_size=16, seed=3)
     epochs = [list(sampler) for _ in range(3)]
     resumed = UniqueBatchSampler(queries, images, products, batch_size=16, seed=3)
-    resumed.set_epoch(2)
+    resumed.start_at_epoch(2)
     assert list(resumed) == epochs[2]
+

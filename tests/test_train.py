@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from open_clip.loss import ClipLoss
@@ -145,3 +147,61 @@ def test_siglip_loss_trains_a_logit_bias_that_the_checkpoint_keeps(tiny_shop, tm
 def test_siglip_refuses_settings_it_does_not_support():
     with pytest.raises(ValueError, match="siglip"):
         TrainConfig(loss="siglip", negatives="memory_bank")
+
+
+TRAIN_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import lightning as L
+from tests.conftest import shop_config
+from pipeline.train import train
+shop, work, pairs, images, out, kill_at = sys.argv[1:7]
+
+class KillAt(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as the kernel's OOM killer would
+
+cfg = shop_config(Path(shop), Path(work), train={"epochs": 2})
+result = train(cfg, Path(pairs), Path(images), Path(out), Path(out).name, [KillAt()] if int(kill_at) else [])
+print(result.summary["steps"])
+"""
+
+
+def test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights(tiny_shop, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from pipeline.extract import extract
+    from pipeline.split import split
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path)
+    for stage in ("extract", "split"):
+        (tmp_path / stage).mkdir()
+    split_result = split(cfg, extract(cfg, tmp_path / "extract").pairs, tmp_path / "split")
+    root = Path(__file__).resolve().parents[1]
+
+    def child(out: str, kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(tiny_shop), str(tmp_path),
+                               str(split_result.pairs), str(split_result.images), str(tmp_path / out), str(kill_at)],
+                              cwd=root, capture_output=True, text=True)
+
+    straight = child("straight", 0)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    steps = int(straight.stdout.strip().splitlines()[-1])
+    killed = child("resumed", steps // 2 + steps // 4)  # in the middle of the second epoch
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "resumed" / "lightning" / "last.ckpt").is_file()
+    assert not (tmp_path / "resumed" / "model").exists()
+    rerun = child("resumed", 0)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert int(rerun.stdout.strip().splitlines()[-1]) == steps
+    expected = load_file(tmp_path / "straight" / "model" / "open_clip_model.safetensors")
+    got = load_file(tmp_path / "resumed" / "model" / "open_clip_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

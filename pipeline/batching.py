@@ -49,7 +49,9 @@ class UniqueBatchSampler(Sampler[list[int]]):
                  batch_size: int, seed: int):
         self.queries, self.image_ids, self.product_ids = list(queries), list(image_ids), list(product_ids)
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self._length = len(self._batches(0))
+        self.rank, self.world = 0, 1
+        self._all = len(self._batches(0))
+        self._length = self._all
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch)
@@ -58,15 +60,21 @@ class UniqueBatchSampler(Sampler[list[int]]):
         """The next iteration is epoch `epoch`: the trainer calls it when training (re)starts."""
         self.epoch = epoch
 
+    def shard(self, rank: int, world: int) -> None:
+        """Under DDP: this rank takes every `world`-th batch of each epoch's shared batch list."""
+        self.rank, self.world = rank, world
+        self._length = self._all // world
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
         batches = self._batches(epoch)
         self.epoch += 1
         # a fixed length keeps the LR schedule's step count true; an epoch that packs a batch or
         # two fewer repeats its first batches
-        while len(batches) < self._length:
-            batches += batches[: self._length - len(batches)]
-        return iter([[(index, epoch) for index in batch] for batch in batches[: self._length]])
+        while len(batches) < self._all:
+            batches += batches[: self._all - len(batches)]
+        mine = batches[: self._all][self.rank::self.world][: self._length]
+        return iter([[(index, epoch) for index in batch] for batch in mine])
 
     def __len__(self) -> int:
         return self._length
@@ -83,15 +91,21 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.rank, self.world = 0, 1
 
     def start_at_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under DDP: this rank takes every `world`-th item of each epoch's shared permutation."""
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         self.epoch += 1
         order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        return iter([(int(index), epoch) for index in order])
+        mine = order[: len(self) * self.world][self.rank::self.world]
+        return iter([(int(index), epoch) for index in mine])
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world

@@ -155,6 +155,9 @@ class TrainConfig(Strict):
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1
+    # ddp: one process per device through Lightning; the loss gathers embeddings from every rank
+    # with gradients (open_clip's gather_with_grad), so negatives are global
+    strategy: Literal["auto", "ddp"] = "auto"
     min_clicks: int = Field(default=1, ge=0)
     gradient_clip: float | None = Field(default=1.0, gt=0)
     # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
@@ -180,6 +183,9 @@ class TrainConfig(Strict):
     def _one_weight_source(self) -> TrainConfig:
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("set either 'pretrained' (an open_clip tag) or 'checkpoint', not both")
+        if self.strategy == "ddp" and self.negatives != "in_batch":
+            raise ValueError("strategy 'ddp' works with negatives 'in_batch' (gathered across ranks); "
+                             "grad_cache and memory_bank are single-process")
         if self.loss == "siglip" and (self.negatives == "memory_bank" or self.pair_weights == "extract"):
             raise ValueError("loss 'siglip' works with negatives in_batch or grad_cache and pair_weights none")
         return self

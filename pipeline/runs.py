@@ -94,6 +94,11 @@ class RunLockedError(ClickclipError):
     """Another live process is working in the same run folder."""
 
 
+def _ddp_worker_of(holder: str) -> bool:
+    """Whether this process is a DDP rank that Lightning launched from the lock's holder."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and holder.startswith(f"pid {os.getppid()} ")
+
+
 @contextlib.contextmanager
 def run_lock(root: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run folder, or fail at once naming the holder.
@@ -107,6 +112,9 @@ def run_lock(root: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown process"
+            if _ddp_worker_of(holder):
+                yield  # Lightning's DDP re-ran our command for another rank: the parent holds the lock
+                return
             raise RunLockedError(f"run folder {root} is in use by {holder}; wait for it to finish or use "
                                  "another --run-id") from None
         handle.seek(0)

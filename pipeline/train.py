@@ -87,6 +87,10 @@ class WeightedClipLoss(ClipLoss):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
         w = weights.to(logits_per_image.dtype)
+        if self.world_size > 1:  # the logits span every rank's batch: so must the weights
+            gathered = [torch.zeros_like(w) for _ in range(self.world_size)]
+            torch.distributed.all_gather(gathered, w)
+            w = torch.cat(gathered)
         w = w / w.mean()
         loss = ((F.cross_entropy(logits_per_image, labels, reduction="none") * w).mean()
                 + (F.cross_entropy(logits_per_text, labels, reduction="none") * w).mean()) / 2
@@ -107,6 +111,7 @@ class ClipFineTuner(L.LightningModule):
         else:
             self.loss = WeightedClipLoss()
         self.saw_nan = False
+        self.samplers: list = []  # the training samplers, sharded across ranks in setup()
         self.automatic_optimization = cfg.negatives != "grad_cache"
         if cfg.negatives == "memory_bank":
             self.bank = MemoryBank(cfg.memory_bank_size, bundle.model_cfg["embed_dim"])
@@ -158,6 +163,20 @@ class ClipFineTuner(L.LightningModule):
         scheduler.step()
         return loss
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, every rank computes the loss over all ranks' embeddings (gathered with their
+        gradients); DDP's gradient averaging then gives exactly the single-process full-batch
+        gradient (tests/test_ddp.py). Each rank reads its own share of every epoch's batches."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world > 1:
+            if self.cfg.loss == "siglip":
+                siglip = SigLipLoss(rank=rank, world_size=world)
+                self.loss = lambda image, text, scale, weights=None: siglip(image, text, scale, self.model.logit_bias)
+            else:
+                self.loss = WeightedClipLoss(gather_with_grad=True, rank=rank, world_size=world)
+        for sampler in self.samplers:
+            sampler.shard(rank, world)
+
     def on_train_start(self) -> None:
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it
         loader = self.trainer.train_dataloader
@@ -173,7 +192,7 @@ class ClipFineTuner(L.LightningModule):
         images, texts, image_ids, _, _ = batch
         image_features, text_features = self._embed(images, list(texts))
         loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
-        self.log("val/loss", loss, batch_size=len(texts))
+        self.log("val/loss", loss, batch_size=len(texts), sync_dist=self.trainer.world_size > 1)
         self._val.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(),
                           list(texts), list(image_ids)))
 
@@ -182,7 +201,8 @@ class ClipFineTuner(L.LightningModule):
             return
         recall = validation_recall(self._val, k=10)
         self._val.clear()
-        self.log("val/recall_at_10", recall, prog_bar=True)
+        # every rank scores the whole validation set, so the ranks agree; sync_dist keeps Lightning sure
+        self.log("val/recall_at_10", recall, prog_bar=True, sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         # open_clip's rule: no weight decay on gains, biases, norms, embeddings and the temperature
@@ -283,13 +303,20 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     trainer = L.Trainer(
         max_epochs=tcfg.epochs, accelerator=tcfg.accelerator, devices=tcfg.devices,
         gradient_clip_val=tcfg.gradient_clip if tcfg.negatives == "in_batch" else None,
+        strategy=tcfg.strategy, use_distributed_sampler=False,  # our samplers shard themselves
         precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step"), *(callbacks or [])],
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     started = time.perf_counter()
     resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
-    trainer.fit(module, _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed), train_pairs, tcfg, True),
+    train_loader = _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed), train_pairs, tcfg, True)
+    module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
+    trainer.fit(module, train_loader,
                 _loader(PairDataset(val_pairs, root, bundle, False), val_pairs, tcfg, False), ckpt_path=resume)
     seconds = time.perf_counter() - started
+    if trainer.global_rank > 0:
+        # Lightning's DDP re-runs our command line for ranks > 0; rank 0 alone writes the results
+        # and goes on to evaluate and promote
+        raise SystemExit(0)
 
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -298,7 +325,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     summary = {
         "train_pairs": train_pairs.height, "val_pairs": val_pairs.height, "epochs": trainer.current_epoch,
         "steps": trainer.global_step, "seconds": round(seconds, 1),
-        "samples_per_s": round(trainer.global_step * tcfg.batch_size / max(seconds, 1e-9), 1),
+        "samples_per_s": round(trainer.global_step * tcfg.batch_size * trainer.world_size / max(seconds, 1e-9), 1),
         "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
         "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
         "mlflow_run_id": logger.run_id,

@@ -178,6 +178,11 @@ class TrainConfig(Strict):
     lock_text: bool = False
     lock_text_unlocked_layers: int = Field(default=0, ge=0)
     micro_batch_size: int = Field(default=64, ge=1)
+    # speed: decoded images cached in a memory-mapped file after the first epoch's decode; the
+    # towers compiled with torch.compile; images fed channels-last (helps convolutional stems on GPU)
+    image_cache: bool = False
+    compile: bool = False
+    channels_last: bool = False
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> TrainConfig:

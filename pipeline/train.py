@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import open_clip
 import polars as pl
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from pipeline.batching import EpochShuffleSampler, UniqueBatchSampler
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError
 from pipeline.grad_cache import grad_cache_backward
+from pipeline.image_cache import ImageCache
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.memory_bank import MemoryBank, key_ids, memory_bank_loss
 from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
@@ -46,13 +49,15 @@ class TrainResult:
 class PairDataset(Dataset):
     """(image tensor, query text, image_id, product_id or "", pair weight) for each clicked pair."""
 
-    def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool, seed: int = 0):
+    def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool, seed: int = 0,
+                 cache: ImageCache | None = None):
         self.queries = pairs["query"].to_list()
         self.image_ids = pairs["image_id"].to_list()
         self.product_ids = [p or "" for p in pairs["product_id"].to_list()]
         self.paths = pairs["path"].to_list()
         self.weights = pairs["weight"].cast(pl.Float32).to_list()
         self.root = root
+        self.cache = cache
         self.train = train
         self.seed = seed
         self.transform = bundle.preprocess_train if train else bundle.preprocess_eval
@@ -63,7 +68,8 @@ class PairDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, str, str, str, float]:
         """`key` is an index, or (index, epoch) from the training samplers."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = load_rgb(resolve_image_path(self.root, self.paths[index]))
+        path = self.paths[index]
+        image = self.cache.get(path) if self.cache else load_rgb(resolve_image_path(self.root, path))
         if self.train:
             # the random crop depends on (seed, epoch, index) only: resumable and worker-independent
             with torch.random.fork_rng(devices=[]):
@@ -119,6 +125,8 @@ class ClipFineTuner(L.LightningModule):
 
     def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(texts).to(self.device)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model.encode_image(images, normalize=True), encode_text(self.model, tokens)
 
     def training_step(self, batch, batch_idx):
@@ -213,9 +221,11 @@ class ClipFineTuner(L.LightningModule):
             exempt = param.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name \
                 or "embedding" in name
             (no_decay if exempt else decay).append(param)
+        # the fused kernel is one launch for all parameters instead of several per tensor (CUDA)
+        fused = all(p.is_cuda for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.learning_rate)
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.learning_rate, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.cfg.warmup_steps, total - 1)
 
@@ -292,6 +302,12 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
                          f"(train.batch_size={tcfg.batch_size}); lower the batch size or add data")
     root = cfg.data.image_root
     lock_towers(bundle.model, tcfg)
+    if tcfg.channels_last:
+        bundle.model.visual.to(memory_format=torch.channels_last)
+    if tcfg.compile:
+        # in place, so parameter names (and the safetensors checkpoint) are unchanged
+        bundle.model.visual.compile()
+        bundle.model.transformer.compile()
     module = ClipFineTuner(bundle, tcfg)
     uri = tracking_uri(cfg.promote)
     ensure_experiment(cfg.promote.experiment, uri)
@@ -308,10 +324,16 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     started = time.perf_counter()
     resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
-    train_loader = _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed), train_pairs, tcfg, True)
+    cache = None
+    if tcfg.image_cache:
+        size = open_clip.get_model_preprocess_cfg(bundle.model)["size"]
+        cache = ImageCache(out_dir / "image_cache", train_pairs["path"].to_list() + val_pairs["path"].to_list(),
+                           root, size[0] if isinstance(size, tuple | list) else size)
+    train_loader = _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed, cache), train_pairs, tcfg, True)
     module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
     trainer.fit(module, train_loader,
-                _loader(PairDataset(val_pairs, root, bundle, False), val_pairs, tcfg, False), ckpt_path=resume)
+                _loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False),
+                ckpt_path=resume)
     seconds = time.perf_counter() - started
     if trainer.global_rank > 0:
         # Lightning's DDP re-runs our command line for ranks > 0; rank 0 alone writes the results
@@ -322,6 +344,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     model_dir = save_checkpoint(bundle, out_dir / "model")
+    shutil.rmtree(out_dir / "image_cache", ignore_errors=True)  # it served the epochs; the run keeps the model
     summary = {
         "train_pairs": train_pairs.height, "val_pairs": val_pairs.height, "epochs": trainer.current_epoch,
         "steps": trainer.global_step, "seconds": round(seconds, 1),

@@ -77,9 +77,11 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     from pipeline.train import train
     from tests.conftest import shop_config
 
+    speed = {"in_batch": {"image_cache": True, "channels_last": True},
+             "memory_bank": {"precision": "bf16-mixed"}}.get(negatives, {})
     cfg = shop_config(tiny_shop, tmp_path, train={
         "epochs": 1, "negatives": negatives, "micro_batch_size": 8, "memory_bank_size": 64,
-        "memory_bank_warmup_steps": 2, "pair_weights": "extract"})
+        "memory_bank_warmup_steps": 2, "pair_weights": "extract", **speed})
     for stage in ("extract", "split", "train"):
         (tmp_path / stage).mkdir()
     pairs = extract(cfg, tmp_path / "extract").pairs
@@ -205,3 +207,36 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights(tiny_shop, tmp_
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_image_cache_serves_the_decoded_images(tiny_shop, tmp_path):
+    import pickle
+
+    import polars as pl
+
+    from pipeline.image_cache import ImageCache
+    from pipeline.train import PairDataset
+
+    catalog = pl.read_parquet(tiny_shop / "images.parquet").head(40)
+    usable = [p for p in catalog["path"] if (tiny_shop / "images" / p).is_file()
+              and (tiny_shop / "images" / p).read_bytes()[:4] == b"\x89PNG"]
+    pairs = pl.DataFrame({"query": ["q"] * len(usable), "image_id": usable, "product_id": [None] * len(usable),
+                          "path": usable, "weight": [1.0] * len(usable)})
+    bundle = starting_model(TrainConfig(seed=0))
+    cache = ImageCache(tmp_path / "cache", usable, tiny_shop / "images", 64)
+    built = cache.file.stat().st_mtime_ns
+    plain = PairDataset(pairs, tiny_shop / "images", bundle, train=False)
+    cached = PairDataset(pairs, tiny_shop / "images", bundle, train=False, cache=cache)
+    for i in range(len(usable)):
+        torch.testing.assert_close(cached[i][0], plain[i][0])  # 64-px demo photos: the square is the photo
+    # workers get the path, not the array; a second construction reuses the file
+    assert pickle.loads(pickle.dumps(cache))._array is None
+    assert ImageCache(tmp_path / "cache", usable, tiny_shop / "images", 64).file.stat().st_mtime_ns == built
+
+
+def test_compile_in_place_keeps_parameter_names():
+    bundle = starting_model(TrainConfig(seed=0))
+    names = list(bundle.model.state_dict())
+    bundle.model.visual.compile()
+    bundle.model.transformer.compile()
+    assert list(bundle.model.state_dict()) == names

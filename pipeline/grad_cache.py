@@ -30,9 +30,10 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     """Accumulate into `.grad` the gradients of loss_fn over the full batch; return the loss.
 
     images: (B, 3, H, W); tokens: (B, L); loss_fn(image_features, text_features, logit_scale)."""
+    device = model.logit_scale.device
     chunks = list(zip(images.split(micro_batch), tokens.split(micro_batch), strict=True))
-    with torch.no_grad():
-        features = [_embed(model, i, t) for i, t in chunks]
+    with torch.no_grad():  # `images` may sit in host memory: each micro-batch moves to the device on use
+        features = [_embed(model, i.to(device, non_blocking=True), t.to(device)) for i, t in chunks]
     image_all = torch.cat([f[0] for f in features]).detach().requires_grad_()
     text_all = torch.cat([f[1] for f in features]).detach().requires_grad_()
     loss = loss_fn(image_all, text_all, model.logit_scale.exp())
@@ -40,7 +41,8 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     start = 0
     for image_chunk, token_chunk in chunks:
         stop = start + len(image_chunk)
-        image_features, text_features = _embed(model, image_chunk, token_chunk)
+        image_features, text_features = _embed(model, image_chunk.to(device, non_blocking=True),
+                                               token_chunk.to(device))
         surrogate = (image_features * image_all.grad[start:stop]).sum() + \
             (text_features * text_all.grad[start:stop]).sum()
         backward(surrogate)

@@ -68,7 +68,8 @@ def memory_bank_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     logits_image = (logit_scale * image @ torch.cat([text, bank_texts]).T).masked_fill(blocked, float("-inf"))
     logits_text = (logit_scale * text @ torch.cat([image, bank_images]).T).masked_fill(blocked, float("-inf"))
     labels = torch.arange(len(image), device=image.device)
-    w = torch.ones(len(image), device=image.device) if weights is None else weights.to(image.dtype)
+    w = torch.ones(len(image), device=image.device) if weights is None else \
+        weights.to(device=image.device, dtype=image.dtype)
     w = w / w.mean()
     return ((F.cross_entropy(logits_image, labels, reduction="none") * w).mean()
             + (F.cross_entropy(logits_text, labels, reduction="none") * w).mean()) / 2

@@ -92,7 +92,7 @@ class WeightedClipLoss(ClipLoss):
             return super().forward(image_features, text_features, logit_scale, output_dict=output_dict)
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
-        w = weights.to(logits_per_image.dtype)
+        w = weights.to(device=logits_per_image.device, dtype=logits_per_image.dtype)
         if self.world_size > 1:  # the logits span every rank's batch: so must the weights
             gathered = [torch.zeros_like(w) for _ in range(self.world_size)]
             torch.distributed.all_gather(gathered, w)
@@ -184,6 +184,13 @@ class ClipFineTuner(L.LightningModule):
                 self.loss = WeightedClipLoss(gather_with_grad=True, rank=rank, world_size=world)
         for sampler in self.samplers:
             sampler.shard(rank, world)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if self.cfg.negatives == "grad_cache" and self.trainer.training:
+            # the whole batch stays in host memory: grad_cache moves one micro-batch at a time, so
+            # device memory does not grow with the effective batch
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_start(self) -> None:
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it

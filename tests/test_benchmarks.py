@@ -1,0 +1,23 @@
+"""Smoke runs of the benchmarks' CPU configurations: they run end to end and end with their JSON line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.e2e
+def test_bench_train_smoke_compares_with_open_clips_script():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("ours_samples_per_s", "open_clip_samples_per_s", "grad_cache_samples_per_s",
+                "memory_bank_samples_per_s"):
+        assert figures[key] > 0, key
+    assert figures["ratio"] == pytest.approx(figures["ours_samples_per_s"] / figures["open_clip_samples_per_s"],
+                                             rel=0.01)

@@ -44,10 +44,10 @@ def hashing(shop: Path, cfg: SplitConfig) -> tuple[float, pl.DataFrame]:
     return catalog.height / seconds, pl.concat([catalog, hashed.drop("path")], how="horizontal")
 
 
-def grouping_quality(shop: Path, hashed: pl.DataFrame, cfg: SplitConfig) -> tuple[float, float]:
+def grouping_quality(shop: Path, hashed: pl.DataFrame, max_distance: int) -> tuple[float, float]:
     """Planted-duplicate recall and the share of hash-only groups that mix true products."""
     good = hashed.filter(pl.col("hash").is_not_null())
-    labels = connected_groups(good.height, near_duplicate_pairs(good["hash"].to_list(), cfg.max_distance))
+    labels = connected_groups(good.height, near_duplicate_pairs(good["hash"].to_list(), max_distance))
     group = dict(zip(good["image_id"], labels, strict=True))
     dups = pl.read_parquet(shop / "truth" / "duplicates.parquet")
     found = [group[a] == group[b] for a, b in dups.iter_rows() if a in group and b in group]
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--distance", type=int, default=8)
     parser.add_argument("--brute-sample", type=int, default=20_000)
     parser.add_argument("--fresh", action="store_true", help="regenerate the demo catalog")
+    parser.add_argument("--sweep", default="", help="also report grouping quality at these distances, e.g. 24,32")
     args = parser.parse_args()
     cfg = SplitConfig()
     if args.fresh:
@@ -98,9 +99,12 @@ def main() -> None:
     shop = demo_catalog(args.products)
     per_s, hashed = hashing(shop, cfg)
     print(f"hashing: {hashed.height:,} images at {per_s:,.0f} images/s ({cfg.hash}, {cfg.hash_size}x{cfg.hash_size})")
-    recall, merge_rate = grouping_quality(shop, hashed, cfg)
+    recall, merge_rate = grouping_quality(shop, hashed, cfg.max_distance)
     print(f"grouping at max_distance {cfg.max_distance}: planted recall {recall:.3f}, "
           f"groups mixing products by hash alone {merge_rate:.2%}")
+    for distance in (int(d) for d in args.sweep.split(",") if d):
+        r, m = grouping_quality(shop, hashed, distance)
+        print(f"  at max_distance {distance}: planted recall {r:.3f}, mixing {m:.2%}")
     seconds, brute, pairs = search(args.hashes, args.distance, args.brute_sample)
     print(f"near-duplicate search: {args.hashes:,} hashes at t={args.distance} in {seconds:.1f} s "
           f"({pairs:,} pairs); brute force extrapolated {brute:.1f} s (x{brute / seconds:.1f})")

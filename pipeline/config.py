@@ -201,6 +201,8 @@ class EvaluateConfig(Strict):
     gallery: Literal["catalog", "test"] = "catalog"
     batch_size: int = Field(default=256, ge=1)
     slice_tolerance: float = Field(default=0.02, ge=0)  # a slice confidently worse by more is flagged
+    # galleries at least this large are searched with HNSW (its recall vs exact search is reported)
+    ann_min_gallery: int = Field(default=200_000, ge=1)
 
     @field_validator("ks")
     @classmethod

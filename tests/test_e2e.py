@@ -96,3 +96,38 @@ def test_champion_serves_the_evaluated_embeddings_in_a_fresh_process(first_and_s
     served = json.loads(out.stdout.strip().splitlines()[-1])
     local = embed_texts(load_checkpoint(_run_dir(work) / "train" / "model"), ["navy trainers", "red mug"])
     np.testing.assert_allclose(local, np.array(served), atol=1e-5)
+
+
+BROWSER_PROBE = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  document.body.setAttribute('data-images', images.length);
+  document.body.setAttribute('data-broken', images.filter(i => !(i.complete && i.naturalWidth > 0)).length);
+});
+</script></body>"""
+
+
+def test_html_report_renders_in_headless_chromium_without_broken_images(first_and_second_run, tmp_path):
+    import os
+    import re
+    import shutil
+
+    _, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    (report,) = (work / "reports").glob("*/report.html")
+    page = report.read_text()
+    assert not re.search(r'src="(?!data:)', page)  # self-contained: no file or network references
+    assert page.count('class="query"') >= 1 and "Re-index notice" in page and "bm25" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: `make test` installs it")
+        pytest.skip("chromium not installed (make test installs it as root)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", BROWSER_PROBE))
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    images = int(re.search(r'data-images="(\d+)"', done.stdout).group(1))
+    broken = int(re.search(r'data-broken="(\d+)"', done.stdout).group(1))
+    assert images >= 5 and broken == 0

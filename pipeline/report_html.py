@@ -1,0 +1,221 @@
+"""The self-contained HTML recall report: one file, every figure and thumbnail inlined.
+
+Everything a reviewer needs to decide on promotion without opening another tool: the metrics of
+every model with intervals, recall@k curves, slice bars, the queries the candidate lost most
+on with the top results of both models as thumbnails, and the input-data summaries.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.images import UnusableImage, load_rgb, resolve_image_path
+
+THUMB = 96
+COLOURS = {"candidate": "#1f77b4", "champion": "#d62728", "start": "#7f7f7f", "bm25": "#2ca02c"}
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.8rem 0}td,th{border:1px solid #ccc;padding:.25rem .55rem;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.bad{color:#b00020;font-weight:600}
+.good{color:#0a7a2f}.query{margin:1.2rem 0;padding:.6rem .8rem;border:1px solid #ddd;border-radius:6px}
+.row{display:flex;gap:6px;align-items:center;margin:.25rem 0}.row span.label{width:8.5rem;font-size:.85rem;color:#555}
+.row figure{margin:0;text-align:center;font-size:.7rem;color:#555;display:flex;flex-direction:column}
+.row img{width:96px;height:96px;object-fit:cover;border:3px solid transparent;border-radius:4px}
+.row img.hit{border-color:#2ca02c}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6rem .9rem}
+.missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#eee;
+font-size:.7rem;border-radius:4px}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _file_png(path: Path) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def recall_curves(summary: dict) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ks = summary["ks"]
+    for name, values in summary["models"].items():
+        ax.plot(ks, [values[f"recall@{k}"] for k in ks], marker="o", label=name, color=COLOURS.get(name))
+    ax.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="k", ylabel="recall@k",
+           title="recall@k on the held-out queries", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def slice_bars(summary: dict, tolerance: float) -> str:
+    plt = _plt()
+    rows = summary["slices"]
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(rows) + 1.2))
+    labels = [f"{r['family']}: {r['slice']} (n={r['queries']})" for r in rows]
+    deltas = [r["delta"] for r in rows]
+    errors = [[r["delta"] - r["low"] for r in rows], [r["high"] - r["delta"] for r in rows]]
+    colours = ["#b00020" if r["flagged"] else "#1f77b4" for r in rows]
+    ax.barh(range(len(rows)), deltas, xerr=errors, color=colours, alpha=0.8, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(-tolerance, color="#b00020", lw=0.8, ls="--", label=f"-tolerance ({tolerance})")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"candidate − {summary['baseline']} (95% CI)", title="Slices")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+class Thumbnails:
+    """Inline PNG thumbnails of catalog images, each decoded once."""
+
+    def __init__(self, root: Path, paths: dict[str, str]):
+        self.root, self.paths, self.cache = root, paths, {}
+
+    def html(self, image_id: str, hit: bool) -> str:
+        if image_id not in self.cache:
+            self.cache[image_id] = self._encode(image_id)
+        uri = self.cache[image_id]
+        caption = html.escape(image_id)
+        if uri is None:
+            return f'<figure><div class="missing">unreadable</div>{caption}</figure>'
+        return f'<figure><img src="{uri}" alt="{caption}" class="{"hit" if hit else ""}">{caption}</figure>'
+
+    def _encode(self, image_id: str) -> str | None:
+        path = self.paths.get(image_id)
+        if path is None:
+            return None
+        try:
+            image = load_rgb(resolve_image_path(self.root, path))
+        except UnusableImage:
+            return None
+        image.thumbnail((THUMB, THUMB))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _metrics_table(summary: dict) -> str:
+    names = list(summary["models"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = []
+    for metric in summary["models"]["candidate"]:
+        cells = "".join(f"<td>{summary['models'][n][metric]:.4f}</td>" for n in names)
+        d = summary["delta_vs_baseline"][metric]
+        tone = "bad" if d["high"] < 0 else "good" if d["low"] > 0 else ""
+        rows.append(f"<tr><td>{metric}</td>{cells}<td class='{tone}'>{d['mean']:+.4f}</td>"
+                    f"<td>[{d['low']:+.4f}, {d['high']:+.4f}]</td></tr>")
+    return (f"<table><tr><th>metric</th>{head}<th>candidate − {summary['baseline']}</th><th>95% CI</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _slices_table(summary: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(r['family'])}</td><td>{html.escape(str(r['slice']))}</td><td>{r['queries']}</td>"
+        f"<td>{r['candidate']:.4f}</td><td>{r['baseline']:.4f}</td><td>{r['delta']:+.4f} "
+        f"[{r['low']:+.4f}, {r['high']:+.4f}]</td><td class='bad'>{'regressed' if r['flagged'] else ''}</td></tr>"
+        for r in summary["slices"])
+    return ("<table><tr><th>family</th><th>slice</th><th>queries</th><th>candidate</th><th>baseline</th>"
+            f"<th>difference [95% CI]</th><th>flag</th></tr>{rows}</table>")
+
+
+def _worst(summary: dict, thumbs: Thumbnails, metric: str) -> str:
+    if not summary["worst_queries"]:
+        return f"<p>The candidate lost on no held-out query ({metric}) against the {summary['baseline']}.</p>"
+    blocks = []
+    for item in summary["worst_queries"]:
+        relevant = set(item["relevant"])
+
+        def row(label: str, ids: list[str], relevant: set[str] = relevant) -> str:
+            figures = "".join(thumbs.html(i, i in relevant) for i in ids) or "<em>nothing retrieved</em>"
+            return f'<div class="row"><span class="label">{label}</span>{figures}</div>'
+
+        blocks.append(
+            f'<div class="query"><b>“{html.escape(item["query"])}”</b> — {metric}: candidate '
+            f'{item["candidate"]:.3f}, {summary["baseline"]} {item["baseline"]:.3f}'
+            + row("clicked (held out)", item["relevant"]) + row("candidate top 5", item["candidate_top"])
+            + row(f"{summary['baseline']} top 5", item["baseline_top"]) + "</div>")
+    return "".join(blocks)
+
+
+def _data_section(data: dict) -> str:
+    extract, split = data["extract"], data["split"]
+    reasons = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>"
+                      for r, n in extract["quarantined_by_reason"].items())
+    images = "".join(f"<tr><td>{html.escape(r)}</td><td>{n}</td></tr>"
+                     for r, n in split["images_quarantined_by_reason"].items()) or "<tr><td>(none)</td><td>0</td></tr>"
+    figures = {Path(f).name: _file_png(Path(f)) for f in data["figures"]}
+    propensity, groups = figures.get("propensity.png"), figures.get("groups.png")
+    return "".join([
+        "<h2>Input data</h2>",
+        f"<p>Impressions read: <b>{extract['rows_read']}</b> = kept {extract['rows_kept']} + quarantined "
+        f"{extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}. Pairs: {extract['pairs']} over "
+        f"{extract['queries']} queries and {extract['images']} images.</p>",
+        f"<table><tr><th>event quarantine reason</th><th>rows</th></tr>{reasons}</table>",
+        f"<p>Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
+        f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}).</p>",
+        f"<table><tr><th>image quarantine reason</th><th>images</th></tr>{images}</table>",
+        "<p><b>Leak audit: passed</b> — no near-duplicate or same-product link crosses train/val/test "
+        "(an independent recheck; the run stops before this report if it fails).</p>",
+        "<h3>Position bias</h3>" + (f'<img src="{propensity}" alt="propensity curve">' if propensity else ""),
+        "<h3>Largest groups</h3>" + (f'<img src="{groups}" alt="largest groups" style="max-width:100%">'
+                                     if groups else ""),
+    ])
+
+
+def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | None, root: Path,
+                      image_paths: dict[str, str]) -> Path:
+    from pipeline.evaluate import reindex_sentence, search_sentence
+
+    metric = cfg.promote.metric
+    thumbs = Thumbnails(root, image_paths)
+    gallery = ("the whole catalog (quarantined images excluded)" if summary["gallery_kind"] == "catalog"
+               else "test-split images only")
+    flagged = summary["flagged_slices"]
+    body = "".join([
+        f"<h1>Recall report — run <code>{html.escape(summary['run_id'])}</code></h1>",
+        f"<p>{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}). "
+        f"Baseline for promotion: <b>{summary['baseline']}</b>"
+        + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
+           " (no champion yet: the starting model)") + ".</p>",
+        _metrics_table(summary),
+        f'<img src="{recall_curves(summary)}" alt="recall at k curves">',
+        f'<p class="note">{html.escape(reindex_sentence(summary)).replace("**", "")}</p>',
+        "<h2>Slices</h2>",
+        f"<p>{metric} per slice. Flagged slices: {html.escape(', '.join(flagged)) if flagged else 'none'}.</p>",
+        f'<img src="{slice_bars(summary, cfg.evaluate.slice_tolerance)}" alt="slice differences">',
+        _slices_table(summary),
+        f"<h2>Where the candidate lost most ({metric})</h2>",
+        "<p>Green frames mark held-out clicked images.</p>",
+        _worst(summary, thumbs, metric),
+        _data_section(data) if data else "",
+        "<h2>Definitions</h2><ul>",
+        "<li>recall@k: share of a query's relevant (held-out clicked) images in its top k; hit@k: share of "
+        "queries with one in the top k; MRR: mean 1/rank of the first; nDCG@10 with click weights as gains.</li>",
+        f"<li>Search: {html.escape(search_sentence(summary['search']))}</li>",
+        "<li>bm25: the text-only baseline, queries matched to catalog titles.</li>",
+        "<li>CI: 2,000 paired bootstrap resamples of the held-out queries.</li></ul>",
+    ])
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>clickclip recall report "
+            f"{html.escape(summary['run_id'])}</title><style>{STYLE}</style></head><body>{body}</body></html>")
+    path.write_text(page)
+    return path

@@ -129,10 +129,11 @@ class SplitFractions(Strict):
 
 class SplitConfig(Strict):
     hash: Literal["phash", "dhash", "whash", "average_hash"] = "phash"
-    # 16x16 pHash (256 bits): on the demo catalog, t=40 finds every planted duplicate while 0.2% of
-    # groups mix products by hash alone; 8x8 at t=6 found 98% but mixed 3.4% (bench_split.py)
+    # 16x16 pHash (256 bits) at t=24: planted duplicates found 98.3% (600-product demo) and 99.4%
+    # (180,000 products), groups mixing products by hash alone 0.00% and 0.41%; t=40 mixed 2.6% at
+    # 180,000 products, 8x8 at t=6 found 98% but mixed 3.4% (bench_split.py --sweep, RESULTS.md)
     hash_size: int = Field(default=16, ge=4, le=32)
-    max_distance: int = Field(default=40, ge=0, le=1024)
+    max_distance: int = Field(default=24, ge=0, le=1024)
     fractions: SplitFractions = SplitFractions()
     salt: str = "clickclip-v1"
     # when new images link groups that earlier runs put in different splits

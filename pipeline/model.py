@@ -99,7 +99,12 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = 
         and model.text_pool_type == "argmax"
     if not trimmable:
         return model.encode_text(tokens, normalize=normalize)
-    tokens = trim_tokens(tokens)
+    return encode_text_prefix(model, trim_tokens(tokens), normalize)
+
+
+def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """encode_text for tokens already cut to any length up to the context (what ONNX exports:
+    the caller trims, the graph takes the length it is given)."""
     length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import PromoteConfig, RunConfig
 from pipeline.evaluate import CHECKPOINT_ARTIFACT
+from pipeline.onnx_export import export_onnx
 from pipeline.tracking import ensure_experiment, tracking_uri
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -78,7 +79,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir: Path) -> str:
+def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir: Path, onnx: dict,
+             onnx_dir: Path) -> str:
     """Log params, metrics, artifacts and the pyfunc model into the training's MLflow run."""
     import mlflow
     import numpy as np
@@ -93,13 +95,15 @@ def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir:
     mlflow.log_params(flatten(cfg.model_dump(mode="json")))
     for model, values in evaluation["models"].items():
         mlflow.log_metrics({f"eval.{model}.{k.replace('@', '_at_')}": v for k, v in values.items()})
+    mlflow.log_metrics({f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()})
     for path in artifacts:
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=path.name)
         elif path.is_file():
             mlflow.log_artifact(str(path))
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE), artifacts={CHECKPOINT_ARTIFACT: str(model_dir)},
+        name="model", python_model=str(SERVING_CODE),
+        artifacts={CHECKPOINT_ARTIFACT: str(model_dir), "onnx": str(onnx_dir)},
         signature=signature, input_example=pd.DataFrame({"text": ["navy striped trainers"]}),
         pip_requirements=PIP_REQUIREMENTS)
     return info.model_uri
@@ -127,11 +131,19 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         existing = client.search_model_versions(f"name='{pcfg.model_name}' and run_id='{mlflow_run_id}'")
 
     promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
+    onnx = None
     if existing:
         version = existing[0]
         promoted = version.tags.get("clickclip.decision") == "promoted"
         reason = version.tags.get("clickclip.reason", "") + " (already registered; nothing new)"
+        current = client.get_registered_model(pcfg.model_name).aliases.get("champion")
+        if promoted and str(current) != str(version.version):
+            # an earlier attempt registered the version and stopped before moving the alias
+            # (this stage never completed, or it would have been reused): finish the promotion
+            _move_champion(client, pcfg.model_name, version.version)
+            reason += "; the interrupted alias move was completed"
     else:
+        onnx = export_onnx(model_dir, out_dir / "onnx")
         gate_tags = {f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}"
                      for g in gates}
         tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
@@ -139,7 +151,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         with mlflow.start_run(run_id=mlflow_run_id, experiment_id=experiment_id, run_name=run_id) as active:
             mlflow_run_id = active.info.run_id
             mlflow.set_tags(tags)
-            model_uri = _log_run(cfg, evaluation, artifacts, model_dir)
+            model_uri = _log_run(cfg, evaluation, artifacts, model_dir, onnx, out_dir / "onnx")
         version = mlflow.register_model(model_uri, pcfg.model_name, tags=tags)
         if promoted:
             _move_champion(client, pcfg.model_name, version.version)
@@ -147,6 +159,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
         "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
+        "onnx_parity_max_abs_diff": onnx["parity_max_abs_diff"] if onnx else None,
         "tracking_uri": _redact(uri),
         "champion_uri": f"models:/{pcfg.model_name}@champion",
     }

@@ -131,3 +131,169 @@ def test_html_report_renders_in_headless_chromium_without_broken_images(first_an
     images = int(re.search(r'data-images="(\d+)"', done.stdout).group(1))
     broken = int(re.search(r'data-broken="(\d+)"', done.stdout).group(1))
     assert images >= 5 and broken == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_champion_carries_onnx_towers(first_and_second_run, tmp_path):
+    import mlflow
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    mlflow.set_tracking_uri(cfg.promote.tracking_uri)
+    local = mlflow.artifacts.download_artifacts("models:/clickclip-tiny@champion", dst_path=str(tmp_path))
+    (description,) = tmp_path.rglob("onnx.json")
+    onnx = json.loads(description.read_text())
+    assert onnx["text"]["file"] == "text.onnx" and max(onnx["parity_max_abs_diff"].values()) < 1e-4
+    assert {p.name for p in description.parent.glob("*.onnx")} == {"text.onnx", "image.onnx"}, local
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pt"))  # no pickles
+
+
+def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
+    import os
+    import urllib.request
+    from pathlib import Path
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/clickclip-tiny@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": cfg.promote.tracking_uri}, cwd=work, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["navy trainers"]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.array(json.loads(response.read())["predictions"])
+    finally:
+        _stop(server)
+    local = embed_texts(load_checkpoint(_run_dir(work) / "train" / "model"), ["navy trainers"])
+    np.testing.assert_allclose(served, local, atol=1e-5)
+
+
+def _promote_again(cfg, work):
+    from pipeline.promote import GateInputs, promote
+
+    run_dir = _run_dir(work)
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    lineage = {"git_commit": "test", "input_events_sha256": "x", "input_images_sha256": "y",
+               "split_registry_version": "1", "parent_champion_version": "none"}
+    return lambda mlflow_run_id, out: promote(
+        cfg, run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
+        run_dir / "train" / "model", [], out)
+
+
+def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(first_and_second_run, tmp_path,
+                                                                               monkeypatch):
+    import mlflow
+
+    import pipeline.promote as promote_module
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    store = cfg.promote.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                           "gates": cfg.promote.gates.model_copy(update={"min_candidate": 0.0})})
+    fresh = cfg.model_copy(update={"promote": store})
+    client = MlflowClient(tracking_uri=store.tracking_uri)
+    experiment = client.create_experiment("crash")
+    promote_run = _promote_again(fresh, work)
+    (tmp_path / "a").mkdir()
+    first_version = promote_run(client.create_run(experiment).info.run_id, tmp_path / "a")
+    assert first_version.summary["promoted"]
+
+    crashing_run = client.create_run(experiment).info.run_id
+
+    def crash(*args, **kwargs):
+        raise SystemExit("killed between register and alias move")
+
+    monkeypatch.setattr(promote_module, "_move_champion", crash)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit):
+        promote_run(crashing_run, tmp_path / "b")
+    monkeypatch.undo()
+    # consistent meanwhile: the champion is still the first version, complete and loadable
+    assert [str(v.version) for v in client.search_model_versions("name='clickclip-tiny'")] == ["2", "1"]
+    assert str(client.get_registered_model("clickclip-tiny").aliases["champion"]) == "1"
+    mlflow.set_tracking_uri(store.tracking_uri)
+    assert mlflow.pyfunc.load_model("models:/clickclip-tiny@champion") is not None
+
+    rerun = promote_run(crashing_run, tmp_path / "b")
+    assert rerun.summary["version"] == "2" and "interrupted alias move was completed" in rerun.summary["reason"]
+    assert len(client.search_model_versions("name='clickclip-tiny'")) == 2
+    assert {a: str(v) for a, v in client.get_registered_model("clickclip-tiny").aliases.items()} == {
+        "champion": "2", "previous": "1"}
+
+
+def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run, tmp_path):
+    from pathlib import Path
+
+    import mlflow
+
+    from pipeline.evaluate import champion_model
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        _wait_for(f"{uri}/health", server)
+        http = cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"tracking_uri": uri})})
+        (tmp_path / "promote").mkdir()
+        result = _promote_again(http, work)(None, tmp_path / "promote")
+        assert result.summary["promoted"] and result.summary["tracking_uri"] == uri
+        client = MlflowClient(tracking_uri=uri)
+        assert str(client.get_registered_model("clickclip-tiny").aliases["champion"]) == "1"
+        # the registry and the proxied artifacts answer over HTTP: evaluate's champion loader works
+        bundle, version = champion_model(http, tmp_path / "download")
+        assert version == "1"
+        texts = ["navy trainers"]
+        np.testing.assert_allclose(embed_texts(bundle, texts),
+                                   embed_texts(load_checkpoint(_run_dir(work) / "train" / "model"), texts),
+                                   atol=1e-6)
+        mlflow.set_tracking_uri(cfg.promote.tracking_uri)  # leave the other tests on their store
+    finally:
+        _stop(server)
+    assert list((tmp_path / "server-artifacts").rglob("text.onnx"))  # artifacts went through the server

@@ -136,9 +136,18 @@ def champion_model(cfg: RunConfig, workdir: Path) -> tuple[ClipBundle, str] | No
     except MlflowException:
         return None
     mlflow.set_tracking_uri(uri)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{cfg.promote.model_name}/{version.version}", dst_path=str(workdir))
-    return load_checkpoint(Path(local) / "artifacts" / CHECKPOINT_ARTIFACT), version.version
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{cfg.promote.model_name}/{version.version}", dst_path=str(workdir)))
+    return load_checkpoint(local / registered_artifact(local, CHECKPOINT_ARTIFACT)), version.version
+
+
+def registered_artifact(model_folder: Path, name: str) -> str:
+    """Where a downloaded pyfunc model keeps one of its artifacts, as its MLmodel file says (the
+    folder is named after the logged source folder, not after the artifact's key)."""
+    import yaml
+
+    flavor = yaml.safe_load((model_folder / "MLmodel").read_text())["flavors"]["python_function"]
+    return flavor["artifacts"][name]["path"]
 
 
 def worst_queries(test: TestSet, scores: dict[str, ModelScores], baseline: str, metric: str,

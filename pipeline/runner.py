@@ -96,9 +96,13 @@ def _run_stage(run: Run, stage: str) -> dict:
         return entry["summary"]
     console.rule(f"{stage} · run {run.run_id}")
     started = time.perf_counter()
-    outputs, summary = STAGE_FUNCTIONS[stage](run)
+    run.begin(stage)
+    try:
+        outputs, summary = STAGE_FUNCTIONS[stage](run)
+    finally:
+        run.running.discard(stage)
     seconds = time.perf_counter() - started
-    run.record(stage, outputs, summary, seconds)
+    run.record(stage, run.publish(stage, outputs), summary, seconds)
     console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
     return summary
 

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -139,15 +140,41 @@ class Run:
     manifest: dict[str, Any] = field(default_factory=dict)
     # stage -> fingerprint whose outputs this process already hashed; spares re-hashing large outputs
     verified: dict[str, str] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)  # stages writing into their partial folder now
 
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
     def stage_dir(self, stage: str) -> Path:
-        path = self.root / stage
+        """Where a stage writes: `.<stage>.partial` while it runs, renamed to `<stage>` when it is done."""
+        path = self.partial_dir(stage) if stage in self.running else self.root / stage
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def partial_dir(self, stage: str) -> Path:
+        # kept across attempts: a killed training resumes from the Lightning checkpoint inside it
+        return self.root / f".{stage}.partial"
+
+    def begin(self, stage: str) -> None:
+        self.running.add(stage)
+
+    def publish(self, stage: str, outputs: dict[str, Path]) -> dict[str, Path]:
+        """Move a finished stage's folder into place in one rename; return its outputs' final paths.
+
+        Until this rename nothing of the attempt is visible under `<stage>/`, and until the manifest
+        records the stage, no later run reuses it."""
+        partial, final = self.partial_dir(stage), self.root / stage
+        self.running.discard(stage)
+        if final.exists():
+            old = self.root / f".{stage}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(partial, final)
+        return {name: final / Path(path).resolve().relative_to(partial.resolve())
+                if Path(path).resolve().is_relative_to(partial.resolve()) else Path(path)
+                for name, path in outputs.items()}
 
     def report_dir(self) -> Path:
         path = self.config.reports_dir / self.run_id

@@ -141,6 +141,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _venv_path() -> str:
+    """PATH with this interpreter's bin first: mlflow starts uvicorn from there."""
+    import os
+    from pathlib import Path
+
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def _wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
     import time
     import urllib.request
@@ -194,7 +202,8 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/clickclip-tiny@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": cfg.promote.tracking_uri}, cwd=work, stdout=subprocess.PIPE,
+        env={**os.environ, "MLFLOW_TRACKING_URI": cfg.promote.tracking_uri, "PATH": _venv_path()}, cwd=work,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_for(f"http://127.0.0.1:{port}/ping", server)
@@ -260,9 +269,15 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
     assert len(client.search_model_versions("name='clickclip-tiny'")) == 2
     assert {a: str(v) for a, v in client.get_registered_model("clickclip-tiny").aliases.items()} == {
         "champion": "2", "previous": "1"}
+    # what the next weekly run's evaluate does with the champion: download and load it
+    from pipeline.evaluate import champion_model
+
+    bundle, version = champion_model(fresh, tmp_path / "download")
+    assert str(version) == "2" and bundle.model is not None
 
 
 def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run, tmp_path):
+    import os
     from pathlib import Path
 
     import mlflow
@@ -276,7 +291,8 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        env={**os.environ, "PATH": _venv_path()}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
         _wait_for(f"{uri}/health", server)

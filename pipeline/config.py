@@ -57,12 +57,13 @@ class DuckDBConfig(Strict):
     memory_limit: str = "4GB"
     threads: int | None = Field(default=None, ge=1)
     temp_directory: Path | None = None
+    max_temp_directory_size: str | None = None  # cap on spilled data; unset = DuckDB's default (90% of free disk)
 
-    @field_validator("memory_limit")
+    @field_validator("memory_limit", "max_temp_directory_size")
     @classmethod
-    def _size(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value):
-            raise ValueError(f"memory_limit {value!r} is not a size such as '4GB' or '512MiB'")
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value):
+            raise ValueError(f"{value!r} is not a size such as '4GB' or '512MiB'")
         return value
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline import incremental
 from pipeline.config import DuckDBConfig, ExtractConfig, RunConfig, SourceConfig, WindowConfig
 from pipeline.contract import EVENTS, IMAGES, open_source
-from pipeline.errors import DataContractError
+from pipeline.errors import DataContractError, StageError
 from pipeline.propensity import Propensities, examination_propensities
 from pipeline.runs import source_files
 
@@ -32,6 +32,7 @@ REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "out
            "duplicate", "query_too_long", "bot")
 PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufeff]")
 PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
 TEXT_CONTEXT = 77  # open_clip's text context: longer queries are counted, then truncated or quarantined
 
@@ -45,8 +46,10 @@ class ExtractResult:
 
 
 def normalise_query(text: str, strip_punctuation: bool = False) -> str:
-    """NFKC, case folding, optional punctuation stripping, whitespace collapse."""
+    """NFKC, case folding, control characters and byte-order marks to spaces, optional punctuation
+    stripping, whitespace collapse."""
     text = unicodedata.normalize("NFKC", text).casefold()
+    text = CONTROL.sub(" ", text)
     if strip_punctuation:
         text = PUNCTUATION.sub(" ", text)
     return WHITESPACE.sub(" ", text).strip()
@@ -64,6 +67,8 @@ def connect(settings: DuckDBConfig) -> duckdb.DuckDBPyConnection:
     if settings.temp_directory:
         settings.temp_directory.mkdir(parents=True, exist_ok=True)
         con.execute("SET temp_directory = ?", [str(settings.temp_directory)])
+    if settings.max_temp_directory_size:
+        con.execute("SET max_temp_directory_size = ?", [settings.max_temp_directory_size])
     return con
 
 
@@ -178,7 +183,26 @@ def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> Extract
     """Read the events and catalog sources, classify every impression, write pairs and quarantine.
 
     With `extract.incremental`, only partitions the watermark lacks are read, and their statistics
-    are merged with those kept from earlier runs (see pipeline.incremental)."""
+    are merged with those kept from earlier runs (see pipeline.incremental).
+    Running out of memory and spill space is a clear StageError, not a crash."""
+    settings = cfg.extract.duckdb
+    try:
+        return _extract(cfg, out_dir, run_id)
+    except duckdb.OutOfMemoryException as exc:
+        raise StageError(
+            f"extract ran out of memory: DuckDB's memory_limit is {settings.memory_limit} and spilling to "
+            f"{settings.temp_directory or 'its default temp directory'} failed "
+            f"(max_temp_directory_size {settings.max_temp_directory_size or 'unset'}). Raise "
+            f"extract.duckdb.memory_limit, free disk space, or shorten the window. DuckDB said: "
+            f"{str(exc).splitlines()[0]}") from None
+    except duckdb.IOException as exc:
+        if "space" not in str(exc).lower():
+            raise
+        raise StageError(f"extract could not write: the disk under {settings.temp_directory or out_dir} is full "
+                         f"({str(exc).splitlines()[0]})") from None
+
+
+def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult:
     ecfg = cfg.extract
     con = connect(ecfg.duckdb)
     files, since, until = window_files(cfg.data.events, ecfg.window)

@@ -199,6 +199,14 @@ class ClipFineTuner(L.LightningModule):
             if hasattr(sampler, "start_at_epoch"):
                 sampler.start_at_epoch(self.current_epoch)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A non-finite gradient stops training before it reaches the weights: the checkpoints keep
+        the last good state, and the promotion gate `no_nan` fails."""
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.model.parameters()):
+            self.saw_nan = True
+            self.trainer.should_stop = True
+            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left as they are
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -340,7 +348,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
     trainer.fit(module, train_loader,
                 _loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False),
-                ckpt_path=resume)
+                ckpt_path=resume, weights_only=True)  # resuming never unpickles arbitrary objects
     seconds = time.perf_counter() - started
     if trainer.global_rank > 0:
         # Lightning's DDP re-runs our command line for ranks > 0; rank 0 alone writes the results

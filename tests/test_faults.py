@@ -1,0 +1,159 @@
+"""Fault injection: broken inputs, hostile artifacts, resource exhaustion, NaN, and SIGKILL at a
+random point of each stage followed by a rerun."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.errors import StageError
+from tests.conftest import shop_config
+from tests.fault_corpus import CASES, run_case
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_corpus(case, tmp_path):
+    result = run_case(case, tmp_path)
+    assert result["passed"], result["detail"]
+
+
+def _split_inputs(tiny_shop, work, **sections):
+    from pipeline.extract import extract
+    from pipeline.split import split
+
+    cfg = shop_config(tiny_shop, work, **sections)
+    for stage in ("extract", "split"):
+        (work / stage).mkdir(parents=True, exist_ok=True)
+    return cfg, split(cfg, extract(cfg, work / "extract").pairs, work / "split")
+
+
+class Payload:
+    """Unpickling this runs code: what a hostile checkpoint would carry."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['CLICKCLIP_PWNED']}",))
+
+
+def test_a_hostile_lightning_checkpoint_is_refused_not_unpickled(tiny_shop, tmp_path, monkeypatch):
+    from pipeline.train import train
+
+    cfg, split_result = _split_inputs(tiny_shop, tmp_path, train={"epochs": 1})
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CLICKCLIP_PWNED", str(marker))
+    (tmp_path / "train" / "lightning").mkdir(parents=True)
+    with (tmp_path / "train" / "lightning" / "last.ckpt").open("wb") as handle:
+        pickle.dump({"state_dict": Payload()}, handle)
+    with pytest.raises(pickle.UnpicklingError):
+        train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "hostile")
+    assert not marker.exists()
+
+
+def test_nan_stops_training_keeps_finite_weights_and_fails_the_gate(tiny_shop, tmp_path):
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from pipeline.config import PromoteConfig
+    from pipeline.promote import GateInputs, decide
+    from pipeline.train import train
+
+    class PoisonBatch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 45:  # in the second epoch: the first has a good checkpoint
+                batch[0].fill_(float("nan"))
+
+    cfg, split_result = _split_inputs(tiny_shop, tmp_path, train={"epochs": 3})
+    result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "nan", [PoisonBatch()])
+    assert not result.summary["finished_without_nan"]
+    assert result.summary["steps"] < 3 * 38  # it stopped early
+    weights = load_file(result.model_dir)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    promoted, reason, _ = decide({"baseline": "start", "models": {"candidate": {"recall@10": 0.9},
+                                                                   "start": {"recall@10": 0.1}},
+                                  "delta_vs_baseline": {"recall@10": {"mean": 0.8, "low": 0.7, "high": 0.9}}},
+                                 PromoteConfig(), GateInputs(0.0, True, result.summary["finished_without_nan"]))
+    assert not promoted and "no_nan" in reason
+
+
+def test_too_little_memory_and_spill_space_is_a_clear_error(tiny_shop, tmp_path):
+    from pipeline.extract import extract
+
+    cfg = shop_config(tiny_shop, tmp_path, extract={"duckdb": {
+        "memory_limit": "4MB", "threads": 1, "temp_directory": str(tmp_path / "spill"),
+        "max_temp_directory_size": "64KB"}})
+    with pytest.raises(StageError, match=r"out of memory.*memory_limit is 4MB.*spill"):
+        extract(cfg, tmp_path)
+
+
+# ---- SIGKILL anywhere, rerun, same artifacts ----------------------------------------------------
+
+DETERMINISTIC = {"extract": ("pairs", "quarantine", "propensity"),
+                 "split": ("images", "image_quarantine", "pairs", "pairs_excluded", "leak_audit"),
+                 "train": ("weights",)}
+TIMINGS = {"run_id", "search", "reindex"}  # the parts of evaluate's metrics that measure this machine
+
+
+def _cli(config: Path, stage: str, work: Path, kill_after: float | None = None) -> int:
+    command = [str(Path(sys.executable).with_name("clickclip")), stage, "--config", str(config), "--run-id", "x"]
+    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            process.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+    _, err = process.communicate(timeout=900)
+    assert process.returncode in (0, -signal.SIGKILL), err[-3000:]
+    return process.returncode
+
+
+def _pipeline_dir(tiny_shop, work: Path) -> Path:
+    work.mkdir(parents=True)
+    cfg = shop_config(tiny_shop, work, train={"epochs": 2})
+    config = work / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return config
+
+
+def _manifest(work: Path) -> dict:
+    return json.loads((work / "runs" / "x" / "manifest.json").read_text())["stages"]
+
+
+@pytest.mark.e2e
+def test_sigkill_at_a_random_point_of_each_stage_then_rerun_gives_the_same_artifacts(tiny_shop, tmp_path):
+    reference = _pipeline_dir(tiny_shop, tmp_path / "reference")
+    for stage in ("extract", "split", "train", "evaluate", "promote"):
+        assert _cli(reference, stage, tmp_path / "reference") == 0
+    expected = _manifest(tmp_path / "reference")
+
+    crashed = _pipeline_dir(tiny_shop, tmp_path / "crashed")
+    rng = np.random.default_rng(int(time.time()))
+    kills = {}
+    for stage in ("extract", "split", "train", "evaluate", "promote"):
+        # interpreter start-up is ~3 s; then anywhere within the stage's own running time
+        delay = float(rng.uniform(1.0, 3.0 + expected[stage]["seconds"]))
+        kills[stage] = (round(delay, 2), _cli(crashed, stage, tmp_path / "crashed", kill_after=delay))
+        assert _cli(crashed, stage, tmp_path / "crashed") == 0, kills
+    got = _manifest(tmp_path / "crashed")
+    print(f"kill points (seconds, exit): {kills}")
+    assert any(code == -signal.SIGKILL for _, code in kills.values()), kills  # at least one landed mid-stage
+    for stage, outputs in DETERMINISTIC.items():
+        for name in outputs:
+            assert got[stage]["outputs"][name]["sha256"] == expected[stage]["outputs"][name]["sha256"], (
+                stage, name, kills)
+    metrics = [json.loads((tmp_path / side / "runs" / "x" / "evaluate" / "metrics.json").read_text())
+               for side in ("reference", "crashed")]
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics][0] == \
+        [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics][1]
+    assert got["promote"]["summary"]["promoted"] == expected["promote"]["summary"]["promoted"]
+    assert got["promote"]["summary"]["version"] == "1"  # one registered version despite the kill
+    assert not list((tmp_path / "crashed" / "runs" / "x").glob(".*.partial"))

@@ -15,3 +15,4 @@ informative AS (
 SELECT i.pair, c.position, c.clicks::BIGINT AS clicks, c.impressions::BIGINT AS impressions
 FROM counts AS c
 JOIN informative AS i USING (query, image_id)
+ORDER BY i.pair, c.position  -- a fixed order keeps the EM's float sums, and so the weights, bit-identical

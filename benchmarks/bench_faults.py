@@ -1,0 +1,63 @@
+"""Fault injection tally: the bad-input corpus and the fault scenarios, and how many ended as expected.
+
+    python benchmarks/bench_faults.py                 # corpus + scenario tests (a few minutes)
+    python benchmarks/bench_faults.py --corpus-only   # the 19 bad-input cases only (~20 s)
+
+The corpus is tests/fault_corpus.py (each case: broken input -> expected quarantine reasons or a
+clear error). The scenarios are the fault tests run through pytest: SIGKILL at a random point of
+every stage then rerun (same artifacts), an interrupted promotion finished by its rerun, a second
+run on a locked folder, a killed lock holder, a hostile checkpoint, NaN in training, memory and
+spill exhaustion, and a training killed mid-epoch that resumes to the same weights.
+Last line: one JSON object {scenarios, passed, rows_in, rows_out, rows_quarantined}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fault_corpus import run_all  # noqa: E402
+
+SCENARIOS = [
+    "tests/test_faults.py::test_sigkill_at_a_random_point_of_each_stage_then_rerun_gives_the_same_artifacts",
+    "tests/test_faults.py::test_a_hostile_lightning_checkpoint_is_refused_not_unpickled",
+    "tests/test_faults.py::test_nan_stops_training_keeps_finite_weights_and_fails_the_gate",
+    "tests/test_faults.py::test_too_little_memory_and_spill_space_is_a_clear_error",
+    "tests/test_runs.py",
+    "tests/test_train.py::test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights",
+    "tests/test_e2e.py::test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus-only", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        results = run_all(Path(folder))
+    for r in results:
+        print(("ok   " if r["passed"] else "FAIL ") + f"{r['case']}: {r['detail'][:160]}")
+    scenarios, passed = len(results), sum(r["passed"] for r in results)
+    if not args.corpus_only:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SCENARIOS],
+                              cwd=ROOT, capture_output=True, text=True)
+        tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|error)", tail)}
+        print(f"fault scenarios through pytest: {tail}")
+        scenarios += sum(counts.values())
+        passed += counts.get("passed", 0)
+    print(json.dumps({"scenarios": scenarios, "passed": passed, "rows_in": sum(r["rows_in"] for r in results),
+                      "rows_out": sum(r["rows_out"] for r in results),
+                      "rows_quarantined": sum(r["rows_quarantined"] for r in results)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -157,6 +157,14 @@ class Run:
         return self.root / f".{stage}.partial"
 
     def begin(self, stage: str) -> None:
+        """Start (or resume) a stage's partial folder; one left by an attempt with another
+        fingerprint (config or inputs changed under a fixed --run-id) is discarded, never resumed."""
+        partial, fingerprint = self.partial_dir(stage), self.fingerprint(stage)
+        marker = partial / ".fingerprint"
+        if partial.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
         self.running.add(stage)
 
     def publish(self, stage: str, outputs: dict[str, Path]) -> dict[str, Path]:
@@ -166,6 +174,7 @@ class Run:
         records the stage, no later run reuses it."""
         partial, final = self.partial_dir(stage), self.root / stage
         self.running.discard(stage)
+        (partial / ".fingerprint").unlink(missing_ok=True)
         if final.exists():
             old = self.root / f".{stage}.old"
             shutil.rmtree(old, ignore_errors=True)

@@ -43,3 +43,25 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with atomic_write(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole"
+
+
+def test_a_partial_stage_folder_is_resumed_only_under_the_same_fingerprint(tiny_shop, tmp_path):
+    from pipeline.runs import open_run
+    from tests.conftest import shop_config
+
+    run = open_run(shop_config(tiny_shop, tmp_path), run_id="r")
+    run.begin("train")
+    (run.stage_dir("train") / "last.ckpt").write_text("epoch 3")
+    run.running.discard("train")  # the process died here
+
+    again = open_run(shop_config(tiny_shop, tmp_path), run_id="r")
+    again.begin("train")
+    assert (again.stage_dir("train") / "last.ckpt").read_text() == "epoch 3"  # same config: resumable
+    again.running.discard("train")
+
+    changed = open_run(shop_config(tiny_shop, tmp_path, train={"learning_rate": 0.5}), run_id="r")
+    changed.begin("train")
+    assert not (changed.stage_dir("train") / "last.ckpt").exists()  # another config: never resumed
+    outputs = changed.publish("train", {"weights": changed.stage_dir("train") / "w.bin"})
+    assert outputs["weights"] == tmp_path / "runs" / "r" / "train" / "w.bin"
+    assert not (tmp_path / "runs" / "r" / ".train.partial").exists()

@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config import PromoteConfig, RunConfig
 from pipeline.evaluate import CHECKPOINT_ARTIFACT
 from pipeline.onnx_export import export_onnx
-from pipeline.tracking import ensure_experiment, tracking_uri
+from pipeline.tracking import ensure_experiment, public_config, redact_uri, tracking_uri
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "open_clip_torch", "pillow", "pandas", "numpy", "safetensors"]
@@ -92,7 +92,7 @@ def _log_run(cfg: RunConfig, evaluation: dict, artifacts: list[Path], model_dir:
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]))
-    mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+    mlflow.log_params(flatten(public_config(cfg)))
     for model, values in evaluation["models"].items():
         mlflow.log_metrics({f"eval.{model}.{k.replace('@', '_at_')}": v for k, v in values.items()})
     mlflow.log_metrics({f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()})
@@ -160,7 +160,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
         "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
         "onnx_parity_max_abs_diff": onnx["parity_max_abs_diff"] if onnx else None,
-        "tracking_uri": _redact(uri),
+        "tracking_uri": redact_uri(uri),
         "champion_uri": f"models:/{pcfg.model_name}@champion",
     }
     decision = out_dir / "promotion.json"
@@ -174,14 +174,6 @@ def _move_champion(client, name: str, version: str) -> None:
     if current is not None and str(current) != str(version):
         client.set_registered_model_alias(name, "previous", current)
     client.set_registered_model_alias(name, "champion", version)
-
-
-def _redact(uri: str) -> str:
-    """Hide credentials in a tracking URI before it is written anywhere."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
 
 
 def _who() -> str:

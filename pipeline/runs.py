@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.errors import ClickclipError
+from pipeline.tracking import public_config
 
 STAGES = ("extract", "split", "train", "evaluate", "promote")
 
@@ -243,7 +244,7 @@ class Run:
 
     def save(self) -> None:
         self.manifest.update(run_id=self.run_id, git_commit=git_commit(), inputs=self.inputs,
-                             config=self.config.model_dump(mode="json"))
+                             config=public_config(self.config))
         with atomic_write(self.manifest_path) as tmp:
             tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.config import PromoteConfig
+from pipeline.config import PromoteConfig, RunConfig
 
 DEFAULT_STORE = Path("mlruns")
 
@@ -35,3 +35,19 @@ def ensure_experiment(name: str, uri: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def redact_uri(uri: str) -> str:
+    """Hide credentials in a tracking URI before it is written anywhere."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def public_config(cfg: RunConfig) -> dict:
+    """The run config as JSON for manifests and MLflow params, with credentials redacted."""
+    tree = cfg.model_dump(mode="json")
+    if tree["promote"].get("tracking_uri"):
+        tree["promote"]["tracking_uri"] = redact_uri(tree["promote"]["tracking_uri"])
+    return tree

@@ -1,7 +1,8 @@
 import pytest
 
 from pipeline.config import PromoteConfig
-from pipeline.promote import GateInputs, _redact, decide, flatten
+from pipeline.promote import GateInputs, decide, flatten
+from pipeline.tracking import redact_uri as _redact
 
 
 def _evaluation(candidate, baseline_value, baseline="champion", low=None):
@@ -107,3 +108,16 @@ def test_rollback_and_forced_promotion(registry):
     assert tags["clickclip.decision"] == "forced" and tags["clickclip.force_reason"].startswith("hotfix")
     with pytest.raises(ValueError, match="reason"):
         force_promote(cfg, "2", reason=" ")
+
+
+def test_credentials_never_reach_the_manifest_or_mlflow_params(tiny_shop, tmp_path):
+    from pipeline.runs import open_run
+    from pipeline.tracking import public_config
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path, promote={"tracking_uri": "https://ci-bot:s3cr3t@mlflow.internal:5000"})
+    run = open_run(cfg, run_id="r")
+    run.save()
+    assert "s3cr3t" not in run.manifest_path.read_text()
+    assert "s3cr3t" not in str(flatten(public_config(cfg)))
+    assert flatten(public_config(cfg))["promote.tracking_uri"] == "https://***@mlflow.internal:5000"

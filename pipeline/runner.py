@@ -133,6 +133,6 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
         f"decision on {metric}: {verdict} — {decision['reason']}",
         f"registered: {decision['model_name']} version {decision['version']}",
         f"champion: {decision['champion_uri']}",
-        f"report: {cfg.reports_dir / run.run_id / 'recall.md'}",
+        f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)",
     ]
     return "\n".join(lines)

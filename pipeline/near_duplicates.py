@@ -6,8 +6,10 @@ only new or changed files.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from itertools import combinations
 from math import comb
@@ -53,10 +55,21 @@ def _hash_one(args: tuple[str, str, str, int]) -> tuple[str | None, str | None]:
     return str(HASHERS[method](image, hash_size=size)), None
 
 
+def _die_with_parent() -> None:
+    """Pool workers end with the process that started them, even when it is SIGKILLed: otherwise
+    they wait forever on a queue nobody feeds, holding its pipes open."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return  # not glibc Linux: workers still end when the pool's queue closes on a clean exit
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _parallel(function, jobs: list, description: str) -> list:
     workers = max(1, min(os.cpu_count() or 1, 8))
     results = []
-    with Progress(transient=False) as progress, ProcessPoolExecutor(workers) as pool:
+    with Progress(transient=False) as progress, ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
         task = progress.add_task(description, total=len(jobs))
         for result in pool.map(function, jobs, chunksize=64):
             results.append(result)

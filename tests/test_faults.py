@@ -111,7 +111,8 @@ def _cli(config: Path, stage: str, work: Path, kill_after: float | None = None) 
             process.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
-    _, err = process.communicate(timeout=900)
+    # a timeout here means a killed stage left children holding its pipes (orphaned pool workers)
+    _, err = process.communicate(timeout=300)
     assert process.returncode in (0, -signal.SIGKILL), err[-3000:]
     return process.returncode
 
@@ -157,3 +158,35 @@ def test_sigkill_at_a_random_point_of_each_stage_then_rerun_gives_the_same_artif
     assert got["promote"]["summary"]["promoted"] == expected["promote"]["summary"]["promoted"]
     assert got["promote"]["summary"]["version"] == "1"  # one registered version despite the kill
     assert not list((tmp_path / "crashed" / "runs" / "x").glob(".*.partial"))
+
+
+ORPHAN = """
+import time
+from pipeline.near_duplicates import _parallel
+
+def slow(x):
+    time.sleep(60)
+    return x
+
+if __name__ == "__main__":
+    _parallel(slow, list(range(4)), "hashing")
+"""
+
+
+def test_pool_workers_die_with_a_sigkilled_stage(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    workers: list[str] = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the pool never started"
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)  # returns only once no orphaned worker holds the stderr pipe
+    time.sleep(0.5)
+    alive = [w for w in workers
+             if Path(f"/proc/{w}").exists() and "State:\tZ" not in Path(f"/proc/{w}/status").read_text()]
+    assert not alive

@@ -29,7 +29,7 @@ from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import generate  # noqa: E402
 from pipeline.images import load_rgb, resolve_image_path  # noqa: E402
 from pipeline.model import embed_images, embed_texts, starting_model  # noqa: E402
-from pipeline.search import _flat, gpu_available, normalise, search  # noqa: E402
+from pipeline.search import flat_index, gpu_available, normalise, search  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -79,7 +79,7 @@ def main() -> None:
     queries = normalise(queries + 0.2 * np.random.default_rng(1).standard_normal(queries.shape).astype(np.float32))
 
     started = time.perf_counter()
-    _, exact = _flat(gallery, device == "gpu").search(queries, args.k)
+    _, exact = flat_index(gallery, device == "gpu").search(queries, args.k)
     exact_seconds = time.perf_counter() - started
     print(f"exact search ({device}): {args.queries:,} queries x {args.gallery:,} images in {exact_seconds:.2f} s")
     _, info = search(queries, gallery, args.k, ann_min_gallery=1, use_gpu=device == "gpu")

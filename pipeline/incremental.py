@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -141,7 +142,7 @@ def commit(plan: IncrementalPlan, stats: Path, days: list[date]) -> None:
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     name = f"stats-{plan.run_id}.parquet"
     with atomic_write(plan.state_dir / name) as tmp:
-        tmp.write_bytes(stats.read_bytes())
+        shutil.copyfile(stats, tmp)
     current = plan.state_dir / "current.json"
     before = json.loads(current.read_text()) if current.is_file() else None
     if before and before.get("run_id") == plan.run_id:

@@ -174,7 +174,6 @@ class Run:
         Until this rename nothing of the attempt is visible under `<stage>/`, and until the manifest
         records the stage, no later run reuses it."""
         partial, final = self.partial_dir(stage), self.root / stage
-        self.running.discard(stage)
         (partial / ".fingerprint").unlink(missing_ok=True)
         if final.exists():
             old = self.root / f".{stage}.old"

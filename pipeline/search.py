@@ -44,19 +44,12 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _flat(gallery: np.ndarray, use_gpu: bool):
+def flat_index(gallery: np.ndarray, use_gpu: bool):
     index = faiss.IndexFlatIP(gallery.shape[1])
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(gallery)
     return index
-
-
-def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int, use_gpu: bool | None = None) -> np.ndarray:
-    """Indices of the top-k gallery items per query by cosine similarity, shape (n_queries, k)."""
-    use_gpu = gpu_available() if use_gpu is None else use_gpu
-    _, neighbours = _flat(normalise(gallery), use_gpu).search(normalise(queries), min(k, gallery.shape[0]))
-    return neighbours
 
 
 def search(queries: np.ndarray, gallery: np.ndarray, k: int, ann_min_gallery: int,
@@ -67,7 +60,7 @@ def search(queries: np.ndarray, gallery: np.ndarray, k: int, ann_min_gallery: in
     k = min(k, gallery.shape[0])
     started = time.perf_counter()
     if len(gallery) < ann_min_gallery:
-        index = _flat(gallery, use_gpu)
+        index = flat_index(gallery, use_gpu)
         built = time.perf_counter()
         _, neighbours = index.search(queries, k)
         return neighbours, SearchInfo("flat", "gpu" if use_gpu else "cpu", time.perf_counter() - built,
@@ -80,6 +73,6 @@ def search(queries: np.ndarray, gallery: np.ndarray, k: int, ann_min_gallery: in
     _, neighbours = index.search(queries, k)
     seconds = time.perf_counter() - built
     sample = np.random.default_rng(0).choice(len(queries), min(ANN_CHECK_QUERIES, len(queries)), replace=False)
-    _, exact = _flat(gallery, use_gpu).search(queries[sample], k)
+    _, exact = flat_index(gallery, use_gpu).search(queries[sample], k)
     found = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(neighbours[sample], exact, strict=True))
     return neighbours, SearchInfo("hnsw", "cpu", seconds, built - started, round(found / exact.size, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,13 @@ def shop_config(shop: Path, work: Path, **sections) -> RunConfig:
         tree.setdefault(section, {}).update(values)
     (work / "mlruns").mkdir(parents=True, exist_ok=True)
     return RunConfig.model_validate(tree)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now, for servers the tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

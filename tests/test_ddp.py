@@ -2,7 +2,6 @@
 of one process over the full batch, so negatives really are global across ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import TrainConfig
 from pipeline.model import encode_text, starting_model
 from pipeline.train import WeightedClipLoss
+from tests.conftest import free_port
 
 WORLD = 2
 BATCH = 8
@@ -56,16 +56,10 @@ def _rank(rank: int, port: int, weighted: bool, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("weighted", [False, True])
 def test_ddp_loss_and_gradients_equal_the_single_process_full_batch(tmp_path, weighted):
     out = str(tmp_path / "grads")
-    mp.start_processes(_rank, args=(_free_port(), weighted, out), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), weighted, out), nprocs=WORLD, join=True, start_method="spawn")
 
     model, images, tokens, weights = _batch()
     single = Step(model, WeightedClipLoss())(images, tokens, weights if weighted else None)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.model import embed_texts, load_checkpoint
-from tests.conftest import shop_config
+from tests.conftest import free_port, shop_config
 
 pytestmark = pytest.mark.e2e
 
@@ -133,14 +133,6 @@ def test_html_report_renders_in_headless_chromium_without_broken_images(first_an
     assert images >= 5 and broken == 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _venv_path() -> str:
     """PATH with this interpreter's bin first: mlflow starts uvicorn from there."""
     import os
@@ -198,7 +190,7 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
 
     cfg, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/clickclip-tiny@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -286,7 +278,7 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
 
     cfg, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -34,14 +34,15 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.model import save_checkpoint, starting_model  # noqa: E402
-from pipeline.train import ClipFineTuner  # noqa: E402
+from pipeline.model import save_checkpoint, split_transform, starting_model  # noqa: E402
+from pipeline.train import ClipFineTuner, TokenizingCollate  # noqa: E402
 
 WORDS = ("navy", "red", "striped", "linen", "dress", "trainers", "mug", "lamp", "wool", "coat", "oak", "desk")
 
 
 class SyntheticPairs(Dataset):
-    """Items shaped like PairDataset's: one fixed photo through the train transform, short queries."""
+    """Items shaped like PairDataset's: one fixed photo through the train transform's host part
+    (uint8, normalised on the device as in training), short queries."""
 
     def __init__(self, transform, size: int, image_size: int):
         rng = np.random.default_rng(0)
@@ -66,27 +67,37 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def run_ours(args, negatives: str, batch: int) -> tuple[float, float | None]:
+def run_ours(args, negatives: str, batch: int, steps: int | None = None, warmup: int | None = None,
+             compile: bool = False) -> tuple[float, float | None]:
     """Steady-state samples/s and peak GPU memory (GB) of the real ClipFineTuner under Lightning."""
+    steps, warmup = steps or args.steps, warmup or args.warmup_steps
     cfg = TrainConfig(model=args.model, batch_size=batch, negatives=negatives, micro_batch_size=args.micro_batch,
                       memory_bank_size=args.memory_bank, memory_bank_warmup_steps=0, precision=args.precision,
-                      accelerator="gpu" if args.cuda else "cpu", warmup_steps=1, compile=args.compile,
+                      accelerator="gpu" if args.cuda else "cpu", warmup_steps=1, compile=compile,
                       num_workers=args.workers)
     bundle = starting_model(cfg)
+    if compile:  # as train() does: in place
+        bundle.model.visual.compile()
+        bundle.model.transformer.compile()
     image_size = bundle.model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, tuple | list) else image_size
-    dataset = SyntheticPairs(bundle.preprocess_train, batch * (args.steps + args.warmup_steps), image_size)
-    loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, pin_memory=args.cuda, drop_last=True,
-                        persistent_workers=args.workers > 0)
+    dataset = SyntheticPairs(split_transform(bundle.preprocess_train)[0], batch * (steps + warmup), image_size)
+    # every worker builds whole batches: bound what is in flight (uint8 pixels) to about --loader-gb
+    batch_gb = batch * 3 * image_size**2 / 2**30
+    workers = max(1, min(args.workers, int(args.loader_gb / batch_gb))) if args.workers else 0
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=args.cuda, drop_last=True,
+                        collate_fn=TokenizingCollate(bundle.tokenizer),
+                        persistent_workers=workers > 0, prefetch_factor=(2 if workers == args.workers else 1)
+                        if workers else None)
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=args.steps + args.warmup_steps, accelerator=cfg.accelerator, devices=1,
+    trainer = L.Trainer(max_steps=steps + warmup, accelerator=cfg.accelerator, devices=1,
                         precision=args.precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                         limit_val_batches=0, num_sanity_val_steps=0)
     if args.cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(ClipFineTuner(bundle, cfg), loader)
-    steady = timer.times[args.warmup_steps - 1:]
+    steady = timer.times[warmup - 1:]
     per_s = batch * (len(steady) - 1) / (steady[-1] - steady[0])
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.cuda else None
     return per_s, peak
@@ -134,13 +145,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--grad-cache-steps", type=int, default=None,
+                        help="steady steps at the grad-cache batch (one warm-up step before them)")
+    parser.add_argument("--grad-cache-max-batch", type=int, default=None,
+                        help="also run one grad-cache batch this large, for its peak memory")
+    parser.add_argument("--loader-gb", type=float, default=24.0,
+                        help="host memory for batches in flight from the loader workers")
+    parser.add_argument("--compile", action="store_true", help="also time our trainer with torch.compile")
     args = parser.parse_args()
     args.cuda = torch.cuda.is_available() and not args.smoke
     big = {"model": "ViT-B-32", "batch": 1024, "micro_batch": 1024, "grad_cache_batch": 32768,
-           "memory_bank": 16384, "steps": 30, "warmup_steps": 5, "workers": 12, "precision": "bf16-mixed"}
+           "memory_bank": 16384, "steps": 30, "warmup_steps": 5, "workers": 12, "precision": "bf16-mixed",
+           "grad_cache_steps": 3, "grad_cache_max_batch": 65536}
     tiny = {"model": "ClickCLIP-Tiny", "batch": 32, "micro_batch": 16, "grad_cache_batch": 128,
-            "memory_bank": 256, "steps": 4, "warmup_steps": 2, "workers": 0, "precision": "32-true"}
+            "memory_bank": 256, "steps": 4, "warmup_steps": 2, "workers": 0, "precision": "32-true",
+            "grad_cache_steps": 3, "grad_cache_max_batch": 256}
     for key, value in (big if args.cuda else tiny).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -155,9 +174,16 @@ def main() -> None:
     if theirs:
         print(f"open_clip_train.main (synthetic, batch {args.batch}): {theirs:,.0f} samples/s; "
               f"ratio {ours / theirs:.2f}")
-    cached, cached_peak = run_ours(args, "grad_cache", args.grad_cache_batch)
+    compiled = run_ours(args, "in_batch", args.batch, compile=True)[0] if args.compile else None
+    if compiled:
+        print(f"ours, torch.compile (in-batch, batch {args.batch}): {compiled:,.0f} samples/s")
+    cached, cached_peak = run_ours(args, "grad_cache", args.grad_cache_batch, args.grad_cache_steps, 1)
     print(f"grad cache (effective {args.grad_cache_batch} from {args.micro_batch}): {cached:,.0f} samples/s"
           + (f", peak {cached_peak:.1f} GB" if cached_peak else ""))
+    big_batch = args.grad_cache_max_batch
+    big, big_peak = run_ours(args, "grad_cache", big_batch, 1, 1)
+    print(f"grad cache (effective {big_batch} from {args.micro_batch}): {big:,.0f} samples/s"
+          + (f", peak {big_peak:.1f} GB" if big_peak else ""))
     bank, _ = run_ours(args, "memory_bank", args.batch)
     print(f"memory bank ({args.memory_bank} entries, batch {args.batch}): {bank:,.0f} samples/s")
     print(json.dumps({
@@ -167,6 +193,9 @@ def main() -> None:
         "grad_cache_effective_batch": args.grad_cache_batch, "grad_cache_samples_per_s": round(cached, 1),
         "grad_cache_peak_mem_gb": round(cached_peak, 2) if cached_peak else None,
         "memory_bank_samples_per_s": round(bank, 1),
+        "ours_compiled_samples_per_s": round(compiled, 1) if compiled else None,
+        "grad_cache_max_batch": big_batch, "grad_cache_max_batch_samples_per_s": round(big, 1),
+        "grad_cache_max_batch_peak_mem_gb": round(big_peak, 2) if big_peak else None,
     }))
 
 

@@ -24,16 +24,24 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -
     return model.encode_image(images, normalize=True), encode_text(model, tokens)
 
 
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True)
+
+
 def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, micro_batch: int,
                         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> torch.Tensor:
+                        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Accumulate into `.grad` the gradients of loss_fn over the full batch; return the loss.
 
-    images: (B, 3, H, W); tokens: (B, L); loss_fn(image_features, text_features, logit_scale)."""
+    images: (B, 3, H, W); tokens: (B, L), best in host memory (see encode_text);
+    loss_fn(image_features, text_features, logit_scale);
+    prepare: moves one micro-batch of images to the device as model input (default: `.to(device)`)."""
     device = model.logit_scale.device
+    prepare = prepare or (lambda chunk: _to_device(chunk, device))
     chunks = list(zip(images.split(micro_batch), tokens.split(micro_batch), strict=True))
     with torch.no_grad():  # `images` may sit in host memory: each micro-batch moves to the device on use
-        features = [_embed(model, i.to(device, non_blocking=True), t.to(device)) for i, t in chunks]
+        features = [_embed(model, prepare(i), t) for i, t in chunks]
     image_all = torch.cat([f[0] for f in features]).detach().requires_grad_()
     text_all = torch.cat([f[1] for f in features]).detach().requires_grad_()
     loss = loss_fn(image_all, text_all, model.logit_scale.exp())
@@ -41,8 +49,7 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     start = 0
     for image_chunk, token_chunk in chunks:
         stop = start + len(image_chunk)
-        image_features, text_features = _embed(model, image_chunk.to(device, non_blocking=True),
-                                               token_chunk.to(device))
+        image_features, text_features = _embed(model, prepare(image_chunk), token_chunk)
         surrogate = (image_features * image_all.grad[start:stop]).sum() + \
             (text_features * text_all.grad[start:stop]).sum()
         backward(surrogate)

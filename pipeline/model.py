@@ -17,6 +17,7 @@ import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import save_model
+from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
@@ -94,12 +95,16 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = 
     Exact: the text tower's attention is causal, so padding after a query's end token never
     reaches the pooled end-token feature. open_clip's CLIP adds the full positional table and so
     needs all 77 positions; this is that method with the table and mask cut to the used length.
+    Pass tokens in host memory: they are trimmed there and moved to the model's device (trimming
+    device tokens would wait for the device to finish all queued work).
     Models without a causal, end-token-pooled text tower are encoded untrimmed."""
+    device = model.token_embedding.weight.device if hasattr(model, "token_embedding") \
+        else next(model.parameters()).device
     trimmable = isinstance(model, open_clip.CLIP) and model.attn_mask is not None \
         and model.text_pool_type == "argmax"
     if not trimmable:
-        return model.encode_text(tokens, normalize=normalize)
-    return encode_text_prefix(model, trim_tokens(tokens), normalize)
+        return model.encode_text(tokens.to(device, non_blocking=True), normalize=normalize)
+    return encode_text_prefix(model, trim_tokens(tokens).to(device, non_blocking=True), normalize)
 
 
 def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -117,6 +122,44 @@ def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor, normalize: 
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
+class DeviceNormalize(torch.nn.Module):
+    """The float conversion and Normalize of open_clip's transform, applied to a uint8 batch on the device.
+
+    Data loaders then move uint8 pixels (a quarter of float32's bytes through host memory, pinning and
+    the bus) and skip the per-sample float arithmetic; the result is bit-identical to ToTensor +
+    Normalize on the host (same operations, same order, in float32)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # already normalised on the host
+            return images
+        return images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+
+
+def split_transform(transform: Callable) -> tuple[Callable[[Image.Image], torch.Tensor], DeviceNormalize]:
+    """Split open_clip's `Compose([..., ToTensor, Normalize])` into a host part giving uint8 CHW
+    tensors and the DeviceNormalize that finishes it on the device."""
+    steps = list(getattr(transform, "transforms", []))
+    if (len(steps) < 2 or not isinstance(steps[-1], Normalize)
+            or type(steps[-2]).__name__ not in {"ToTensor", "MaybeToTensor"}):
+        raise ConfigError(f"cannot split the image transform {transform!r}: expected it to end in "
+                          "ToTensor and Normalize, as open_clip's transforms do")
+    return Compose([*steps[:-2], PILToTensor()]), DeviceNormalize(steps[-1].mean, steps[-1].std)
+
+
+def to_best_device(bundle: ClipBundle) -> str:
+    """Move the model to the GPU when one is visible (embedding a catalog on a GPU box's CPU would
+    waste it); return the device's name."""
+    if torch.cuda.is_available():
+        bundle.model.to("cuda")
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -126,8 +169,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 def embed_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """L2-normalised text embeddings, float32, shape (len(texts), embed_dim)."""
     bundle.model.eval()
-    device = next(bundle.model.parameters()).device
-    chunks = [encode_text(bundle.model, bundle.tokenizer(batch).to(device)).float().cpu()
+    chunks = [encode_text(bundle.model, bundle.tokenizer(batch)).float().cpu()
               for batch in _batches(texts, batch_size)]
     dim = bundle.model_cfg["embed_dim"]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from open_clip.loss import ClipLoss, SigLipLoss
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.batching import EpochShuffleSampler, UniqueBatchSampler
 from pipeline.config import RunConfig, TrainConfig
@@ -33,7 +34,7 @@ from pipeline.image_cache import ImageCache
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.memory_bank import MemoryBank, key_ids, memory_bank_loss
 from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
-from pipeline.model import ClipBundle, encode_text, save_checkpoint, starting_model
+from pipeline.model import ClipBundle, encode_text, save_checkpoint, split_transform, starting_model
 from pipeline.tracking import ensure_experiment, tracking_uri
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp
@@ -47,7 +48,9 @@ class TrainResult:
 
 
 class PairDataset(Dataset):
-    """(image tensor, query text, image_id, product_id or "", pair weight) for each clicked pair."""
+    """(uint8 image tensor, query text, image_id, product_id or "", pair weight) for each clicked pair.
+
+    Images leave the dataset as uint8 CHW; ClipFineTuner normalises them on the device."""
 
     def __init__(self, pairs: pl.DataFrame, root: Path, bundle: ClipBundle, train: bool, seed: int = 0,
                  cache: ImageCache | None = None):
@@ -60,7 +63,8 @@ class PairDataset(Dataset):
         self.cache = cache
         self.train = train
         self.seed = seed
-        self.transform = bundle.preprocess_train if train else bundle.preprocess_eval
+        self.transform = split_transform(bundle.preprocess_train if train else bundle.preprocess_eval)[0]
+        self.tokenizer = bundle.tokenizer
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -81,13 +85,67 @@ class PairDataset(Dataset):
                 self.weights[index])
 
 
+class TokenizingCollate:
+    """Collate PairDataset items into [images, texts, image_ids, product_ids, weights, tokens].
+
+    The queries are tokenised here, in the loader's worker processes: open_clip's tokenizer takes
+    about 40 ms of Python per 1,024 queries, time the training process would leave the GPU idle."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list) -> list:
+        images, texts, image_ids, product_ids, weights = default_collate(items)
+        return [images, list(texts), list(image_ids), list(product_ids), weights, self.tokenizer(list(texts))]
+
+
+LOSS_BLOCK = 8192  # rows of logits per block once a (single-process) batch is larger than this
+
+
+def _rows_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor, start: int,
+                        weights: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy of rows start.. of the logits `logit_scale * queries @ keys.T`, whose
+    positives lie on the diagonal of the full matrix."""
+    logits = logit_scale * queries @ keys.T
+    labels = torch.arange(start, start + len(queries), device=logits.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    return (loss * weights).sum() if weights is not None else loss.sum()
+
+
 class WeightedClipLoss(ClipLoss):
     """open_clip's ClipLoss, with optional per-pair weights on each pair's two cross-entropy terms.
 
-    Weights are normalised to mean 1 within the batch, so uniform weights give exactly ClipLoss."""
+    Weights are normalised to mean 1 within the batch, so uniform weights give exactly ClipLoss.
+    Above `block` pairs (one process) the loss is computed in row blocks of both logit matrices,
+    each recomputed in the backward pass (activation checkpointing): every row's cross-entropy is
+    self-contained, so this is the same loss, while memory grows as block x batch instead of
+    batch² (a 65,536-pair grad-cache batch would need 2 x 16 GiB of float32 logits at once).
+    Written here because open_clip's ClipLoss always builds both full matrices."""
+
+    def __init__(self, *args, block: int = LOSS_BLOCK, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block = block
+
+    def _blockwise(self, image_features, text_features, logit_scale, weights):
+        n = image_features.shape[0]
+        w = None
+        if weights is not None:
+            w = weights.to(device=image_features.device, dtype=torch.float32)
+            w = w / w.mean()
+        total = image_features.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, self.block):
+            stop = min(start + self.block, n)
+            part = None if w is None else w[start:stop]
+            for queries, keys in ((image_features, text_features), (text_features, image_features)):
+                total = total + checkpoint(_rows_cross_entropy, queries[start:stop], keys, logit_scale, start, part,
+                                           use_reentrant=False)
+        return total / (2 * n)
 
     def forward(self, image_features, text_features, logit_scale, weights: torch.Tensor | None = None,
                 output_dict: bool = False):
+        if self.world_size == 1 and image_features.shape[0] > self.block:
+            loss = self._blockwise(image_features, text_features, logit_scale, weights)
+            return {"contrastive_loss": loss} if output_dict else loss
         if weights is None:
             return super().forward(image_features, text_features, logit_scale, output_dict=output_dict)
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
@@ -116,6 +174,7 @@ class ClipFineTuner(L.LightningModule):
             self.loss = lambda image, text, scale, weights=None: siglip(image, text, scale, self.model.logit_bias)
         else:
             self.loss = WeightedClipLoss()
+        self.normalize = split_transform(bundle.preprocess_eval)[1]
         self.saw_nan = False
         self.samplers: list = []  # the training samplers, sharded across ranks in setup()
         self.automatic_optimization = cfg.negatives != "grad_cache"
@@ -123,22 +182,28 @@ class ClipFineTuner(L.LightningModule):
             self.bank = MemoryBank(cfg.memory_bank_size, bundle.model_cfg["embed_dim"])
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
 
-    def _embed(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(texts).to(self.device)
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model.encode_image(images, normalize=True), encode_text(self.model, tokens)
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images from the loader, on the device, as the model's normalised float input."""
+        images = self.normalize(images.to(self.device, non_blocking=True))
+        return images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images
+
+    def _embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(self._pixels(images), normalize=True), encode_text(self.model, tokens)
 
     def training_step(self, batch, batch_idx):
-        images, texts, image_ids, product_ids, weights = batch
+        images, texts, image_ids, product_ids, weights, tokens = batch
         weights = weights if self.cfg.pair_weights == "extract" else None
         loss_fn = partial(self.loss, weights=weights)
         if self.cfg.negatives == "grad_cache":
-            loss = self._grad_cache_step(images, list(texts), loss_fn)
+            loss = self._grad_cache_step(images, tokens, loss_fn)
+            if not torch.isfinite(loss):  # one wait per (large) step; the other paths check gradients only
+                self.saw_nan = True
+                self.trainer.should_stop = True
+                return None
         elif self.cfg.negatives == "memory_bank":
             keys = torch.stack([key_ids(list(image_ids)), key_ids(list(product_ids)), key_ids(list(texts))],
                                dim=1).to(self.device)
-            image_features, text_features = self._embed(images, list(texts))
+            image_features, text_features = self._embed(images, tokens)
             if self.global_step >= self.cfg.memory_bank_warmup_steps:
                 loss = memory_bank_loss(image_features, text_features, self.model.logit_scale.exp(), self.bank,
                                         keys, weights)
@@ -146,27 +211,24 @@ class ClipFineTuner(L.LightningModule):
                 loss = loss_fn(image_features, text_features, self.model.logit_scale.exp())
             self.bank.enqueue(image_features, text_features, keys)
         else:
-            image_features, text_features = self._embed(images, list(texts))
+            image_features, text_features = self._embed(images, tokens)
             loss = loss_fn(image_features, text_features, self.model.logit_scale.exp())
-        if not torch.isfinite(loss):
-            self.saw_nan = True
-            self.trainer.should_stop = True
-            return None
+        # a non-finite loss is caught by the gradient check before the optimiser step: testing it
+        # here would make the host wait for the forward pass on every step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=len(texts))
         return loss
 
-    def _grad_cache_step(self, images: torch.Tensor, texts: list[str], loss_fn) -> torch.Tensor:
+    def _grad_cache_step(self, images: torch.Tensor, tokens: torch.Tensor, loss_fn) -> torch.Tensor:
         """One optimiser step over the whole batch, embedded micro-batch by micro-batch."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
-        tokens = self.tokenizer(texts).to(self.device)
         loss = grad_cache_backward(self.model, images, tokens, self.cfg.micro_batch_size, loss_fn,
-                                   self.manual_backward)
+                                   self.manual_backward, prepare=self._pixels)
         if not torch.isfinite(loss):
             return loss
         if self.cfg.gradient_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.gradient_clip, gradient_clip_algorithm="norm")
+            self.configure_gradient_clipping(optimizer, self.cfg.gradient_clip, "norm")
         optimizer.step()
         scheduler.step()
         return loss
@@ -186,11 +248,25 @@ class ClipFineTuner(L.LightningModule):
             sampler.shard(rank, world)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        if self.cfg.negatives == "grad_cache" and self.trainer.training:
-            # the whole batch stays in host memory: grad_cache moves one micro-batch at a time, so
-            # device memory does not grow with the effective batch
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        images, texts, image_ids, product_ids, weights, tokens = batch
+        if not (self.cfg.negatives == "grad_cache" and self.trainer.training):
+            # under grad_cache the whole batch stays in host memory: grad_cache moves one micro-batch
+            # at a time, so device memory does not grow with the effective batch
+            images = images.to(device, non_blocking=True)
+        # tokens stay in host memory: encode_text trims them there, without waiting on the device
+        return [images, texts, image_ids, product_ids, weights.to(device, non_blocking=True), tokens]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by norm. Without a loss scaler (32-true, bf16-mixed) the gradients are clipped directly,
+        which also works with the fused AdamW (Lightning's own clipping refuses fused optimizers);
+        16-mixed uses an unfused AdamW and Lightning's clipping, which unscales first."""
+        if not gradient_clip_val:
+            return
+        if self.cfg.precision == "16-mixed":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_train_start(self) -> None:
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it
@@ -202,7 +278,9 @@ class ClipFineTuner(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite gradient stops training before it reaches the weights: the checkpoints keep
         the last good state, and the promotion gate `no_nan` fails."""
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.model.parameters()):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # one fused norm over all gradients and one wait for the device, not one per tensor
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             self.saw_nan = True
             self.trainer.should_stop = True
             optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left as they are
@@ -212,8 +290,8 @@ class ClipFineTuner(L.LightningModule):
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def validation_step(self, batch, batch_idx):
-        images, texts, image_ids, _, _ = batch
-        image_features, text_features = self._embed(images, list(texts))
+        images, texts, image_ids, _, _, tokens = batch
+        image_features, text_features = self._embed(images, tokens)
         loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
         self.log("val/loss", loss, batch_size=len(texts), sync_dist=self.trainer.world_size > 1)
         self._val.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(),
@@ -237,7 +315,8 @@ class ClipFineTuner(L.LightningModule):
                 or "embedding" in name
             (no_decay if exempt else decay).append(param)
         # the fused kernel is one launch for all parameters instead of several per tensor (CUDA)
-        fused = all(p.is_cuda for p in decay + no_decay)
+        # (not under 16-mixed: its loss scaler must unscale before clipping, which fused steps refuse)
+        fused = all(p.is_cuda for p in decay + no_decay) and self.cfg.precision != "16-mixed"
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.learning_rate, fused=fused or None)
@@ -291,7 +370,7 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
 
 def _loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool) -> DataLoader:
     workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
-               "pin_memory": torch.cuda.is_available()}
+               "pin_memory": torch.cuda.is_available(), "collate_fn": TokenizingCollate(dataset.tokenizer)}
     if train and cfg.unique_batches:
         sampler = UniqueBatchSampler(pairs["query"].to_list(), pairs["image_id"].to_list(),
                                      pairs["product_id"].to_list(), cfg.batch_size, cfg.seed)

@@ -70,7 +70,7 @@ def test_nan_stops_training_keeps_finite_weights_and_fails_the_gate(tiny_shop, t
     class PoisonBatch(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.global_step == 45:  # in the second epoch: the first has a good checkpoint
-                batch[0].fill_(float("nan"))
+                batch[0] = torch.full(batch[0].shape, float("nan"), device=batch[0].device)  # uint8 holds no NaN
 
     cfg, split_result = _split_inputs(tiny_shop, tmp_path, train={"epochs": 3})
     result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "nan", [PoisonBatch()])

@@ -51,3 +51,29 @@ def test_trimmed_text_encoding_equals_full_context():
             full = model.encode_text(tokens, normalize=True)
             short = encode_text(model, tokens)
         torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+
+
+def test_uint8_loader_output_normalised_on_device_equals_open_clips_transform():
+    """The loader's uint8 half plus DeviceNormalize is bit-identical to open_clip's float transform,
+    for the random training crop (same seed) and the evaluation transform."""
+    from PIL import Image
+
+    from pipeline.errors import ConfigError
+    from pipeline.model import split_transform
+
+    bundle = starting_model(TrainConfig(model="ViT-B-32"))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    for transform in (bundle.preprocess_train, bundle.preprocess_eval):
+        host, normalise = split_transform(transform)
+        torch.manual_seed(7)
+        expected = transform(image)
+        torch.manual_seed(7)
+        pixels = host(image)
+        assert pixels.dtype == torch.uint8
+        assert torch.equal(normalise(pixels[None])[0], expected)
+    float_batch = torch.randn(2, 3, 8, 8)
+    assert normalise(float_batch) is float_batch  # already-normalised input passes through
+    import pytest
+
+    with pytest.raises(ConfigError, match="ToTensor and Normalize"):
+        split_transform(lambda image: image)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import generate  # noqa: E402
 from pipeline.images import load_rgb, resolve_image_path  # noqa: E402
-from pipeline.model import embed_images, embed_texts, starting_model  # noqa: E402
+from pipeline.model import embed_images, embed_texts, starting_model, to_best_device  # noqa: E402
 from pipeline.search import flat_index, gpu_available, normalise, search  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -41,7 +41,7 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
     return normalise(centres[members] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32))
 
 
-def embedding_throughput(model: str, sample: int) -> tuple[float, float, int]:
+def embedding_throughput(model: str, sample: int) -> tuple[float, float, int, str]:
     shop = CACHE / "eval-demo-600"
     if not (shop / "images.parquet").is_file():
         generate(shop, products=600, sessions=1000, seed=0)
@@ -52,13 +52,14 @@ def embedding_throughput(model: str, sample: int) -> tuple[float, float, int]:
     queries = [f"{colour} {thing}" for colour in ("navy", "red", "olive", "striped", "linen")
                for thing in ("dress", "trainers", "mug", "lamp", "coat", "beanie cap")] * (sample // 30 + 1)
     bundle = starting_model(TrainConfig(model=model))
+    embed_device = to_best_device(bundle)
     started = time.perf_counter()
     gallery = embed_images(bundle, (load_rgb(resolve_image_path(shop / "images", p)) for p in paths), 64)
     images_per_s = len(paths) / (time.perf_counter() - started)
     started = time.perf_counter()
     embed_texts(bundle, queries[:sample], 256)
     queries_per_s = sample / (time.perf_counter() - started)
-    return images_per_s, queries_per_s, gallery.shape[1]
+    return images_per_s, queries_per_s, gallery.shape[1], embed_device
 
 
 def main() -> None:
@@ -71,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     device = "gpu" if gpu_available() else "cpu"
 
-    images_per_s, queries_per_s, dim = embedding_throughput(args.model, args.embed_sample)
-    print(f"embedding ({args.model}, {device if device == 'cpu' else 'torch default device'}): "
+    images_per_s, queries_per_s, dim, embed_device = embedding_throughput(args.model, args.embed_sample)
+    print(f"embedding ({args.model} on {embed_device}): "
           f"{images_per_s:,.1f} images/s, {queries_per_s:,.0f} queries/s")
     gallery = clustered(args.gallery, dim, clusters=max(10, args.gallery // 50), seed=0)
     queries = clustered(args.queries, dim, clusters=max(10, args.gallery // 50), seed=0)[: args.queries]
@@ -86,7 +87,8 @@ def main() -> None:
     print(f"HNSW (cpu): built in {info.build_seconds:.2f} s, searched in {info.seconds:.2f} s; recall of the "
           f"exact top {args.k}: {info.ann_recall_vs_exact:.4f}")
     print(json.dumps({
-        "device": device, "model": args.model, "gallery": args.gallery, "queries": args.queries,
+        "device": device, "embed_device": embed_device, "model": args.model, "gallery": args.gallery,
+        "queries": args.queries,
         "embed_images_per_s": round(images_per_s, 1), "embed_queries_per_s": round(queries_per_s, 1),
         "exact_search_seconds": round(exact_seconds, 2), "ann_search_seconds": round(info.seconds, 2),
         "ann_build_seconds": round(info.build_seconds, 2),

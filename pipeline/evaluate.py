@@ -23,7 +23,7 @@ from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.errors import StageError
 from pipeline.images import load_rgb, resolve_image_path
 from pipeline.metrics import mean_metrics, paired_bootstrap, per_query_metrics
-from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model
+from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model, to_best_device
 from pipeline.report_html import write_html_report
 from pipeline.search import search
 from pipeline.slices import query_slices, render_slices, slice_table
@@ -95,6 +95,7 @@ def _ranked(top: np.ndarray, ids: list[str]) -> list[list[str]]:
 
 def score_model(bundle: ClipBundle, test: TestSet, root: Path, cfg: EvaluateConfig, label: str) -> ModelScores:
     """Embed the catalog and the queries with one model and score its retrieval."""
+    to_best_device(bundle)
     images = (load_rgb(resolve_image_path(root, p)) for p in
               track(test.catalog_paths, description=f"embedding catalog ({label})"))
     started = time.perf_counter()

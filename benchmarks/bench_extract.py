@@ -23,7 +23,50 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 IMAGES = 200_000
 QUERIES = 50_000
 
-GENERATE = """
+# The log of a search engine: a query's results come from its own ranked list of candidates (with a
+# little churn between sessions, so most pairs are seen at two or three positions), relevance
+# belongs to the (query, image) pair, and clicks fall off with position as 1 / (1 + 0.35 (p - 1)).
+# About 0.1% of sessions are exported twice (exact duplicates), and a few rows have an empty query
+# or an image the catalog lacks; a few bot sessions show 200 results in a minute.
+GENERATE_SEARCH = """
+WITH sessions AS (
+    SELECT s, floor($queries * pow((hash(s, 2) % 1000003) / 1000003.0, 3))::BIGINT AS q, hash(s, 7) % 3 AS churn
+    FROM range(0, $sessions) AS t(s)
+),
+impressions AS (
+    SELECT
+        TIMESTAMP '2026-10-01' + to_seconds((s % 30) * 86400 + (hash(s, 1) % 86000)::BIGINT)
+            + to_milliseconds(p * 150) AS event_ts,
+        'S' || s::VARCHAR AS session_id,
+        CASE WHEN hash(s, 10) % 20000 = 0 THEN '' ELSE 'q' || q::VARCHAR END AS query,
+        CASE WHEN hash(s, p, 9) % 20000 = 0 THEN 'X' || s::VARCHAR
+             ELSE 'I' || (hash(q, p + churn) % $images)::VARCHAR END AS image_id,
+        p::INTEGER AS position,
+        (hash(s, p, 3) % 1000) < 400 / (1 + 0.35 * (p - 1)) * ((hash(q, p + churn, 4) % 100) / 100.0) AS clicked,
+        CASE WHEN hash(s, p, 5) % 3 = 0 THEN (hash(s, p, 6) % 60000)::INTEGER END AS dwell_ms,
+        s
+    FROM sessions, range(1, 11) AS u(p)
+),
+bots AS (
+    SELECT
+        TIMESTAMP '2026-10-01' + to_seconds((b % 30) * 86400 + 3600) + to_milliseconds(i * 250) AS event_ts,
+        'B' || b::VARCHAR AS session_id,
+        'q' || (i % 50)::VARCHAR AS query,
+        'I' || (hash(b, i) % $images)::VARCHAR AS image_id,
+        (i % 10 + 1)::INTEGER AS position,
+        false AS clicked,
+        NULL::INTEGER AS dwell_ms
+    FROM range(0, $bots) AS t(b), range(0, 200) AS u(i)
+)
+SELECT * EXCLUDE (s) FROM impressions
+UNION ALL SELECT * EXCLUDE (s) FROM impressions WHERE hash(s, 8) % 1000 = 0
+UNION ALL SELECT * FROM bots
+"""
+
+# The first generator of this benchmark: every impression shows a uniformly random image, so nearly
+# every impression is a (query, image) pair of its own (9.8M pairs from 10M impressions). No search
+# log looks like that; kept with --shape uniform to compare with the first measurements.
+GENERATE_UNIFORM = """
 SELECT
     TIMESTAMP '2026-10-01' + to_seconds((s % 30) * 86400 + (hash(s, 1) % 86000)::BIGINT)
         + to_milliseconds(p * 150) AS event_ts,
@@ -32,14 +75,13 @@ SELECT
     'I' || (hash(s, p) % $images)::VARCHAR AS image_id,
     p::INTEGER AS position,
     (hash(s, p, 3) % 1000) < 400 / (1 + 0.35 * (p - 1)) * ((hash(s, p, 4) % 100) / 100.0) AS clicked,
-    CASE WHEN hash(s, p, 5) % 3 = 0 THEN (hash(s, p, 6) % 60000)::INTEGER END AS dwell_ms,
-    DATE '2026-10-01' + (s % 30)::INTEGER AS date
+    CASE WHEN hash(s, p, 5) % 3 = 0 THEN (hash(s, p, 6) % 60000)::INTEGER END AS dwell_ms
 FROM range(0, $sessions) AS t(s), range(1, 11) AS u(p)
 """
 
 
-def generate(impressions: int) -> Path:
-    out = CACHE / f"extract-{impressions}"
+def generate(impressions: int, shape: str = "search") -> Path:
+    out = CACHE / (f"extract-{impressions}" if shape == "uniform" else f"extract-{shape}-{impressions}")
     if (out / "done").is_file():
         print(f"reusing cached log in {out}")
         return out
@@ -47,13 +89,20 @@ def generate(impressions: int) -> Path:
     started = time.perf_counter()
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = false")
-    con.sql(GENERATE, params={"sessions": impressions // 10, "queries": QUERIES, "images": IMAGES}) \
-        .write_parquet(str(out / "events"), partition_by=["date"], overwrite=True)
+    if shape == "uniform":
+        log = con.sql(GENERATE_UNIFORM, params={"sessions": impressions // 10, "queries": QUERIES, "images": IMAGES})
+    else:
+        bots = impressions // 100_000
+        sessions = (impressions - 200 * bots) * 1000 // 10010  # the duplicated 0.1% included
+        log = con.sql(GENERATE_SEARCH, params={"sessions": sessions, "queries": QUERIES, "images": IMAGES,
+                                               "bots": bots})
+    log.select("*, CAST(event_ts AS DATE) AS date").write_parquet(str(out / "events"), partition_by=["date"],
+                                                                  overwrite=True)
     con.sql("SELECT 'I' || i::VARCHAR AS image_id, 'I' || i::VARCHAR || '.png' AS path, "
             "'P' || (i // 2)::VARCHAR AS product_id, NULL::VARCHAR AS title FROM range(0, $n) t(i)",
             params={"n": IMAGES}).write_parquet(str(out / "images.parquet"))
     (out / "done").write_text("ok")
-    print(f"generated {impressions:,} impressions in {time.perf_counter() - started:.1f} s into {out}")
+    print(f"generated {impressions:,} impressions ({shape}) in {time.perf_counter() - started:.1f} s into {out}")
     return out
 
 
@@ -110,12 +159,16 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="4GB")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-polars", action="store_true")
+    parser.add_argument("--shape", choices=("search", "uniform"), default="search",
+                        help="search: results come from each query's own ranked list (default); uniform: the "
+                             "first generator, a random image per impression")
     args = parser.parse_args()
-    data = generate(args.impressions)
+    data = generate(args.impressions, args.shape)
     seconds, peak_mb, summary = run_extract(data, args.memory_limit, args.threads)
     print(f"extract: {args.impressions:,} impressions in {seconds:.1f} s "
           f"({args.impressions / seconds:,.0f}/s), peak RSS {peak_mb:,.0f} MB, "
           f"kept {summary['rows_kept']:,}, quarantined {summary['rows_quarantined']:,}, pairs {summary['pairs']:,}")
+    print("extract steps (s): " + ", ".join(f"{k} {v}" for k, v in summary.get("timings_s", {}).items()))
     polars_seconds = None if args.skip_polars else run_polars(data)
     if polars_seconds is not None:
         print(f"polars lazy equivalent: {polars_seconds:.1f} s (ratio ours/polars {seconds / polars_seconds:.2f})")

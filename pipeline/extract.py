@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
+from time import perf_counter
 
 import duckdb
 import numpy as np
@@ -137,17 +139,67 @@ def _bounds(since: date | None, until: date | None) -> dict:
     return {"since": low, "until": high}
 
 
-def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig) -> None:
+def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig,
+              timings: _Timings) -> None:
+    """bot_sessions and repeated_hashes (small tables), then the view `classified` over them."""
     bots = ecfg.bots
-    con.execute("CREATE TEMP TABLE bot_sessions AS " + _sql("extract_bots.sql"), {
-        "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
-        "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
-        "max_ctr": bots.max_click_through_rate})
-    params = {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"}
     try:
-        con.execute("CREATE TEMP TABLE classified AS " + _sql("extract_classify.sql"), params)
+        with timings.step("bot_sessions"):
+            con.execute("CREATE TEMP TABLE bot_sessions AS " + _sql("extract_bots.sql"), {
+                "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
+                "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
+                "max_ctr": bots.max_click_through_rate})
+        with timings.step("duplicate_candidates"):
+            con.execute("CREATE TEMP TABLE repeated_hashes AS " + _sql("extract_duplicates.sql"))
     except duckdb.ConversionException as exc:
         raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+    con.execute("CREATE OR REPLACE TEMP TABLE classify_params AS "
+                "SELECT $since::TIMESTAMP AS since, $until::TIMESTAMP AS until, $quarantine_long AS quarantine_long",
+                {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"})
+    con.execute("CREATE OR REPLACE TEMP VIEW classified AS " + _sql("extract_classify.sql"))
+
+
+RESOLVE_DUPLICATES = """
+SELECT * REPLACE (CASE
+    WHEN reason <> 'maybe_duplicate' THEN reason
+    WHEN row_number() OVER (PARTITION BY event_ts, session_id, query, image_id, position, clicked, dwell_ms
+                            ORDER BY source_file, source_row) > 1 THEN 'duplicate'
+    WHEN (SELECT quarantine_long FROM classify_params) AND query_too_long THEN 'query_too_long'
+    WHEN bot_session THEN 'bot'
+END AS reason)
+FROM (SELECT unnest(flagged, recursive := true) FROM scanned WHERE reason IS NOT NULL)
+"""
+
+STATS = """
+SELECT day, query_norm AS query, image_id, position, sum(clicks)::BIGINT AS clicks,
+       sum(satisfied_clicks)::BIGINT AS satisfied_clicks, sum(impressions)::BIGINT AS impressions,
+       min(first_seen) AS first_seen, max(last_seen) AS last_seen
+FROM (SELECT * FROM scanned WHERE reason IS NULL UNION ALL SELECT * FROM late_scanned WHERE reason IS NULL)
+GROUP BY ALL
+"""
+
+
+def _scan(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, by_day: bool, source: SourceConfig,
+          timings: _Timings) -> None:
+    """The one pass over the log (extract_scan.sql), then the flagged rows resolved: `stats`
+    (usable rows) and `flagged` (the rest, each with its final reason).
+
+    One pass instead of a materialised copy of the log, or one pass for statistics and one for
+    the quarantine: at 100M impressions each full pass costs ~10 s of a 2-core machine."""
+    scan = _sql("extract_scan.sql")
+    params = {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "by_day": by_day}
+    try:
+        with timings.step("scan"):
+            con.execute("CREATE TEMP TABLE scanned AS " + scan, params)
+    except duckdb.ConversionException as exc:
+        raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+    with timings.step("resolve_duplicates"):
+        con.execute("CREATE TEMP TABLE flagged AS " + RESOLVE_DUPLICATES)
+        # first copies of duplicated rows are usable: summed like the rest of the scan
+        con.execute("CREATE TEMP VIEW late_usable AS SELECT * FROM flagged WHERE reason IS NULL")
+        con.execute("CREATE TEMP TABLE late_scanned AS " + scan.replace("FROM classified", "FROM late_usable"),
+                    params)
+        con.execute("CREATE TEMP TABLE stats AS " + STATS)
 
 
 def estimate_propensities(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig) -> Propensities:
@@ -202,38 +254,59 @@ def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> Extract
                          f"({str(exc).splitlines()[0]})") from None
 
 
+class _Timings(dict):
+    """Seconds per step of the stage, for the manifest: where a slow extract spends its time."""
+
+    @contextmanager
+    def step(self, name: str):
+        started = perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(perf_counter() - started, 2)
+
+
 def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult:
     ecfg = cfg.extract
     con = connect(ecfg.duckdb)
+    timings = _Timings()
     files, since, until = window_files(cfg.data.events, ecfg.window)
     plan = incremental.plan(cfg, files, since, until, run_id or out_dir.parent.name) if ecfg.incremental else None
     _open_events(con, cfg.data.events, plan.read_files if plan else files)
     open_source(con, cfg.data.images, "catalog_raw", IMAGES)
     con.execute("CREATE TEMP TABLE catalog_ids AS SELECT image_id, any_value(product_id) AS product_id "
                 "FROM catalog_raw WHERE image_id IS NOT NULL GROUP BY image_id")
-    _register_query_norms(con, ecfg.strip_punctuation)
-    _classify(con, ecfg, since, until, cfg.data.events)
-    con.execute("CREATE TEMP TABLE stats AS " + _sql("extract_daily_stats.sql"),
-                {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms})
+    with timings.step("normalise_queries"):
+        _register_query_norms(con, ecfg.strip_punctuation)
+    _classify(con, ecfg, since, until, cfg.data.events, timings)
+    _scan(con, ecfg, plan is not None, cfg.data.events, timings)
+    kept, long_kept = con.execute(
+        "SELECT coalesce(sum(impressions), 0)::BIGINT, coalesce(sum(impressions) FILTER (WHERE query IN "
+        "(SELECT query FROM query_norms WHERE too_long)), 0)::BIGINT FROM stats").fetchone()
     if plan and plan.previous_stats and plan.reused_days:
         con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
                     [str(plan.previous_stats), plan.reused_days])
 
-    propensities = estimate_propensities(con, ecfg)
+    with timings.step("propensity_em"):
+        propensities = estimate_propensities(con, ecfg)
     con.register("propensity", pa.table({"position": propensities.positions.tolist(),
                                          "examination": propensities.examination.tolist()}))
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
     pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip,
                     "max_position": ecfg.propensity.max_position}
-    con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
-    con.table("pairs").write_parquet(str(pairs_path))
-    con.sql("SELECT * EXCLUDE (query_norm, query_too_long) FROM classified WHERE reason IS NOT NULL "
-            "ORDER BY source_file, source_row").write_parquet(str(quarantine_path))
+    with timings.step("pairs"):
+        con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
+        con.table("pairs").write_parquet(str(pairs_path))
+    with timings.step("quarantine"):
+        con.sql("SELECT * EXCLUDE (query_norm, query_too_long, bot_session) FROM flagged WHERE reason IS NOT NULL "
+                "ORDER BY source_file, source_row").write_parquet(str(quarantine_path))
     propensity_path = out_dir / "propensity.json"
     propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
     plot_propensities(propensities, out_dir / "propensity.png")
-    summary = _summary(con, plan.read_files if plan else files, since, until)
+    with timings.step("summary"):
+        summary = _summary(con, plan.read_files if plan else files, since, until, quarantine_path, kept, long_kept)
     summary["propensity"] = propensities.as_dict()
+    summary["timings_s"] = timings
     if plan:
         stats_path = out_dir / "stats.parquet"
         con.sql("SELECT * FROM stats ORDER BY day, query, image_id, position").write_parquet(str(stats_path))
@@ -267,13 +340,17 @@ def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
     return bands
 
 
-def _summary(con: duckdb.DuckDBPyConnection, files, since, until) -> dict:
-    read, kept, long_kept = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE reason IS NULL), "
-        "count(*) FILTER (WHERE reason IS NULL AND query_too_long) FROM classified").fetchone()
+def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Path, kept: int,
+             long_kept: int) -> dict:
+    """Counts from the outputs themselves: kept rows from the statistics of this run's rows,
+    quarantined rows from the quarantine file; with the rows read they must add up."""
+    read = con.execute("SELECT count(*) FROM events_raw").fetchone()[0]
     by_reason = dict.fromkeys(REASONS, 0)
     by_reason.update(dict(con.execute(
-        "SELECT reason, count(*) FROM classified WHERE reason IS NOT NULL GROUP BY reason").fetchall()))
+        "SELECT reason, count(*) FROM read_parquet(?) GROUP BY reason", [str(quarantine)]).fetchall()))
+    quarantined = sum(by_reason.values())
+    if kept + quarantined != read:
+        raise StageError(f"extract lost rows: read {read:,}, kept {kept:,} + quarantined {quarantined:,}")
     pairs, queries, images, clicks, impressions = con.execute(
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
         "FROM pairs").fetchone()
@@ -282,7 +359,7 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until) -> dict:
     dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
                           "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]
     return {
-        "rows_read": read, "rows_kept": kept, "rows_quarantined": read - kept,
+        "rows_read": read, "rows_kept": kept, "rows_quarantined": quarantined,
         "quarantined_by_reason": by_reason, "pairs": pairs, "queries": queries, "images": images,
         "clicks": int(clicks or 0), "impressions_in_pairs": int(impressions or 0),
         "bot_sessions": int(bots), "long_queries_truncated": int(long_kept),

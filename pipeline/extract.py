@@ -141,16 +141,14 @@ def _bounds(since: date | None, until: date | None) -> dict:
 
 def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig,
               timings: _Timings) -> None:
-    """bot_sessions and repeated_hashes (small tables), then the view `classified` over them."""
+    """session_flags (bots, sessions that repeat a row: a small table), then the view `classified`."""
     bots = ecfg.bots
     try:
-        with timings.step("bot_sessions"):
-            con.execute("CREATE TEMP TABLE bot_sessions AS " + _sql("extract_bots.sql"), {
+        with timings.step("sessions"):
+            con.execute("CREATE TEMP TABLE session_flags AS " + _sql("extract_sessions.sql"), {
                 "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
                 "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
                 "max_ctr": bots.max_click_through_rate})
-        with timings.step("duplicate_candidates"):
-            con.execute("CREATE TEMP TABLE repeated_hashes AS " + _sql("extract_duplicates.sql"))
     except duckdb.ConversionException as exc:
         raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
     con.execute("CREATE OR REPLACE TEMP TABLE classify_params AS "
@@ -354,7 +352,7 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
     pairs, queries, images, clicks, impressions = con.execute(
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
         "FROM pairs").fetchone()
-    bots = con.execute("SELECT count(*) FROM bot_sessions").fetchone()[0]
+    bots = con.execute("SELECT count(*) FROM session_flags WHERE bot").fetchone()[0]
     # only statistics kept from earlier incremental runs can name an image the catalog since dropped
     dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
                           "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]

@@ -28,37 +28,84 @@ class Propensities:
 def examination_propensities(pair: np.ndarray, position: np.ndarray, clicks: np.ndarray,
                              impressions: np.ndarray, max_position: int, iterations: int = 100,
                              tolerance: float = 1e-7, prior: tuple[float, float] = (1.0, 1.0)) -> Propensities:
-    """EM for the PBM on aggregated rows.
+    """EM for the PBM on aggregated rows, accelerated with SQUAREM.
 
     pair: int array of pair indices (0..n_pairs-1); position: 1-based positions, capped at
     max_position by the caller; clicks <= impressions per row. Returns θ normalised to θ_1 = 1.
     `prior` is a Beta(a, b) prior on each γ (MAP-EM): click logs see most pairs only a few
     times, and without it a pair clicked once would be "certainly relevant".
+    Plain EM crawls on this model (on a 100M-impression log, θ_10 was still 17% off after 200
+    steps); SQUAREM (Varadhan & Roland 2008) extrapolates from two EM steps and keeps the result
+    only if the likelihood does not fall. `iterations` caps EM steps; it stops once the relative
+    change of the log-likelihood is below `tolerance`. Written by hand: no library in the stack
+    fits the PBM.
     """
-    a, b = prior
-    pos = position.astype(np.int64) - 1
-    clicks = clicks.astype(np.float64)
-    impressions = impressions.astype(np.float64)
-    skips = impressions - clicks
-    n_pairs = int(pair.max()) + 1 if len(pair) else 0
-    theta = np.full(max_position, 0.5)
-    per_pair_impressions = np.bincount(pair, weights=impressions, minlength=n_pairs)
-    per_position_impressions = np.bincount(pos, weights=impressions, minlength=max_position)
-    gamma = np.full(n_pairs, 0.5)
-    previous, likelihood, done = -np.inf, 0.0, 0
-    for step in range(1, iterations + 1):
-        done = step
-        t, g = theta[pos], gamma[pair]
-        p_skip = np.clip(1 - t * g, 1e-12, None)
-        # posterior shares of a skip: examined but not relevant, or relevant but not examined
-        examined = clicks + skips * t * (1 - g) / p_skip
-        relevant = clicks + skips * (1 - t) * g / p_skip
-        theta = np.bincount(pos, weights=examined, minlength=max_position) / np.maximum(per_position_impressions, 1)
-        gamma = (np.bincount(pair, weights=relevant, minlength=n_pairs) + a - 1) / (per_pair_impressions + a + b - 2)
-        theta, gamma = np.clip(theta, 1e-6, 1.0), np.clip(gamma, 1e-6, 1.0)
-        p_click = np.clip(theta[pos] * gamma[pair], 1e-12, 1 - 1e-12)
-        likelihood = float((clicks * np.log(p_click) + skips * np.log(1 - p_click)).sum())
-        if abs(likelihood - previous) < tolerance * max(1.0, abs(likelihood)):
+    model = _Pbm(pair, position, clicks, impressions, max_position, prior)
+    x = np.concatenate([np.full(max_position, 0.5), np.full(model.n_pairs, 0.5)])
+    likelihood, steps = model.log_likelihood(x), 0
+    while steps < iterations:
+        x1 = model.step(x)
+        x2 = model.step(x1)
+        steps += 2
+        r, v = x1 - x, x2 - 2 * x1 + x
+        v_norm = float(np.sqrt(v @ v))
+        if v_norm == 0.0:
+            x = x2
             break
-        previous = likelihood
-    return Propensities(np.arange(1, max_position + 1), theta / theta[0], done, likelihood)
+        alpha = min(-float(np.sqrt(r @ r)) / v_norm, -1.0)
+        jumped = np.clip(x - 2 * alpha * r + alpha * alpha * v, 1e-6, 1.0)
+        candidate = model.step(jumped)  # a stabilising EM step from the extrapolated point
+        steps += 1
+        new_likelihood = model.log_likelihood(candidate)
+        if not new_likelihood >= model.log_likelihood(x2):  # the jump overshot (or NaN): plain EM
+            candidate, new_likelihood = x2, model.log_likelihood(x2)
+        converged = abs(new_likelihood - likelihood) < tolerance * max(1.0, abs(new_likelihood))
+        x, likelihood = candidate, new_likelihood
+        if converged:
+            break
+    theta = x[:max_position]
+    return Propensities(np.arange(1, max_position + 1), theta / theta[0], steps, likelihood)
+
+
+class _Pbm:
+    """The EM map and the log-likelihood of the PBM over aggregated rows; parameters are one
+    vector, θ (max_position) then γ (one per pair), each in [1e-6, 1]."""
+
+    def __init__(self, pair, position, clicks, impressions, max_position: int, prior: tuple[float, float]):
+        self.pair, self.pos, self.max_position = pair, position.astype(np.int64) - 1, max_position
+        self.clicks = clicks.astype(np.float64)
+        self.skips = impressions.astype(np.float64) - self.clicks
+        self.n_pairs = int(pair.max()) + 1 if len(pair) else 0
+        impressions = impressions.astype(np.float64)
+        self.per_position = np.maximum(np.bincount(self.pos, weights=impressions, minlength=max_position), 1)
+        a, b = prior
+        self.prior_a, self.per_pair = a - 1, np.bincount(pair, weights=impressions, minlength=self.n_pairs) + a + b - 2
+        self.share, self.examined, self.relevant = (np.empty_like(self.clicks) for _ in range(3))
+
+    def _gathered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x[: self.max_position][self.pos], x[self.max_position:][self.pair]
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        t, g = self._gathered(x)
+        share, examined, relevant = self.share, self.examined, self.relevant
+        # posterior shares of a skip: examined but not relevant, or relevant but not examined
+        np.multiply(t, g, out=share)
+        np.subtract(1, share, out=share)
+        np.clip(share, 1e-12, None, out=share)
+        np.divide(self.skips, share, out=share)  # skips / P(skip)
+        np.subtract(1, g, out=examined)
+        examined *= t
+        examined *= share
+        examined += self.clicks
+        np.subtract(1, t, out=relevant)
+        relevant *= g
+        relevant *= share
+        relevant += self.clicks
+        theta = np.bincount(self.pos, weights=examined, minlength=self.max_position) / self.per_position
+        gamma = (np.bincount(self.pair, weights=relevant, minlength=self.n_pairs) + self.prior_a) / self.per_pair
+        return np.clip(np.concatenate([theta, gamma]), 1e-6, 1.0)
+
+    def log_likelihood(self, x: np.ndarray) -> float:
+        t, g = self._gathered(x)
+        p_click = np.clip(t * g, 1e-12, 1 - 1e-12)
+        return float((self.clicks * np.log(p_click) + self.skips * np.log1p(-p_click)).sum())

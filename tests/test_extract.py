@@ -64,6 +64,24 @@ def test_each_bad_row_gets_its_reason_and_counts_add_up(tmp_path):
     assert quarantine["source_row"].min() >= 1
 
 
+def test_duplicates_are_confirmed_on_all_seven_columns(tmp_path):
+    """Sessions where two rows share (event_ts, position) are only candidates: a different row at
+    the same time and position is kept; every later copy of a row is a duplicate; a first copy
+    still gets its own next reason."""
+    long_query = " ".join(["word"] * 80)
+    same_slot = (T0, "s1", "mug", "b", 1, False, None)  # GOOD's time and position, another row
+    long_row = (T0, "s7", long_query, "a", 2, False, None)
+    rows = [GOOD, same_slot, GOOD, GOOD, long_row, long_row]
+    cfg = _config(tmp_path, _events(rows))
+    cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"long_queries": "quarantine"})})
+    result = extract(cfg, tmp_path)
+    quarantine = pl.read_parquet(result.quarantine).sort("source_row")
+    assert quarantine.select("source_row", "reason").rows() == [
+        (3, "duplicate"), (4, "duplicate"), (5, "query_too_long"), (6, "duplicate")]
+    assert result.summary["rows_kept"] == 2
+    assert pl.read_parquet(result.pairs).sort("image_id")["image_id"].to_list() == ["a", "b"]
+
+
 def test_pairs_aggregate_normalised_queries(tmp_path):
     rows = [GOOD, (T0, "s9", "NAVY trainers ", "a", 3, True, 100), (T0, "s9", "navy trainers", "c", 1, False, None)]
     result = extract(_config(tmp_path, _events(rows)), tmp_path)

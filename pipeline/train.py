@@ -412,7 +412,8 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
                            save_last=True, save_weights_only=False)
     trainer = L.Trainer(
         max_epochs=tcfg.epochs, accelerator=tcfg.accelerator, devices=tcfg.devices,
-        gradient_clip_val=tcfg.gradient_clip if tcfg.negatives == "in_batch" else None,
+        # (grad_cache optimises manually and clips in _grad_cache_step)
+        gradient_clip_val=tcfg.gradient_clip if tcfg.negatives != "grad_cache" else None,
         strategy=tcfg.strategy, use_distributed_sampler=False,  # our samplers shard themselves
         precision=tcfg.precision, logger=logger, callbacks=[best, LearningRateMonitor("step"), *(callbacks or [])],
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)

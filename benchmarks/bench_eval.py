@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import generate  # noqa: E402
-from pipeline.images import load_rgb, resolve_image_path  # noqa: E402
-from pipeline.model import embed_images, embed_texts, starting_model, to_best_device  # noqa: E402
+from pipeline.model import default_decode_workers, embed_image_files, embed_texts, starting_model, to_best_device  # noqa: E402
 from pipeline.search import flat_index, gpu_available, normalise, search  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -54,7 +53,8 @@ def embedding_throughput(model: str, sample: int) -> tuple[float, float, int, st
     bundle = starting_model(TrainConfig(model=model))
     embed_device = to_best_device(bundle)
     started = time.perf_counter()
-    gallery = embed_images(bundle, (load_rgb(resolve_image_path(shop / "images", p)) for p in paths), 64)
+    # as the evaluate stage does: decoding in worker processes (on a GPU machine), batches of 256
+    gallery = embed_image_files(bundle, shop / "images", paths, 256, default_decode_workers())
     images_per_s = len(paths) / (time.perf_counter() - started)
     started = time.perf_counter()
     embed_texts(bundle, queries[:sample], 256)

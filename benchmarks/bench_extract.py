@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,8 +81,8 @@ FROM range(0, $sessions) AS t(s), range(1, 11) AS u(p)
 """
 
 
-def generate(impressions: int, shape: str = "search") -> Path:
-    out = CACHE / (f"extract-{impressions}" if shape == "uniform" else f"extract-{shape}-{impressions}")
+def generate(impressions: int, shape: str = "search", cache: Path = CACHE) -> Path:
+    out = cache / (f"extract-{impressions}" if shape == "uniform" else f"extract-{shape}-{impressions}")
     if (out / "done").is_file():
         print(f"reusing cached log in {out}")
         return out
@@ -112,26 +113,51 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.extract import extract
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
+extra = json.loads(sys.argv[5])
 cfg = RunConfig.model_validate({"data": {"events": {"path": str(data / "events")},
     "images": {"path": str(data / "images.parquet")}, "image_root": str(data)},
+    "state_dir": str(out / "state"),
     "extract": {"duckdb": {"memory_limit": sys.argv[3], "threads": int(sys.argv[4]),
-                            "temp_directory": str(out / "spill")}}})
+                            "temp_directory": str(out / "spill")}, **extra}})
 started = time.perf_counter()
-result = extract(cfg, out)
-print(json.dumps({"seconds": time.perf_counter() - started, "summary": result.summary}))
+result = extract(cfg, out, run_id=extra.get("window", {}).get("until", "full"))
+seconds = time.perf_counter() - started
+# this process's own peak: VmHWM restarts at exec, while getrusage's maxrss would carry over
+# whatever the parent held when it forked
+status = Path("/proc/self/status").read_text()
+peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+print(json.dumps({"seconds": seconds, "peak_mb": peak_kb / 1024, "summary": result.summary}))
 """
 
 
-def run_extract(data: Path, memory_limit: str, threads: int) -> tuple[float, float, dict]:
+def run_extract(data: Path, memory_limit: str, threads: int, extra: dict | None = None) -> tuple[float, float, dict]:
+    """One extract in a child process: its wall seconds, its own peak RSS (MB) and its summary."""
     out = data / "out"
     out.mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(out), memory_limit, str(threads)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["seconds"], peak_mb, result["summary"]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(out), memory_limit, str(threads),
+                                 json.dumps(extra or {})], stdout=stdout, stderr=stderr, text=True)
+        if proc.wait() != 0:
+            stderr.seek(0)
+            raise SystemExit(stderr.read()[-3000:])
+        stdout.seek(0)
+        result = json.loads(stdout.read().strip().splitlines()[-1])
+    return result["seconds"], result["peak_mb"], result["summary"]
+
+
+def run_incremental(data: Path, memory_limit: str, threads: int) -> dict:
+    """Incremental mode as a nightly job sees it: a first run over days 1-29 (statistics per day,
+    a watermark), then the next night's run, which reads only day 30 and merges."""
+    shutil.rmtree(data / "out" / "state", ignore_errors=True)
+    first = run_extract(data, memory_limit, threads, {"incremental": True, "window": {"until": "2026-10-29"}})
+    nightly = run_extract(data, memory_limit, threads, {"incremental": True, "window": {"until": "2026-10-30"}})
+    files_read = nightly[2]["window"]["files_read"]
+    print(f"incremental: first run (29 days) {first[0]:.1f} s, peak {first[1]:,.0f} MB; nightly run "
+          f"({files_read} new partition file(s)) {nightly[0]:.1f} s, peak {nightly[1]:,.0f} MB")
+    for name, run in (("first", first), ("nightly", nightly)):
+        print(f"incremental {name} run steps (s): " + ", ".join(f"{k} {v}" for k, v in run[2]["timings_s"].items()))
+    return {"incremental_first_seconds": round(first[0], 2), "incremental_first_peak_rss_mb": round(first[1]),
+            "incremental_nightly_seconds": round(nightly[0], 2), "incremental_nightly_peak_rss_mb": round(nightly[1])}
 
 
 def run_polars(data: Path) -> float:
@@ -159,24 +185,32 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="4GB")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-polars", action="store_true")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where generated logs are kept")
+    parser.add_argument("--incremental", action="store_true",
+                        help="also time incremental mode: a first run over 29 days, then a nightly run of one")
     parser.add_argument("--shape", choices=("search", "uniform"), default="search",
                         help="search: results come from each query's own ranked list (default); uniform: the "
                              "first generator, a random image per impression")
     args = parser.parse_args()
-    data = generate(args.impressions, args.shape)
+    data = generate(args.impressions, args.shape, args.cache)
     seconds, peak_mb, summary = run_extract(data, args.memory_limit, args.threads)
     print(f"extract: {args.impressions:,} impressions in {seconds:.1f} s "
           f"({args.impressions / seconds:,.0f}/s), peak RSS {peak_mb:,.0f} MB, "
           f"kept {summary['rows_kept']:,}, quarantined {summary['rows_quarantined']:,}, pairs {summary['pairs']:,}")
     print("extract steps (s): " + ", ".join(f"{k} {v}" for k, v in summary.get("timings_s", {}).items()))
+    # before Polars, which runs in this process and would leave it large when the children fork
+    incremental = run_incremental(data, args.memory_limit, args.threads) if args.incremental else {}
     polars_seconds = None if args.skip_polars else run_polars(data)
     if polars_seconds is not None:
         print(f"polars lazy equivalent: {polars_seconds:.1f} s (ratio ours/polars {seconds / polars_seconds:.2f})")
     print(json.dumps({
-        "impressions": args.impressions, "seconds": round(seconds, 2),
+        "impressions": args.impressions, "seconds": round(seconds, 2), "rows_read": summary["rows_read"],
+        "rows_kept": summary["rows_kept"],
+        "rows_quarantined": summary["rows_quarantined"], "pairs": summary["pairs"],
         "impressions_per_s": round(args.impressions / seconds), "peak_rss_mb": round(peak_mb),
         "polars_seconds": round(polars_seconds, 2) if polars_seconds else None,
         "ratio_vs_polars": round(seconds / polars_seconds, 3) if polars_seconds else None,
+        **incremental,
     }))
 
 

@@ -202,6 +202,8 @@ class EvaluateConfig(Strict):
     ks: tuple[int, ...] = (1, 5, 10, 50)
     gallery: Literal["catalog", "test"] = "catalog"
     batch_size: int = Field(default=256, ge=1)
+    # processes decoding catalog images; None: all cores but one (at most 8) with a GPU, else none
+    decode_workers: int | None = Field(default=None, ge=0)
     slice_tolerance: float = Field(default=0.02, ge=0)  # a slice confidently worse by more is flagged
     # galleries at least this large are searched with HNSW (its recall vs exact search is reported)
     ann_min_gallery: int = Field(default=200_000, ge=1)

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,8 @@ from rich.progress import track
 from pipeline.bm25 import bm25_rankings
 from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.errors import StageError
-from pipeline.images import load_rgb, resolve_image_path
 from pipeline.metrics import mean_metrics, paired_bootstrap, per_query_metrics
-from pipeline.model import ClipBundle, embed_images, embed_texts, load_checkpoint, starting_model, to_best_device
+from pipeline.model import ClipBundle, embed_image_files, embed_texts, load_checkpoint, starting_model, to_best_device
 from pipeline.report_html import write_html_report
 from pipeline.search import search
 from pipeline.slices import query_slices, render_slices, slice_table
@@ -96,10 +96,9 @@ def _ranked(top: np.ndarray, ids: list[str]) -> list[list[str]]:
 def score_model(bundle: ClipBundle, test: TestSet, root: Path, cfg: EvaluateConfig, label: str) -> ModelScores:
     """Embed the catalog and the queries with one model and score its retrieval."""
     to_best_device(bundle)
-    images = (load_rgb(resolve_image_path(root, p)) for p in
-              track(test.catalog_paths, description=f"embedding catalog ({label})"))
     started = time.perf_counter()
-    catalog = embed_images(bundle, images, cfg.batch_size)
+    catalog = embed_image_files(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
+                                partial(track, description=f"embedding catalog ({label})"))
     images_per_s = len(test.catalog_paths) / max(time.perf_counter() - started, 1e-9)
     k = max(cfg.ks)
     top, info = search(embed_texts(bundle, test.queries, cfg.batch_size), catalog[test.in_gallery], k,

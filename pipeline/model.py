@@ -8,6 +8,7 @@ A checkpoint is a folder in open_clip's own `local-dir:` layout (`open_clip_conf
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,49 @@ def to_best_device(bundle: ClipBundle) -> str:
         bundle.model.to("cuda")
         return torch.cuda.get_device_name()
     return "cpu"
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decoded, preprocessed (uint8) images of catalog files, for a DataLoader's workers."""
+
+    def __init__(self, root: Path, paths: list[str], transform: Callable):
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from pipeline.images import load_rgb, resolve_image_path
+
+        return self.transform(load_rgb(resolve_image_path(self.root, self.paths[index])))
+
+
+def default_decode_workers() -> int:
+    """Processes that decode images for embedding: on a GPU machine decoding is the bottleneck (one
+    process fed an H100 ~420 ViT-B-32 images/s), on a CPU-only one the model needs the cores."""
+    return min(8, max(1, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
+
+
+@torch.no_grad()
+def embed_image_files(bundle: ClipBundle, root: Path, paths: list[str], batch_size: int = 256,
+                      num_workers: int | None = None, progress: Callable | None = None) -> np.ndarray:
+    """L2-normalised embeddings of image files under `root`, float32, shape (len(paths), embed_dim).
+
+    Files are decoded and resized in `num_workers` processes (default: default_decode_workers())
+    and normalised on the model's device; the embeddings equal embed_images' on the same images.
+    `progress` wraps the batch iterator (e.g. rich's track)."""
+    bundle.model.eval()
+    device = next(bundle.model.parameters()).device
+    host, normalise = split_transform(bundle.preprocess_eval)
+    normalise = normalise.to(device)
+    workers = default_decode_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(_ImageFiles(root, paths, host), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    batches = progress(loader) if progress else loader
+    chunks = [bundle.model.encode_image(normalise(batch.to(device, non_blocking=True)), normalize=True).float().cpu()
+              for batch in batches]
+    dim = bundle.model_cfg["embed_dim"]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

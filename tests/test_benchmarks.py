@@ -21,3 +21,17 @@ def test_bench_train_smoke_compares_with_open_clips_script():
         assert figures[key] > 0, key
     assert figures["ratio"] == pytest.approx(figures["ours_samples_per_s"] / figures["open_clip_samples_per_s"],
                                              rel=0.01)
+
+
+@pytest.mark.e2e
+def test_bench_extract_smoke_with_incremental_mode(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_extract.py"), "--impressions", "50000",
+                           "--incremental", "--cache", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["rows_kept"] + figures["rows_quarantined"] == figures["rows_read"] > 49_000
+    assert figures["rows_quarantined"] > 0  # the generator plants duplicates, bots and bad rows
+    for key in ("seconds", "impressions_per_s", "peak_rss_mb", "polars_seconds", "incremental_nightly_seconds"):
+        assert figures[key] > 0, key
+    assert "nightly run (1 new partition file(s))" in done.stdout

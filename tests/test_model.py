@@ -77,3 +77,22 @@ def test_uint8_loader_output_normalised_on_device_equals_open_clips_transform():
 
     with pytest.raises(ConfigError, match="ToTensor and Normalize"):
         split_transform(lambda image: image)
+
+
+def test_embedding_image_files_in_worker_processes_equals_embedding_decoded_images(tiny_shop):
+    """embed_image_files (decoding in workers, uint8 normalised on the device) gives embed_images'
+    embeddings of the same files, with and without worker processes."""
+    import polars as pl
+
+    from pipeline.images import load_rgb, resolve_image_path
+    from pipeline.model import embed_image_files, embed_images
+
+    catalog = pl.read_parquet(tiny_shop / "images.parquet")
+    root = tiny_shop / "images"
+    paths = [p for p in catalog["path"] if (root / p).is_file() and (root / p).read_bytes()[:4] == b"\x89PNG"][:40]
+    bundle = starting_model(TrainConfig(seed=0))
+    expected = embed_images(bundle, [load_rgb(resolve_image_path(root, p)) for p in paths], batch_size=16)
+    for workers in (0, 2):
+        got = embed_image_files(bundle, root, paths, batch_size=16, num_workers=workers)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

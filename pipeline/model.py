@@ -22,6 +22,7 @@ from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.images import load_rgb, resolve_image_path
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -171,15 +172,13 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from pipeline.images import load_rgb, resolve_image_path
-
         return self.transform(load_rgb(resolve_image_path(self.root, self.paths[index])))
 
 
 def default_decode_workers() -> int:
     """Processes that decode images for embedding: on a GPU machine decoding is the bottleneck (one
     process fed an H100 ~420 ViT-B-32 images/s), on a CPU-only one the model needs the cores."""
-    return min(8, max(1, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
+    return min(8, max(1, len(os.sched_getaffinity(0)) - 1)) if torch.cuda.is_available() else 0  # cores we may use
 
 
 @torch.no_grad()

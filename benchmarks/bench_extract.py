@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -134,14 +133,11 @@ def run_extract(data: Path, memory_limit: str, threads: int, extra: dict | None 
     """One extract in a child process: its wall seconds, its own peak RSS (MB) and its summary."""
     out = data / "out"
     out.mkdir(exist_ok=True)
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(out), memory_limit, str(threads),
-                                 json.dumps(extra or {})], stdout=stdout, stderr=stderr, text=True)
-        if proc.wait() != 0:
-            stderr.seek(0)
-            raise SystemExit(stderr.read()[-3000:])
-        stdout.seek(0)
-        result = json.loads(stdout.read().strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(out), memory_limit, str(threads),
+                           json.dumps(extra or {})], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result["seconds"], result["peak_mb"], result["summary"]
 
 

@@ -139,18 +139,24 @@ def _bounds(since: date | None, until: date | None) -> dict:
     return {"since": low, "until": high}
 
 
+@contextmanager
+def _unconvertible_values(source: SourceConfig):
+    """A value DuckDB cannot convert while reading the log is bad input: name the source."""
+    try:
+        yield
+    except duckdb.ConversionException as exc:
+        raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+
+
 def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig,
               timings: _Timings) -> None:
     """session_flags (bots, sessions that repeat a row: a small table), then the view `classified`."""
     bots = ecfg.bots
-    try:
-        with timings.step("sessions"):
-            con.execute("CREATE TEMP TABLE session_flags AS " + _sql("extract_sessions.sql"), {
-                "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
-                "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
-                "max_ctr": bots.max_click_through_rate})
-    except duckdb.ConversionException as exc:
-        raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+    with _unconvertible_values(source), timings.step("sessions"):
+        con.execute("CREATE TEMP TABLE session_flags AS " + _sql("extract_sessions.sql"), {
+            "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
+            "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
+            "max_ctr": bots.max_click_through_rate})
     con.execute("CREATE OR REPLACE TEMP TABLE classify_params AS "
                 "SELECT $since::TIMESTAMP AS since, $until::TIMESTAMP AS until, $quarantine_long AS quarantine_long",
                 {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"})
@@ -186,11 +192,8 @@ def _scan(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, by_day: bool, sou
     the quarantine: at 100M impressions each full pass costs ~10 s of a 2-core machine."""
     scan = _sql("extract_scan.sql")
     params = {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "by_day": by_day}
-    try:
-        with timings.step("scan"):
-            con.execute("CREATE TEMP TABLE scanned AS " + scan, params)
-    except duckdb.ConversionException as exc:
-        raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
+    with _unconvertible_values(source), timings.step("scan"):
+        con.execute("CREATE TEMP TABLE scanned AS " + scan, params)
     with timings.step("resolve_duplicates"):
         con.execute("CREATE TEMP TABLE flagged AS " + RESOLVE_DUPLICATES)
         # first copies of duplicated rows are usable: summed like the rest of the scan

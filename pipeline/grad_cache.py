@@ -24,10 +24,6 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -
     return model.encode_image(images, normalize=True), encode_text(model, tokens)
 
 
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=True)
-
-
 def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, micro_batch: int,
                         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
@@ -38,7 +34,7 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     loss_fn(image_features, text_features, logit_scale);
     prepare: moves one micro-batch of images to the device as model input (default: `.to(device)`)."""
     device = model.logit_scale.device
-    prepare = prepare or (lambda chunk: _to_device(chunk, device))
+    prepare = prepare or (lambda chunk: chunk.to(device, non_blocking=True))
     chunks = list(zip(images.split(micro_batch), tokens.split(micro_batch), strict=True))
     with torch.no_grad():  # `images` may sit in host memory: each micro-batch moves to the device on use
         features = [_embed(model, prepare(i), t) for i, t in chunks]

@@ -100,8 +100,7 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor, normalize: bool = 
     Pass tokens in host memory: they are trimmed there and moved to the model's device (trimming
     device tokens would wait for the device to finish all queued work).
     Models without a causal, end-token-pooled text tower are encoded untrimmed."""
-    device = model.token_embedding.weight.device if hasattr(model, "token_embedding") \
-        else next(model.parameters()).device
+    device = next(model.parameters()).device
     trimmable = isinstance(model, open_clip.CLIP) and model.attn_mask is not None \
         and model.text_pool_type == "argmax"
     if not trimmable:
@@ -187,7 +186,8 @@ def embed_image_files(bundle: ClipBundle, root: Path, paths: list[str], batch_si
     """L2-normalised embeddings of image files under `root`, float32, shape (len(paths), embed_dim).
 
     Files are decoded and resized in `num_workers` processes (default: default_decode_workers())
-    and normalised on the model's device; the embeddings equal embed_images' on the same images.
+    and normalised on the model's device; the embeddings equal those of open_clip's own float
+    transform on the same images.
     `progress` wraps the batch iterator (e.g. rich's track)."""
     bundle.model.eval()
     device = next(bundle.model.parameters()).device
@@ -218,19 +218,3 @@ def embed_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> 
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
 
 
-@torch.no_grad()
-def embed_images(bundle: ClipBundle, images: Iterator[Image.Image] | list[Image.Image],
-                 batch_size: int = 256) -> np.ndarray:
-    """L2-normalised image embeddings, float32, shape (n, embed_dim)."""
-    bundle.model.eval()
-    device = next(bundle.model.parameters()).device
-    chunks, pending = [], []
-    for image in images:
-        pending.append(bundle.preprocess_eval(image))
-        if len(pending) == batch_size:
-            chunks.append(bundle.model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
-            pending = []
-    if pending:
-        chunks.append(bundle.model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
-    dim = bundle.model_cfg["embed_dim"]
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)

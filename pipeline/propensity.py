@@ -56,9 +56,9 @@ def examination_propensities(pair: np.ndarray, position: np.ndarray, clicks: np.
         jumped = np.clip(x - 2 * alpha * r + alpha * alpha * v, 1e-6, 1.0)
         candidate = model.step(jumped)  # a stabilising EM step from the extrapolated point
         steps += 1
-        new_likelihood = model.log_likelihood(candidate)
-        if not new_likelihood >= model.log_likelihood(x2):  # the jump overshot (or NaN): plain EM
-            candidate, new_likelihood = x2, model.log_likelihood(x2)
+        new_likelihood, em_likelihood = model.log_likelihood(candidate), model.log_likelihood(x2)
+        if not new_likelihood >= em_likelihood:  # the jump overshot (or NaN): plain EM
+            candidate, new_likelihood = x2, em_likelihood
         converged = abs(new_likelihood - likelihood) < tolerance * max(1.0, abs(new_likelihood))
         x, likelihood = candidate, new_likelihood
         if converged:

@@ -64,7 +64,6 @@ class PairDataset(Dataset):
         self.train = train
         self.seed = seed
         self.transform = split_transform(bundle.preprocess_train if train else bundle.preprocess_eval)[0]
-        self.tokenizer = bundle.tokenizer
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -167,7 +166,6 @@ class ClipFineTuner(L.LightningModule):
     def __init__(self, bundle: ClipBundle, cfg: TrainConfig):
         super().__init__()
         self.model = bundle.model
-        self.tokenizer = bundle.tokenizer
         self.cfg = cfg
         if cfg.loss == "siglip":
             siglip = SigLipLoss()
@@ -368,9 +366,9 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
     return pairs.join(images, on="image_id").sort("query", "image_id")
 
 
-def _loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool) -> DataLoader:
+def _loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool, tokenizer) -> DataLoader:
     workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
-               "pin_memory": torch.cuda.is_available(), "collate_fn": TokenizingCollate(dataset.tokenizer)}
+               "pin_memory": torch.cuda.is_available(), "collate_fn": TokenizingCollate(tokenizer)}
     if train and cfg.unique_batches:
         sampler = UniqueBatchSampler(pairs["query"].to_list(), pairs["image_id"].to_list(),
                                      pairs["product_id"].to_list(), cfg.batch_size, cfg.seed)
@@ -424,10 +422,12 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         size = open_clip.get_model_preprocess_cfg(bundle.model)["size"]
         cache = ImageCache(out_dir / "image_cache", train_pairs["path"].to_list() + val_pairs["path"].to_list(),
                            root, size[0] if isinstance(size, tuple | list) else size)
-    train_loader = _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed, cache), train_pairs, tcfg, True)
+    train_loader = _loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed, cache), train_pairs, tcfg, True,
+                           bundle.tokenizer)
     module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
     trainer.fit(module, train_loader,
-                _loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False),
+                _loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False,
+                        bundle.tokenizer),
                 ckpt_path=resume, weights_only=True)  # resuming never unpickles arbitrary objects
     seconds = time.perf_counter() - started
     if trainer.global_rank > 0:

@@ -80,18 +80,20 @@ def test_uint8_loader_output_normalised_on_device_equals_open_clips_transform():
 
 
 def test_embedding_image_files_in_worker_processes_equals_embedding_decoded_images(tiny_shop):
-    """embed_image_files (decoding in workers, uint8 normalised on the device) gives embed_images'
-    embeddings of the same files, with and without worker processes."""
+    """embed_image_files (decoding in workers, uint8 normalised on the device) gives the embeddings
+    of open_clip's own float transform on the same files, with and without worker processes."""
     import polars as pl
 
     from pipeline.images import load_rgb, resolve_image_path
-    from pipeline.model import embed_image_files, embed_images
+    from pipeline.model import embed_image_files
 
     catalog = pl.read_parquet(tiny_shop / "images.parquet")
     root = tiny_shop / "images"
     paths = [p for p in catalog["path"] if (root / p).is_file() and (root / p).read_bytes()[:4] == b"\x89PNG"][:40]
     bundle = starting_model(TrainConfig(seed=0))
-    expected = embed_images(bundle, [load_rgb(resolve_image_path(root, p)) for p in paths], batch_size=16)
+    with torch.no_grad():
+        pixels = torch.stack([bundle.preprocess_eval(load_rgb(resolve_image_path(root, p))) for p in paths])
+        expected = bundle.model.eval().encode_image(pixels, normalize=True).numpy()
     for workers in (0, 2):
         got = embed_image_files(bundle, root, paths, batch_size=16, num_workers=workers)
         assert got.shape == expected.shape

@@ -37,10 +37,12 @@ chromium:
 
 test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed chromium
 	$(BIN)/ruff check pipeline tests dags benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check pipeline tests dags benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs reports/*/ mlruns state data/demo data/tiny

@@ -26,9 +26,15 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.demo_data import generate  # noqa: E402
-from pipeline.model import default_decode_workers, embed_image_files, embed_texts, starting_model, to_best_device  # noqa: E402
-from pipeline.search import flat_index, gpu_available, normalise, search  # noqa: E402
+from pipeline.demo.shop import generate  # noqa: E402
+from pipeline.retrieval.search import flat_index, gpu_available, normalise, search  # noqa: E402
+from pipeline.training.model import (  # noqa: E402
+    default_decode_workers,
+    embed_image_files,
+    embed_texts,
+    starting_model,
+    to_best_device,
+)
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 

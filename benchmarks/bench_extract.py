@@ -110,7 +110,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from pipeline.config import RunConfig
-from pipeline.extract import extract
+from pipeline.stages.extract import extract
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 extra = json.loads(sys.argv[5])
 cfg = RunConfig.model_validate({"data": {"events": {"path": str(data / "events")},

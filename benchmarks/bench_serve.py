@@ -3,7 +3,7 @@
     python benchmarks/bench_serve.py
 
 For the tiny model and ViT-B-32 (random weights: timing does not depend on them), the text tower
-is exported as the promote stage exports it (`pipeline.onnx_export`), checked against PyTorch, and
+is exported as the promote stage exports it (`pipeline.training.onnx_export`), checked against PyTorch, and
 timed on single queries, the tokens trimmed to the query's length as the exported graph expects.
 ViT-B-32 is also timed at the full 77-token context, the plain export this replaces.
 onnxruntime runs with 2 intra-op threads (the CI-class machine's cores). Tokenising is timed apart.
@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.model import save_checkpoint, starting_model, trim_tokens  # noqa: E402
-from pipeline.onnx_export import export_onnx  # noqa: E402
+from pipeline.training.model import save_checkpoint, starting_model, trim_tokens  # noqa: E402
+from pipeline.training.onnx_export import export_onnx  # noqa: E402
 
 WORDS = ("navy", "red", "striped", "linen", "summer", "dress", "trainers", "mug", "ceramic", "lamp", "wool",
          "coat", "oak", "desk", "kids", "running", "shoes", "leather", "bag", "vintage")

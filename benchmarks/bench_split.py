@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import SplitConfig
-from pipeline.demo_data import generate
-from pipeline.near_duplicates import hash_catalog, near_duplicate_pairs
-from pipeline.split import connected_groups
+from pipeline.data.groups import connected_groups
+from pipeline.data.near_duplicates import hash_catalog, near_duplicate_pairs
+from pipeline.demo.shop import generate
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 

@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.model import save_checkpoint, split_transform, starting_model  # noqa: E402
-from pipeline.train import ClipFineTuner, TokenizingCollate  # noqa: E402
+from pipeline.training.datasets import TokenizingCollate  # noqa: E402
+from pipeline.training.finetuner import ClipFineTuner  # noqa: E402
+from pipeline.training.model import save_checkpoint, split_transform, starting_model  # noqa: E402
 
 WORDS = ("navy", "red", "striped", "linen", "dress", "trainers", "mug", "lamp", "wool", "coat", "oak", "desk")
 

@@ -1,4 +1,5 @@
-"""Weekly clickclip retraining: extract >> split >> train >> evaluate >> promote, then a branch.
+"""Weekly clickclip retraining: one task per stage of clickclip's stage list (extract >> split >>
+train >> evaluate >> promote), then a branch on the promotion decision.
 
 Deploy by copying this file into Airflow's dags folder. Airflow's own environment needs nothing
 of clickclip: every task runs the `clickclip` command of the project's virtualenv, so torch,
@@ -13,9 +14,11 @@ Environment (set on the workers, e.g. in the deployment's env):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,9 +29,27 @@ HOME = Path(os.environ.get("CLICKCLIP_HOME", Path(__file__).resolve().parents[1]
 BIN = os.environ.get("CLICKCLIP_BIN", str(HOME / ".venv" / "bin" / "clickclip"))
 EVENTS = Asset(os.environ.get("CLICKCLIP_EVENTS_URI", "file:///data/clickclip/events"))
 
-# transient failures (a partition still being written, a busy filesystem) are worth retrying
-RETRY_IO = {"retries": 3, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True,
-            "max_retry_delay": timedelta(hours=1)}
+
+
+def stage_list() -> tuple:
+    """clickclip's stages, read from pipeline/stages/__init__.py, which imports nothing: the DAG
+    follows the pipeline's own list without importing torch, mlflow or the package itself."""
+    name = "clickclip_stage_list"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HOME / "pipeline" / "stages" / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name].STAGES
+
+
+def retry_policy(stage) -> dict:
+    """The stage's own retries; those with back-off wait for transient I/O (a partition still being
+    written, a busy filesystem), at most an hour between tries."""
+    policy = {"retries": stage.retries, "retry_delay": timedelta(minutes=stage.retry_minutes)}
+    if stage.backoff:
+        policy |= {"retry_exponential_backoff": True, "max_retry_delay": timedelta(hours=1)}
+    return policy
 
 
 def run_id_for(context) -> str:
@@ -69,25 +90,10 @@ def clickclip(stage: str) -> dict:
     tags=["clickclip", "ml"],
 )
 def clickclip_retrain():
-    @task(**RETRY_IO)
-    def extract() -> dict:
-        return clickclip("extract")
-
-    @task(**RETRY_IO)
-    def split() -> dict:
-        return clickclip("split")
-
-    @task(retries=1, retry_delay=timedelta(minutes=10))
-    def train() -> dict:
-        return clickclip("train")
-
-    @task(retries=1, retry_delay=timedelta(minutes=5))
-    def evaluate() -> dict:
-        return clickclip("evaluate")
-
-    @task(retries=0)  # a failed gate is a decision, not an error: never retried
-    def promote() -> dict:
-        return clickclip("promote")
+    tasks = [task(task_id=stage.name, **retry_policy(stage))(clickclip)(stage.name) for stage in stage_list()]
+    for upstream, downstream in zip(tasks, tasks[1:], strict=False):
+        upstream >> downstream
+    decision = tasks[-1]  # promote's summary: the decision
 
     @task.branch
     def decide(decision: dict) -> str:
@@ -106,11 +112,6 @@ def clickclip_retrain():
         print(message)
         return message
 
-    stages = [extract(), split(), train(), evaluate()]
-    for upstream, downstream in zip(stages, stages[1:], strict=False):
-        upstream >> downstream
-    decision = promote()
-    stages[-1] >> decision
     decide(decision) >> [announce_champion(decision), record_refusal(decision)]
 
 

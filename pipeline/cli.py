@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from pipeline.errors import ClickclipError
+from pipeline.stages import STAGE_NAMES, stage_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Retrain CLIP image-text search models on e-commerce click logs.")
@@ -49,7 +50,7 @@ def demo_data(
     force: Annotated[bool, typer.Option(help="regenerate even if the folder already holds demo data")] = False,
 ) -> None:
     """Generate a demo catalog and click log in the input data contract's format."""
-    from pipeline.demo_data import generate
+    from pipeline.demo.shop import generate
 
     if (out / "images.parquet").is_file() and not force:
         console.print(f"demo data already in {out} (use --force to regenerate)")
@@ -70,12 +71,13 @@ def _stage_command(stage: str):
             _fail(exc)
         _emit(summary)
 
-    command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run)."
+    command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run): {stage_spec(stage).doc}."
     return command
 
 
-for _stage in ("extract", "split", "train", "evaluate"):
-    app.command(_stage)(_stage_command(_stage))
+for _stage in STAGE_NAMES:
+    if _stage != "promote":  # promote has its own command below, with --force
+        app.command(_stage)(_stage_command(_stage))
 
 
 @app.command("promote")
@@ -85,7 +87,7 @@ def promote(
     reason: Annotated[str, typer.Option(help="why (required with --force; recorded on the version)")] = "",
 ) -> None:
     """Register the run's model and move `champion` if it wins; --force promotes by hand."""
-    from pipeline.promote import force_promote
+    from pipeline.registry import force_promote
     from pipeline.runner import run_stage
 
     try:
@@ -107,7 +109,7 @@ def rollback(
 ) -> None:
     """Move `champion` back to the `previous` version."""
     from pipeline.config import load_config
-    from pipeline.promote import rollback as rollback_alias
+    from pipeline.registry import rollback as rollback_alias
 
     try:
         cfg = load_config(config, set_ or [])
@@ -121,7 +123,7 @@ def rollback(
 
 @app.command("run")
 def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
-    """Run all five stages, reusing any whose inputs and config are unchanged."""
+    """Run every stage in order, reusing any whose inputs and config are unchanged."""
     from pipeline.runner import format_summary, run_all
 
     try:

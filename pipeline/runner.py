@@ -2,80 +2,35 @@
 
 from __future__ import annotations
 
-import json
+import importlib
 import time
-from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
-from pipeline.runs import STAGES, Run, run_lock
+from pipeline.runs import Run, run_lock
+from pipeline.stages import STAGE_NAMES, StageOutput, stage_spec
 
 console = Console(stderr=True)
 
 
-def _extract(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.extract import extract
-
-    result = extract(run.config, run.stage_dir("extract"), run.run_id)
-    outputs = {"pairs": result.pairs, "quarantine": result.quarantine, "propensity": result.propensity}
-    if run.config.extract.incremental:
-        outputs["stats"] = result.pairs.with_name("stats.parquet")
-    return outputs, result.summary
+def stage_function(name: str):
+    """The stage's `run(cfg, inputs, out_dir)`, imported on first use (stages import torch or mlflow)."""
+    module, function = stage_spec(name).function.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def _split(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.split import split
-
-    result = split(run.config, run.output("extract", "pairs"), run.stage_dir("split"))
-    outputs = {"images": result.images, "image_quarantine": result.image_quarantine, "pairs": result.pairs,
-               "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit,
-               "groups_sheet": result.groups_sheet}
-    return outputs, result.summary
-
-
-def _train(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.train import train
-
-    result = train(run.config, run.output("split", "pairs"), run.output("split", "images"),
-                   run.stage_dir("train"), run.run_id)
-    return {"weights": result.model_dir, "metrics": result.metrics}, result.summary
-
-
-def _evaluate(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.evaluate import evaluate
-
-    data = {"extract": run.summary("extract"), "split": run.summary("split"),
-            "figures": [run.output("extract", "propensity").with_suffix(".png"), run.output("split", "groups_sheet")]}
-    result = evaluate(run.config, run.output("split", "pairs"), run.output("split", "images"),
-                      run.output("train", "weights").parent, run.stage_dir("evaluate"), run.report_dir(),
-                      run.run_id, data)
-    return {"metrics": result.metrics, "report": result.report}, result.summary
-
-
-def _promote(run: Run) -> tuple[dict[str, Any], dict]:
-    from pipeline.promote import GateInputs, promote
-
-    extract, split, train, evaluation = (run.summary(s) for s in ("extract", "split", "train", "evaluate"))
-    gate_inputs = GateInputs(
-        quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
-        leak_audit_passed=json.loads(run.output("split", "leak_audit").read_text())["passed"],
-        finished_without_nan=train["finished_without_nan"])
-    lineage = {"git_commit": run.manifest.get("git_commit", "unknown"), "input_events_sha256": run.inputs["events"],
-               "input_images_sha256": run.inputs["images"], "split_registry_version": split["registry_version"],
-               "parent_champion_version": str(evaluation["champion_version"] or "none")}
-    artifacts = [run.report_dir(), run.manifest_path, run.output("split", "leak_audit"),
-                 run.output("extract", "quarantine"), run.output("split", "image_quarantine")]
-    result = promote(run.config, run.run_id, train.get("mlflow_run_id"), evaluation, gate_inputs, lineage,
-                     run.output("train", "weights").parent, artifacts, run.stage_dir("promote"))
-    return {"decision": result.decision}, result.summary
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Run], tuple[dict[str, Any], dict]]] = {
-    "extract": _extract, "split": _split, "train": _train, "evaluate": _evaluate, "promote": _promote,
-}
+def needed_before(name: str) -> list[str]:
+    """Every stage `name` reads from, directly or through another, in pipeline order."""
+    needed: set[str] = set()
+    todo = list(stage_spec(name).upstream)
+    while todo:
+        upstream = todo.pop()
+        if upstream not in needed:
+            needed.add(upstream)
+            todo += stage_spec(upstream).upstream
+    return [s for s in STAGE_NAMES if s in needed]
 
 
 def run_stage(run: Run, stage: str) -> dict:
@@ -86,8 +41,7 @@ def run_stage(run: Run, stage: str) -> dict:
 
 def _run_stage(run: Run, stage: str) -> dict:
     """Run one stage unless its recorded outputs are intact for the same fingerprint; return its summary."""
-    upstream = STAGES[: STAGES.index(stage)]
-    missing = [s for s in upstream if run.reusable(s) is None]
+    missing = [s for s in needed_before(stage) if run.reusable(s) is None]
     if missing:
         raise StageError(f"stage {stage} needs {', '.join(missing)} to have run first for run "
                          f"{run.run_id} with this config (clickclip run does them in order)")
@@ -96,20 +50,21 @@ def _run_stage(run: Run, stage: str) -> dict:
         return entry["summary"]
     console.rule(f"{stage} · run {run.run_id}")
     started = time.perf_counter()
+    function = stage_function(stage)
     run.begin(stage)
     try:
-        outputs, summary = STAGE_FUNCTIONS[stage](run)
+        result: StageOutput = function(run.config, run.stage_inputs(stage), run.stage_dir(stage))
     finally:
         run.running.discard(stage)
     seconds = time.perf_counter() - started
-    run.record(stage, run.publish(stage, outputs), summary, seconds)
+    run.record(stage, run.publish(stage, result.outputs), result.summary, seconds)
     console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
-    return summary
+    return result.summary
 
 
 def run_all(run: Run) -> dict[str, dict]:
     with run_lock(run.root):
-        return {stage: _run_stage(run, stage) for stage in STAGES}
+        return {stage: _run_stage(run, stage) for stage in STAGE_NAMES}
 
 
 def format_summary(run: Run, summaries: dict[str, dict]) -> str:

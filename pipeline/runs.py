@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,35 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, SourceConfig
+from pipeline.data.files import atomic_write, file_sha256, text_sha256
+from pipeline.data.partitions import source_files
 from pipeline.errors import ClickclipError
-from pipeline.tracking import public_config
-
-STAGES = ("extract", "split", "train", "evaluate", "promote")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def text_sha256(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def source_files(source: SourceConfig) -> list[Path]:
-    """The files a source reads, in a stable order."""
-    path = source.path
-    if path.is_dir():
-        suffix = ".parquet" if source.format == "parquet" else ".csv"
-        return sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
-    if any(ch in str(path) for ch in "*?["):
-        anchor = Path(path.anchor or ".")
-        return sorted(anchor.glob(str(path.relative_to(anchor))))
-    return [path] if path.is_file() else []
+from pipeline.registry import public_config
+from pipeline.stages import StageInputs, stage_spec
 
 
 def source_digest(source: SourceConfig) -> str:
@@ -77,19 +52,6 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class RunLockedError(ClickclipError):
@@ -190,19 +152,25 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def fingerprint(self, stage: str) -> str:
-        cfg = self.config
-        own = {
-            "extract": (cfg.data.model_dump(mode="json"), cfg.extract.model_dump(mode="json"),
-                        self.inputs["events"], self.inputs["images"]),
-            "split": (cfg.split.model_dump(mode="json"), self.inputs["image_root"]),
-            "train": (cfg.train.model_dump(mode="json"),),
-            "evaluate": (cfg.evaluate.model_dump(mode="json"),),
-            "promote": (cfg.promote.model_dump(mode="json"),),
-        }[stage]
-        upstream = STAGES.index(stage)
-        parent = self.fingerprint(STAGES[upstream - 1]) if upstream else ""
-        return text_sha256(stage, own, parent)
+    def fingerprint(self, name: str) -> str:
+        """Everything a stage's outputs depend on: its config sections, the content of the run inputs
+        it reads, and the fingerprints of the stages whose outputs it reads."""
+        spec = stage_spec(name)
+        tree = self.config.model_dump(mode="json")
+        own = ([tree[section] for section in spec.config], [self.inputs[key] for key in spec.inputs])
+        return text_sha256(name, own, [self.fingerprint(upstream) for upstream in spec.upstream])
+
+    def stage_inputs(self, name: str) -> StageInputs:
+        """What the stage `name` reads: every upstream stage's recorded outputs and summary."""
+        spec = stage_spec(name)
+        recorded = self.manifest.get("stages", {})
+        return StageInputs(
+            run_id=self.run_id,
+            outputs={up: {out: self.root / entry["path"] for out, entry in recorded[up]["outputs"].items()}
+                     for up in spec.upstream},
+            summaries={up: recorded[up]["summary"] for up in spec.upstream},
+            report_dir=self.config.reports_dir / self.run_id, manifest=self.manifest_path, digests=self.inputs,
+            git_commit=self.manifest.get("git_commit") or git_commit())
 
     def reusable(self, stage: str) -> dict[str, Any] | None:
         """The recorded stage entry if its fingerprint matches and every output is intact."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.demo_data import generate
+from pipeline.demo.shop import generate
 
 
 @pytest.fixture(scope="session")

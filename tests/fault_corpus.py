@@ -24,8 +24,8 @@ from PIL import Image
 
 from pipeline.config import RunConfig
 from pipeline.errors import ClickclipError
-from pipeline.extract import extract
-from pipeline.split import split
+from pipeline.stages.extract import extract
+from pipeline.stages.split import split
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 SCHEMA = {"event_ts": pl.Datetime("us"), "session_id": pl.Utf8, "query": pl.Utf8, "image_id": pl.Utf8,

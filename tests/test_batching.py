@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.batching import UniqueBatchSampler, unique_batches
+from pipeline.training.samplers import UniqueBatchSampler, unique_batches
 
 
 def _clicky_log(n: int = 3000, seed: int = 0):

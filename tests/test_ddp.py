@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import TrainConfig
-from pipeline.model import encode_text, starting_model
-from pipeline.train import WeightedClipLoss
+from pipeline.training.losses import WeightedClipLoss
+from pipeline.training.model import encode_text, starting_model
 from tests.conftest import free_port
 
 WORLD = 2

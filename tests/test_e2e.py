@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.model import embed_texts, load_checkpoint
+from pipeline.training.model import embed_texts, load_checkpoint
 from tests.conftest import free_port, shop_config
 
 pytestmark = pytest.mark.e2e
@@ -211,7 +211,7 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
 
 
 def _promote_again(cfg, work):
-    from pipeline.promote import GateInputs, promote
+    from pipeline.stages.promote import GateInputs, promote
 
     run_dir = _run_dir(work)
     evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
@@ -226,7 +226,7 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
                                                                                monkeypatch):
     import mlflow
 
-    import pipeline.promote as promote_module
+    import pipeline.registry as registry_module
 
     cfg, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output
@@ -245,7 +245,7 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
     def crash(*args, **kwargs):
         raise SystemExit("killed between register and alias move")
 
-    monkeypatch.setattr(promote_module, "_move_champion", crash)
+    monkeypatch.setattr(registry_module, "move_champion", crash)
     (tmp_path / "b").mkdir()
     with pytest.raises(SystemExit):
         promote_run(crashing_run, tmp_path / "b")
@@ -262,7 +262,7 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
     assert {a: str(v) for a, v in client.get_registered_model("clickclip-tiny").aliases.items()} == {
         "champion": "2", "previous": "1"}
     # what the next weekly run's evaluate does with the champion: download and load it
-    from pipeline.evaluate import champion_model
+    from pipeline.stages.evaluate import champion_model
 
     bundle, version = champion_model(fresh, tmp_path / "download")
     assert str(version) == "2" and bundle.model is not None
@@ -274,7 +274,7 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
 
     import mlflow
 
-    from pipeline.evaluate import champion_model
+    from pipeline.stages.evaluate import champion_model
 
     cfg, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output

@@ -5,8 +5,9 @@ import polars as pl
 import pytest
 
 from pipeline.config import RunConfig
+from pipeline.data.queries import normalise_query
 from pipeline.errors import DataContractError
-from pipeline.extract import extract, normalise_query
+from pipeline.stages.extract import extract
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 

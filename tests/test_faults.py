@@ -29,8 +29,8 @@ def test_bad_input_corpus(case, tmp_path):
 
 
 def _split_inputs(tiny_shop, work, **sections):
-    from pipeline.extract import extract
-    from pipeline.split import split
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
 
     cfg = shop_config(tiny_shop, work, **sections)
     for stage in ("extract", "split"):
@@ -46,7 +46,7 @@ class Payload:
 
 
 def test_a_hostile_lightning_checkpoint_is_refused_not_unpickled(tiny_shop, tmp_path, monkeypatch):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     cfg, split_result = _split_inputs(tiny_shop, tmp_path, train={"epochs": 1})
     marker = tmp_path / "pwned"
@@ -64,8 +64,8 @@ def test_nan_stops_training_keeps_finite_weights_and_fails_the_gate(tiny_shop, t
     from safetensors.torch import load_file
 
     from pipeline.config import PromoteConfig
-    from pipeline.promote import GateInputs, decide
-    from pipeline.train import train
+    from pipeline.stages.promote import GateInputs, decide
+    from pipeline.stages.train import train
 
     class PoisonBatch(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -86,7 +86,7 @@ def test_nan_stops_training_keeps_finite_weights_and_fails_the_gate(tiny_shop, t
 
 
 def test_too_little_memory_and_spill_space_is_a_clear_error(tiny_shop, tmp_path):
-    from pipeline.extract import extract
+    from pipeline.stages.extract import extract
 
     cfg = shop_config(tiny_shop, tmp_path, extract={"duckdb": {
         "memory_limit": "4MB", "threads": 1, "temp_directory": str(tmp_path / "spill"),
@@ -162,7 +162,7 @@ def test_sigkill_at_a_random_point_of_each_stage_then_rerun_gives_the_same_artif
 
 ORPHAN = """
 import time
-from pipeline.near_duplicates import _parallel
+from pipeline.data.near_duplicates import _parallel
 
 def slow(x):
     time.sleep(60)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
 
 
 def _save(path, image, **kw):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pipeline.memory_bank import NO_KEY, MemoryBank, key_ids, memory_bank_loss
+from pipeline.training.memory_bank import NO_KEY, MemoryBank, key_ids, memory_bank_loss
 
 
 def _unit(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import mean_metrics, per_query_metrics, rank_by_similarity
+from pipeline.retrieval.metrics import mean_metrics, per_query_metrics, rank_by_similarity
 
 
 def test_hand_computed_case():
@@ -38,7 +38,7 @@ def test_ndcg_with_graded_gains_by_hand():
 
 
 def test_paired_bootstrap():
-    from pipeline.metrics import paired_bootstrap
+    from pipeline.retrieval.metrics import paired_bootstrap
 
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, 400)

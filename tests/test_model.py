@@ -6,7 +6,7 @@ import open_clip
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model import embed_texts, load_checkpoint, save_checkpoint, starting_model
+from pipeline.training.model import embed_texts, load_checkpoint, save_checkpoint, starting_model
 
 
 def test_seeded_start_is_reproducible():
@@ -39,7 +39,7 @@ def test_checkpoint_loads_with_plain_open_clip_in_a_fresh_process(tmp_path):
 
 
 def test_trimmed_text_encoding_equals_full_context():
-    from pipeline.model import encode_text, trim_tokens
+    from pipeline.training.model import encode_text, trim_tokens
 
     for name in ("ClickCLIP-Tiny", "ViT-B-32"):
         torch.manual_seed(0)
@@ -59,7 +59,7 @@ def test_uint8_loader_output_normalised_on_device_equals_open_clips_transform():
     from PIL import Image
 
     from pipeline.errors import ConfigError
-    from pipeline.model import split_transform
+    from pipeline.training.model import split_transform
 
     bundle = starting_model(TrainConfig(model="ViT-B-32"))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8))
@@ -84,8 +84,8 @@ def test_embedding_image_files_in_worker_processes_equals_embedding_decoded_imag
     of open_clip's own float transform on the same files, with and without worker processes."""
     import polars as pl
 
-    from pipeline.images import load_rgb, resolve_image_path
-    from pipeline.model import embed_image_files
+    from pipeline.data.images import load_rgb, resolve_image_path
+    from pipeline.training.model import embed_image_files
 
     catalog = pl.read_parquet(tiny_shop / "images.parquet")
     root = tiny_shop / "images"

@@ -5,8 +5,8 @@ import onnxruntime as ort
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.model import embed_texts, save_checkpoint, starting_model, trim_tokens
-from pipeline.onnx_export import PARITY_TOLERANCE, export_onnx
+from pipeline.training.model import embed_texts, save_checkpoint, starting_model, trim_tokens
+from pipeline.training.onnx_export import PARITY_TOLERANCE, export_onnx
 
 
 def test_onnx_towers_match_pytorch(tmp_path):

@@ -1,8 +1,9 @@
 import pytest
 
 from pipeline.config import PromoteConfig
-from pipeline.promote import GateInputs, decide, flatten
-from pipeline.tracking import redact_uri as _redact
+from pipeline.registry import flatten
+from pipeline.registry import redact_uri as _redact
+from pipeline.stages.promote import GateInputs, decide
 
 
 def _evaluation(candidate, baseline_value, baseline="champion", low=None):
@@ -78,7 +79,7 @@ def _aliases(client) -> dict[str, str]:
 
 
 def test_champion_moves_and_previous_follows(registry):
-    from pipeline.promote import _move_champion
+    from pipeline.registry import move_champion as _move_champion
 
     cfg, client = registry
     _move_champion(client, "m", "1")
@@ -90,7 +91,8 @@ def test_champion_moves_and_previous_follows(registry):
 
 
 def test_rollback_and_forced_promotion(registry):
-    from pipeline.promote import _move_champion, force_promote, rollback
+    from pipeline.registry import force_promote, rollback
+    from pipeline.registry import move_champion as _move_champion
 
     cfg, client = registry
     _move_champion(client, "m", "1")
@@ -111,8 +113,8 @@ def test_rollback_and_forced_promotion(registry):
 
 
 def test_credentials_never_reach_the_manifest_or_mlflow_params(tiny_shop, tmp_path):
+    from pipeline.registry import public_config
     from pipeline.runs import open_run
-    from pipeline.tracking import public_config
     from tests.conftest import shop_config
 
     cfg = shop_config(tiny_shop, tmp_path, promote={"tracking_uri": "https://ci-bot:s3cr3t@mlflow.internal:5000"})

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.demo_data import generate
-from pipeline.extract import extract
-from pipeline.propensity import examination_propensities
+from pipeline.data.propensity import examination_propensities
+from pipeline.demo.shop import generate
+from pipeline.stages.extract import extract
 from tests.conftest import shop_config
 
 

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from pipeline.runs import RunLockedError, atomic_write, run_lock
+from pipeline.data.files import atomic_write
+from pipeline.runs import RunLockedError, run_lock
 
 HOLD = """
 import sys, time

@@ -1,8 +1,8 @@
 import numpy as np
 import polars as pl
 
-from pipeline.extract import frequency_bands
-from pipeline.slices import query_slices, slice_table
+from pipeline.data.queries import frequency_bands
+from pipeline.retrieval.slices import query_slices, slice_table
 
 
 def test_frequency_bands_by_traffic_share():

@@ -6,12 +6,13 @@ import polars as pl
 import pytest
 
 from pipeline.config import SplitConfig, SplitFractions
-from pipeline.demo_images import draw_look, render_photo
+from pipeline.data.groups import assign_sticky_splits, connected_groups, same_key_pairs, stable_split
+from pipeline.data.leak_audit import leak_audit
+from pipeline.data.near_duplicates import near_duplicate_pairs
+from pipeline.demo.images import draw_look, render_photo
 from pipeline.errors import LeakError
-from pipeline.extract import extract
-from pipeline.leak_audit import leak_audit
-from pipeline.near_duplicates import near_duplicate_pairs
-from pipeline.split import assign_sticky_splits, connected_groups, same_key_pairs, split, stable_split
+from pipeline.stages.extract import extract
+from pipeline.stages.split import split
 from tests.conftest import shop_config
 
 
@@ -107,7 +108,7 @@ def test_demo_split_is_leak_free_and_finds_planted_duplicates(tiny_config, tiny_
 
 
 def test_leak_error_when_audit_fails(tiny_config, tmp_path, monkeypatch):
-    import pipeline.split as split_module
+    import pipeline.data.groups as split_module
 
     pairs = _extracted_pairs(tiny_config, tmp_path)
     monkeypatch.setattr(split_module, "stable_split", lambda key, salt, fr: "test" if key[-1] in "02468" else "train")

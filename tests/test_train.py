@@ -5,8 +5,8 @@ import torch
 from open_clip.loss import ClipLoss
 
 from pipeline.config import TrainConfig
-from pipeline.grad_cache import grad_cache_backward
-from pipeline.model import starting_model
+from pipeline.training.grad_cache import grad_cache_backward
+from pipeline.training.model import starting_model
 
 
 def _batch(bundle, n: int):
@@ -71,10 +71,10 @@ def test_plain_accumulation_would_differ():
 def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, negatives):
     import polars as pl
 
-    from pipeline.extract import extract
-    from pipeline.model import load_checkpoint
-    from pipeline.split import split
-    from pipeline.train import train
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
+    from pipeline.stages.train import train
+    from pipeline.training.model import load_checkpoint
     from tests.conftest import shop_config
 
     speed = {"in_batch": {"image_cache": True, "channels_last": True},
@@ -99,7 +99,7 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
 
 
 def test_weighted_clip_loss():
-    from pipeline.train import WeightedClipLoss
+    from pipeline.training.losses import WeightedClipLoss
 
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
@@ -120,7 +120,7 @@ def test_weighted_clip_loss():
 @pytest.mark.parametrize("weighted", [False, True])
 def test_blockwise_loss_equals_the_full_matrix_loss_and_gradients(weighted):
     """Above `block` pairs the loss runs in checkpointed row blocks: same value, same gradients."""
-    from pipeline.train import WeightedClipLoss
+    from pipeline.training.losses import WeightedClipLoss
 
     generator = torch.Generator().manual_seed(3)
     image = torch.nn.functional.normalize(torch.randn(22, 8, generator=generator), dim=-1)
@@ -138,7 +138,7 @@ def test_blockwise_loss_equals_the_full_matrix_loss_and_gradients(weighted):
 
 
 def test_tower_locking_freezes_all_but_the_last_groups():
-    from pipeline.train import lock_towers
+    from pipeline.training.finetuner import lock_towers
 
     bundle = starting_model(TrainConfig(seed=0))
     lock_towers(bundle.model, TrainConfig(lock_image=True, lock_image_unlocked_groups=1, lock_text=True))
@@ -150,10 +150,10 @@ def test_tower_locking_freezes_all_but_the_last_groups():
 
 
 def test_siglip_loss_trains_a_logit_bias_that_the_checkpoint_keeps(tiny_shop, tmp_path):
-    from pipeline.extract import extract
-    from pipeline.model import SIGLIP_LOGIT_BIAS, load_checkpoint
-    from pipeline.split import split
-    from pipeline.train import train
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
+    from pipeline.stages.train import train
+    from pipeline.training.model import SIGLIP_LOGIT_BIAS, load_checkpoint
     from tests.conftest import shop_config
 
     cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "loss": "siglip"})
@@ -176,7 +176,7 @@ import os, signal, sys
 from pathlib import Path
 import lightning as L
 from tests.conftest import shop_config
-from pipeline.train import train
+from pipeline.stages.train import train
 shop, work, pairs, images, out, kill_at = sys.argv[1:7]
 
 class KillAt(L.Callback):
@@ -197,8 +197,8 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights(tiny_shop, tmp_
 
     from safetensors.torch import load_file
 
-    from pipeline.extract import extract
-    from pipeline.split import split
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
     from tests.conftest import shop_config
 
     cfg = shop_config(tiny_shop, tmp_path)
@@ -234,8 +234,8 @@ def test_image_cache_serves_the_decoded_images(tiny_shop, tmp_path):
 
     import polars as pl
 
-    from pipeline.image_cache import ImageCache
-    from pipeline.train import PairDataset
+    from pipeline.training.datasets import PairDataset
+    from pipeline.training.image_cache import ImageCache
 
     catalog = pl.read_parquet(tiny_shop / "images.parquet").head(40)
     usable = [p for p in catalog["path"] if (tiny_shop / "images" / p).is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.config import SourceConfig
+from pipeline.config import DuckDBConfig, SourceConfig
 from pipeline.errors import DataContractError
 
 INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER",
@@ -47,6 +47,20 @@ IMAGES = (
     _column("product_id", "VARCHAR", {"VARCHAR", "NULL"}, nullable=True),
     _column("title", "VARCHAR", {"VARCHAR", "NULL"}, nullable=True),
 )
+
+
+def connect(settings: DuckDBConfig) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the configured memory, threads and spill folder."""
+    con = duckdb.connect()
+    con.execute("SET memory_limit = ?", [settings.memory_limit])
+    if settings.threads:
+        con.execute("SET threads = ?", [settings.threads])
+    if settings.temp_directory:
+        settings.temp_directory.mkdir(parents=True, exist_ok=True)
+        con.execute("SET temp_directory = ?", [str(settings.temp_directory)])
+    if settings.max_temp_directory_size:
+        con.execute("SET max_temp_directory_size = ?", [settings.max_temp_directory_size])
+    return con
 
 
 def _relation(con: duckdb.DuckDBPyConnection, source: SourceConfig,

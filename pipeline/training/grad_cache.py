@@ -19,7 +19,7 @@ import torch
 
 
 def _embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.model import encode_text
+    from pipeline.training.model import encode_text
 
     return model.encode_image(images, normalize=True), encode_text(model, tokens)
 

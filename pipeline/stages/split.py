@@ -13,24 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from pipeline.config import RunConfig, SplitConfig, SplitFractions
-from pipeline.contract import IMAGES, open_source
+from pipeline.config import RunConfig, SplitConfig
+from pipeline.data.contract import IMAGES, connect, open_source
+from pipeline.data.groups import EXCLUDED, assign_sticky_splits, catalog_groups, stable_fraction
+from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.data.leak_audit import leak_audit
+from pipeline.data.near_duplicates import hash_catalog
 from pipeline.errors import LeakError
-from pipeline.extract import connect
-from pipeline.images import UnusableImage, resolve_image_path
-from pipeline.leak_audit import leak_audit
-from pipeline.near_duplicates import hash_catalog, near_duplicate_pairs
-
-EXCLUDED = "excluded"
+from pipeline.stages import StageInputs, StageOutput
 
 
 @dataclass(frozen=True)
@@ -72,72 +67,6 @@ def catalog_problems(catalog: pl.DataFrame, root: Path) -> pl.Series:
     return pl.Series("reason", reasons, dtype=pl.Utf8)
 
 
-def same_key_pairs(keys: list[str | None]) -> np.ndarray:
-    """Edges chaining every item to the first item with the same (non-null) key, shape (P, 2)."""
-    first: dict[str, int] = {}
-    edges = []
-    for i, key in enumerate(keys):
-        if key is None:
-            continue
-        if key in first:
-            edges.append((first[key], i))
-        else:
-            first[key] = i
-    return np.array(edges, dtype=np.int64).reshape(-1, 2)
-
-
-def connected_groups(n: int, edges: np.ndarray) -> np.ndarray:
-    """Component label per node; scipy's union of all edges."""
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def stable_fraction(key: str, salt: str) -> float:
-    """A number in [0, 1) fixed by the salted sha256 of `key`."""
-    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
-
-
-def stable_split(group_key: str, salt: str, fractions: SplitFractions) -> str:
-    """train/val/test from a salted hash of the group key: the same group always lands alike."""
-    u = stable_fraction(group_key, salt)
-    if u < fractions.train:
-        return "train"
-    return "val" if u < fractions.train + fractions.val else "test"
-
-
-def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dict[str, str],
-                         cfg: SplitConfig) -> tuple[list[str], dict]:
-    """Split per image. Registered images keep their split; new images follow their group's.
-
-    A group whose registered images sit in different splits (new images linked them) follows
-    `cfg.link_policy`: keep_and_exclude keeps the old assignments and excludes the new images;
-    exclude_group excludes the whole group from training and evaluation."""
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        members[int(label)].append(i)
-    splits = [""] * len(image_ids)
-    stats = {"new_groups": 0, "grown_groups": 0, "linked_groups": 0, "images_excluded": 0}
-    for group in members.values():
-        registered = {registry[image_ids[i]] for i in group if image_ids[i] in registry}
-        if not registered:
-            key = min(image_ids[i] for i in group)
-            for i in group:
-                splits[i] = stable_split(key, cfg.salt, cfg.fractions)
-            stats["new_groups"] += 1
-        elif len(registered) == 1:
-            (split,) = registered
-            stats["grown_groups"] += any(image_ids[i] not in registry for i in group)
-            for i in group:
-                splits[i] = split
-        else:
-            stats["linked_groups"] += 1
-            for i in group:
-                keep = cfg.link_policy == "keep_and_exclude" and image_ids[i] in registry
-                splits[i] = registry[image_ids[i]] if keep else EXCLUDED
-                stats["images_excluded"] += not keep
-    return splits, stats
-
-
 def read_registry(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
@@ -175,10 +104,8 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     state = cfg.state_dir / cfg.name
     good, quarantine, cache_stats = _hash_and_quarantine(cfg, read_catalog(cfg), state)
 
-    hash_edges = near_duplicate_pairs(good["hash"].to_list(), scfg.max_distance)
-    edges = np.concatenate([hash_edges, same_key_pairs(good["digest"].to_list()),
-                            same_key_pairs(good["product_id"].to_list())])
-    labels = connected_groups(good.height, edges)
+    labels, hash_edges = catalog_groups(good["hash"].to_list(), good["digest"].to_list(),
+                                        good["product_id"].to_list(), scfg.max_distance)
     registry_path = state / "split_registry.parquet"
     registry = read_registry(registry_path)
     splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg)
@@ -229,8 +156,6 @@ def example_groups_sheet(images: pl.DataFrame, root: Path, path: Path, groups: i
     """A contact sheet of the largest groups, one row each, so a reviewer can see what was merged."""
     from PIL import Image, ImageDraw
 
-    from pipeline.images import load_rgb
-
     largest = images.group_by("group_id").len().sort(["len", "group_id"], descending=[True, False]).head(groups)
     sheet = Image.new("RGB", (per_group * size, max(1, largest.height) * (size + 14)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -262,3 +187,11 @@ def _summary(good, quarantine, hash_edges, tagged, excluded, scfg: SplitConfig) 
         "pairs_heldout_queries": int(tagged["query_heldout"].sum()),
         "pairs_excluded": excluded.height,
     }
+
+
+def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
+    result = split(cfg, inputs.output("extract", "pairs"), out_dir)
+    outputs = {"images": result.images, "image_quarantine": result.image_quarantine, "pairs": result.pairs,
+               "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit,
+               "groups_sheet": result.groups_sheet}
+    return StageOutput(outputs, result.summary)

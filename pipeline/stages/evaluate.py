@@ -19,17 +19,25 @@ import numpy as np
 import polars as pl
 from rich.progress import track
 
-from pipeline.bm25 import bm25_rankings
+from pipeline import registry
 from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.errors import StageError
-from pipeline.metrics import mean_metrics, paired_bootstrap, per_query_metrics
-from pipeline.model import ClipBundle, embed_image_files, embed_texts, load_checkpoint, starting_model, to_best_device
-from pipeline.report_html import write_html_report
-from pipeline.search import search
-from pipeline.slices import query_slices, render_slices, slice_table
-from pipeline.tracking import tracking_uri
+from pipeline.report.html import write_html_report
+from pipeline.report.markdown import render_data_section, render_report, render_slices
+from pipeline.retrieval.bm25 import bm25_rankings
+from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
+from pipeline.retrieval.search import search
+from pipeline.retrieval.slices import query_slices, slice_table
+from pipeline.stages import StageInputs, StageOutput
+from pipeline.training.model import (
+    ClipBundle,
+    embed_image_files,
+    embed_texts,
+    load_checkpoint,
+    starting_model,
+    to_best_device,
+)
 
-CHECKPOINT_ARTIFACT = "checkpoint"  # name of the checkpoint folder inside a registered pyfunc model
 WORST_QUERIES = 20
 
 
@@ -125,29 +133,10 @@ def score_bm25(test: TestSet, cfg: EvaluateConfig) -> ModelScores:
 
 def champion_model(cfg: RunConfig, workdir: Path) -> tuple[ClipBundle, str] | None:
     """The registry's current champion and its version, or None when there is none yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(cfg.promote)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        version = client.get_model_version_by_alias(cfg.promote.model_name, "champion")
-    except MlflowException:
+    version = registry.champion_version(cfg.promote)
+    if version is None:
         return None
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{cfg.promote.model_name}/{version.version}", dst_path=str(workdir)))
-    return load_checkpoint(local / registered_artifact(local, CHECKPOINT_ARTIFACT)), version.version
-
-
-def registered_artifact(model_folder: Path, name: str) -> str:
-    """Where a downloaded pyfunc model keeps one of its artifacts, as its MLmodel file says (the
-    folder is named after the logged source folder, not after the artifact's key)."""
-    import yaml
-
-    flavor = yaml.safe_load((model_folder / "MLmodel").read_text())["flavors"]["python_function"]
-    return flavor["artifacts"][name]["path"]
+    return load_checkpoint(registry.download_checkpoint(cfg.promote, version, workdir)), version
 
 
 def worst_queries(test: TestSet, scores: dict[str, ModelScores], baseline: str, metric: str,
@@ -217,109 +206,11 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     return EvaluateResult(metrics_path, report_path, summary)
 
 
-def render_report(summary: dict) -> str:
-    models = summary["models"]
-    names = list(models)
-    metric_names = list(models["candidate"])
-    gallery = ("the whole catalog, quarantined images excluded" if summary["gallery_kind"] == "catalog"
-               else "test-split images only")
-    lines = [
-        f"# Recall report — run `{summary['run_id']}`",
-        "",
-        f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}).",
-        f"Baseline for promotion: **{summary['baseline']}**"
-        + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
-           " (no champion registered yet, so the untrained starting model)") + ".",
-        "",
-        "| metric | " + " | ".join(names) + " | candidate − baseline | 95% CI (paired bootstrap) |",
-        "|---|" + "---|" * (len(names) + 2),
-    ]
-    for metric in metric_names:
-        cells = " | ".join(f"{models[n][metric]:.4f}" for n in names)
-        delta = summary["delta_vs_baseline"][metric]
-        lines.append(f"| {metric} | {cells} | {delta['mean']:+.4f} | [{delta['low']:+.4f}, {delta['high']:+.4f}] |")
-    lines += [
-        "",
-        "## Definitions",
-        "- Held-out queries: normalised queries with at least one click on a test-split image.",
-        "- Relevant images of a query: the test-split images it clicked (click pairs from the test split only).",
-        "- recall@k: share of a query's relevant images among its top k results, averaged over queries.",
-        "- hit@k: share of queries with at least one relevant image in the top k.",
-        "- MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
-        "- nDCG@10: DCG@10 / ideal DCG@10 with DCG@10 = Σ gain / log2(rank + 1) over the top 10, the gain of an "
-        "image being its held-out click weight (position-debiased clicks).",
-        "- Search: " + search_sentence(summary["search"]),
-        "- bm25: the text-only baseline, queries matched to catalog titles by BM25 (no image model).",
-        "- new query / seen image: held-out queries (never trained on) with their clicks on training images, "
-        "searched over the whole catalog; reported as a slice, not in the headline table.",
-        "- CI: 2,000 paired bootstrap resamples of the held-out queries; both models scored on the same queries.",
-        "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
-        "start = the model training started from.",
-        "",
-        reindex_sentence(summary),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def search_sentence(info: dict) -> str:
-    if info.get("index") == "hnsw":
-        return (f"approximate (FAISS HNSW) over L2-normalised embeddings, large gallery; its recall of the exact "
-                f"top k on a sample of queries: {info['ann_recall_vs_exact']:.4f}.")
-    return f"exact inner product (FAISS IndexFlatIP, {info.get('device', 'cpu')}) over L2-normalised embeddings."
-
-
-def reindex_sentence(summary: dict) -> str:
-    reindex = summary["reindex"]
-    seconds = reindex["estimated_seconds"]
-    duration = f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.1f} minutes" if seconds < 7200 \
-        else f"{seconds / 3600:.1f} hours"
-    return (f"**Re-index notice.** Promoting the candidate changes the embedding space: serving must re-embed "
-            f"all {reindex['images']} catalog images with it before it answers queries. At the "
-            f"{reindex['images_per_s']:.0f} images/s measured during this evaluation (this machine, decoding "
-            f"included) that takes about {duration}; scale by the serving fleet's throughput.")
-
-
-def render_data_section(extract: dict, split: dict) -> str:
-    """Where the training data came from: counts that add up, quarantine reasons, position bias."""
-    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in extract["quarantined_by_reason"].items())
-    images = "\n".join(f"| {reason} | {count} |" for reason, count in split["images_quarantined_by_reason"].items())
-    bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
-                      for name, band in extract["query_bands"].items())
-    return "\n".join([
-        "## Input data",
-        f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} "
-        f"+ quarantined {extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; "
-        f"queries over the 77-token text context (kept, truncated): {extract['long_queries_truncated']}.",
-        f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images "
-        f"({bands}).",
-        "",
-        "| event quarantine reason | rows |", "|---|---|", reasons,
-        "",
-        f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
-        f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}); "
-        f"{split['pairs_excluded']} pairs excluded because their image was quarantined. Leak audit: passed.",
-        "",
-        "| image quarantine reason | images |", "|---|---|", images or "| (none) | 0 |",
-        "",
-        "### Groups",
-        f"Near-duplicate pairs by hash: {split['near_duplicate_pairs']}. Group sizes (size: groups): "
-        + ", ".join(f"{size}: {n}" for size, n in split["group_size_histogram"].items()) + ".",
-        (f"**Giant groups** above the configured size: {', '.join(split['giant_groups'])}."
-         if split["giant_groups"] else "No giant groups."),
-        f"Sticky splits: {split['sticky']['new_groups']} new groups, {split['sticky']['grown_groups']} grown, "
-        f"{split['sticky']['linked_groups']} linked across splits ({split['sticky']['images_excluded']} new images "
-        f"excluded); split registry version {split['registry_version']}. Pairs with held-out queries: "
-        f"{split['pairs_heldout_queries']}.",
-        "",
-        "The largest groups, one per row:",
-        "",
-        "![largest groups](groups.png)",
-        "",
-        "### Position bias",
-        "Examination probability per position, estimated from the log by EM under the position-based "
-        "model; training weights are clicks divided by it (clipped).",
-        "",
-        "![propensity curve](propensity.png)",
-        "",
-    ])
+def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
+    inputs.report_dir.mkdir(parents=True, exist_ok=True)
+    data = {"extract": inputs.summary("extract"), "split": inputs.summary("split"),
+            "figures": [inputs.output("extract", "propensity").with_suffix(".png"),
+                        inputs.output("split", "groups_sheet")]}
+    result = evaluate(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"),
+                      inputs.output("train", "weights").parent, out_dir, inputs.report_dir, inputs.run_id, data)
+    return StageOutput({"metrics": result.metrics, "report": result.report}, result.summary)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import StageError
-from pipeline.model import encode_text_prefix, load_checkpoint, trim_tokens
+from pipeline.training.model import encode_text_prefix, load_checkpoint, trim_tokens
 
 PARITY_TOLERANCE = 1e-4
 PARITY_QUERIES = ["navy striped trainers", "mug", "red linen summer dress with buttons", "oak desk lamp"]

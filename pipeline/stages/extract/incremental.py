@@ -27,8 +27,9 @@ from datetime import date
 from pathlib import Path
 
 from pipeline.config import ExtractConfig, RunConfig
+from pipeline.data.files import atomic_write, file_sha256, text_sha256
+from pipeline.data.partitions import partition_date, source_files
 from pipeline.errors import DataContractError
-from pipeline.runs import atomic_write, file_sha256, source_files, text_sha256
 
 STATE_VERSION = 1
 KEEP_STATS_FILES = 2  # the current statistics and the ones before them (a redone run plans against those)
@@ -84,8 +85,6 @@ def _snapshot(path: Path) -> list[int]:
 def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: date | None,
          run_id: str) -> IncrementalPlan:
     """Which partitions to read: every one the watermark lacks or whose files changed."""
-    from pipeline.extract import partition_date
-
     source = cfg.data.events
     if source.format != "parquet":
         raise DataContractError(f"{source.format} source {source.path}: incremental extract needs a Parquet "
@@ -112,7 +111,7 @@ def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: da
 
     old_by_day: dict[date | None, dict[str, list[int]]] = {}
     for path, stat in old_files.items():
-        old_by_day.setdefault(_day_of(path), {})[path] = stat
+        old_by_day.setdefault(partition_date(path), {})[path] = stat
 
     def unchanged(day: date) -> bool:
         return day in old_days and old_by_day.get(day) == {str(p): snapshot[str(p)] for p in by_day[day]}
@@ -122,19 +121,13 @@ def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: da
     reused += sorted(d for d in old_days - set(by_day)
                      if (since is None or d >= since) and (until is None or d <= until))
     read_days = sorted(d for d in by_day if d not in reused)
-    kept_files = {p: s for p, s in old_files.items() if _day_of(p) in set(reused)}
+    kept_files = {p: s for p, s in old_files.items() if partition_date(p) in set(reused)}
     return IncrementalPlan(
         state_dir=state_dir, run_id=run_id, settings=settings,
         read_files=[p for d in read_days for p in by_day[d]], read_days=read_days, reused_days=sorted(reused),
         previous_stats=state_dir / state["stats"] if status == "resumed" else None, status=status,
         previous_run=state.get("run_id") if status == "resumed" else None,
         files={**kept_files, **{str(p): snapshot[str(p)] for d in read_days for p in by_day[d]}})
-
-
-def _day_of(path: str) -> date | None:
-    from pipeline.extract import partition_date
-
-    return partition_date(Path(path))
 
 
 def commit(plan: IncrementalPlan, stats: Path, days: list[date]) -> None:

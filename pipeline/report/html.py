@@ -13,7 +13,8 @@ import io
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.report.sentences import reindex_sentence, search_sentence
 
 THUMB = 96
 COLOURS = {"candidate": "#1f77b4", "champion": "#d62728", "start": "#7f7f7f", "bm25": "#2ca02c"}
@@ -184,8 +185,6 @@ def _data_section(data: dict) -> str:
 
 def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | None, root: Path,
                       image_paths: dict[str, str]) -> Path:
-    from pipeline.evaluate import reindex_sentence, search_sentence
-
     metric = cfg.promote.metric
     thumbs = Thumbnails(root, image_paths)
     gallery = ("the whole catalog (quarantined images excluded)" if summary["gallery_kind"] == "catalog"

@@ -1,5 +1,5 @@
 """The leak audit: an independent re-check that no near-duplicate, identical file or product links
-two splits. It shares no code with the assignment in split.py; it brute-forces the hash links."""
+two splits. It shares no code with the grouping in groups.py; it brute-forces the hash links."""
 
 from __future__ import annotations
 

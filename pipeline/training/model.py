@@ -21,8 +21,8 @@ from safetensors.torch import save_model
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from pipeline.config import TrainConfig
+from pipeline.data.images import load_rgb, resolve_image_path
 from pipeline.errors import ConfigError
-from pipeline.images import load_rgb, resolve_image_path
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 

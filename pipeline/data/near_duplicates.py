@@ -22,7 +22,7 @@ import polars as pl
 from rich.progress import Progress
 
 from pipeline.config import SplitConfig
-from pipeline.images import UnusableImage, load_rgb, resolve_image_path
+from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
 
 HASHERS = {"phash": imagehash.phash, "dhash": imagehash.dhash, "whash": imagehash.whash,
            "average_hash": imagehash.average_hash}

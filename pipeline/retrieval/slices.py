@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
-from pipeline.extract import frequency_bands
-from pipeline.metrics import paired_bootstrap
+from pipeline.data.queries import frequency_bands
+from pipeline.retrieval.metrics import paired_bootstrap
 
 
 def query_slices(queries: list[str], relevant: list[dict[str, float]], pairs: pl.DataFrame,
@@ -45,19 +45,3 @@ def slice_table(per_query: dict[str, dict[str, np.ndarray]], baseline: str, fami
                          "candidate": float(candidate[mask].mean()), "baseline": float(base[mask].mean()),
                          "delta": mean, "low": low, "high": high, "flagged": high < -tolerance})
     return rows
-
-
-def render_slices(rows: list[dict], metric: str, baseline: str, tolerance: float) -> str:
-    lines = [
-        "## Slices",
-        f"{metric} per slice, candidate vs {baseline}. A slice is **flagged** when the whole 95% interval of "
-        f"the difference lies below −{tolerance}.",
-        "",
-        "| family | slice | queries | candidate | baseline | difference [95% CI] | flag |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['family']} | {row['slice']} | {row['queries']} | {row['candidate']:.4f} | "
-                     f"{row['baseline']:.4f} | {row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
-                     f"{'**regressed**' if row['flagged'] else ''} |")
-    return "\n".join(lines + [""])

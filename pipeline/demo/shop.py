@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 from rich.progress import track
 
-from pipeline.demo_images import COLOURS, PATTERNS, SILHOUETTES, draw_look, near_duplicate, render_photo
+from pipeline.demo.images import COLOURS, PATTERNS, SILHOUETTES, draw_look, near_duplicate, render_photo
 
 # merchants write titles their own way; shoppers search with other words
 TITLE_CATEGORY = {

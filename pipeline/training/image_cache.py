@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from rich.progress import track
 
-from pipeline.images import load_rgb, resolve_image_path
-from pipeline.runs import atomic_write, text_sha256
+from pipeline.data.files import atomic_write, text_sha256
+from pipeline.data.images import load_rgb, resolve_image_path
 
 
 def square(image: Image.Image, size: int) -> Image.Image:

@@ -9,8 +9,6 @@ curve estimated by EM). kept + quarantined = read, always.
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -23,20 +21,17 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline import incremental
-from pipeline.config import DuckDBConfig, ExtractConfig, RunConfig, SourceConfig, WindowConfig
-from pipeline.contract import EVENTS, IMAGES, open_source
+from pipeline.config import ExtractConfig, RunConfig, SourceConfig
+from pipeline.data.contract import EVENTS, IMAGES, connect, open_source
+from pipeline.data.partitions import source_files, window_files
+from pipeline.data.propensity import Propensities, examination_propensities
+from pipeline.data.queries import frequency_bands, normalise_query, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
-from pipeline.propensity import Propensities, examination_propensities
-from pipeline.runs import source_files
+from pipeline.stages import StageInputs, StageOutput
+from pipeline.stages.extract import incremental
 
 REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "outside_window",
            "duplicate", "query_too_long", "bot")
-PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
-WHITESPACE = re.compile(r"\s+")
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufeff]")
-PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
-TEXT_CONTEXT = 77  # open_clip's text context: longer queries are counted, then truncated or quarantined
 
 
 @dataclass(frozen=True)
@@ -47,54 +42,8 @@ class ExtractResult:
     summary: dict
 
 
-def normalise_query(text: str, strip_punctuation: bool = False) -> str:
-    """NFKC, case folding, control characters and byte-order marks to spaces, optional punctuation
-    stripping, whitespace collapse."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = CONTROL.sub(" ", text)
-    if strip_punctuation:
-        text = PUNCTUATION.sub(" ", text)
-    return WHITESPACE.sub(" ", text).strip()
-
-
 def _sql(name: str) -> str:
-    return resources.files("pipeline").joinpath("sql", name).read_text()
-
-
-def connect(settings: DuckDBConfig) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute("SET memory_limit = ?", [settings.memory_limit])
-    if settings.threads:
-        con.execute("SET threads = ?", [settings.threads])
-    if settings.temp_directory:
-        settings.temp_directory.mkdir(parents=True, exist_ok=True)
-        con.execute("SET temp_directory = ?", [str(settings.temp_directory)])
-    if settings.max_temp_directory_size:
-        con.execute("SET max_temp_directory_size = ?", [settings.max_temp_directory_size])
-    return con
-
-
-def partition_date(path: Path) -> date | None:
-    match = PARTITION.search(path.as_posix())
-    return date.fromisoformat(match.group(1)) if match else None
-
-
-def window_files(source: SourceConfig, window: WindowConfig) -> tuple[list[Path] | None, date | None, date | None]:
-    """The Parquet files a window needs (hive partitions outside it are not read) and its dates.
-
-    `last_days` counts back from `until`, or from the newest date partition."""
-    if source.format != "parquet" or window == WindowConfig():
-        return None, window.since, window.until
-    files = source_files(source)
-    dated = [d for d in map(partition_date, files) if d is not None]
-    until = window.until or (max(dated) if window.last_days and dated else None)
-    since = window.since or (until - timedelta(days=window.last_days - 1) if window.last_days and until else None)
-    keep = [f for f in files if (d := partition_date(f)) is None
-            or ((since is None or d >= since) and (until is None or d <= until))]
-    if not keep:
-        raise DataContractError(f"parquet source {source.path}: no partition falls in the window "
-                                f"{since or '…'} to {until or '…'}")
-    return keep, since, until
+    return resources.files(__package__).joinpath("sql", name).read_text()
 
 
 def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: list[Path] | None) -> None:
@@ -107,20 +56,6 @@ def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: li
     row = "file_row_number + 1" if "file_row_number" in columns else "row_number() OVER ()"
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source"
                 + (" WHERE false" if nothing else ""))
-
-
-def too_long_for_text_encoder(queries: list[str]) -> list[bool]:
-    """Whether each query needs more than the 77-token context (with start and end tokens)."""
-    # BPE never yields more tokens than UTF-8 bytes, so only long queries pay for the tokenizer
-    suspects = [i for i, q in enumerate(queries) if len(q.encode()) + 2 > TEXT_CONTEXT]
-    flags = [False] * len(queries)
-    if suspects:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        tokenizer = SimpleTokenizer()
-        for i in suspects:
-            flags[i] = len(tokenizer.encode(queries[i])) + 2 > TEXT_CONTEXT
-    return flags
 
 
 def _register_query_norms(con: duckdb.DuckDBPyConnection, strip_punctuation: bool) -> None:
@@ -236,7 +171,7 @@ def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> Extract
     """Read the events and catalog sources, classify every impression, write pairs and quarantine.
 
     With `extract.incremental`, only partitions the watermark lacks are read, and their statistics
-    are merged with those kept from earlier runs (see pipeline.incremental).
+    are merged with those kept from earlier runs (see pipeline.stages.extract.incremental).
     Running out of memory and spill space is a clear StageError, not a crash."""
     settings = cfg.extract.duckdb
     try:
@@ -317,17 +252,6 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     return ExtractResult(pairs_path, quarantine_path, propensity_path, summary)
 
 
-def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:
-    """head / torso / tail per query: by impressions, the queries covering the first 50%, next 30%,
-    last 20% of traffic. `pairs` needs `query` and `impressions` columns."""
-    per_query = pairs.group_by("query").agg(pl.col("impressions").sum().alias("n")).sort(
-        ["n", "query"], descending=[True, False])
-    before = per_query["n"].cum_sum() - per_query["n"]
-    total = max(1, int(per_query["n"].sum()))
-    bands = ["head" if b < 0.5 * total else "torso" if b < 0.8 * total else "tail" for b in before]
-    return dict(zip(per_query["query"], bands, strict=True))
-
-
 def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
     """Queries and impressions per frequency band (distinct queries are few, so Polars is fine)."""
     rows = con.execute("SELECT query, sum(impressions)::BIGINT FROM pairs GROUP BY query").fetchall()
@@ -369,3 +293,11 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
                    "files_read": len(files) if files is not None else "all"},
         "query_bands": query_frequency_bands(con),
     }
+
+
+def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
+    result = extract(cfg, out_dir, inputs.run_id)
+    outputs = {"pairs": result.pairs, "quarantine": result.quarantine, "propensity": result.propensity}
+    if cfg.extract.incremental:
+        outputs["stats"] = result.pairs.with_name("stats.parquet")
+    return StageOutput(outputs, result.summary)

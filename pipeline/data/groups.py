@@ -1,0 +1,91 @@
+"""Groups of catalog images that must share a split (near-duplicates, identical files, one
+product) and the sticky, hash-based assignment of groups to train/val/test."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.config import SplitConfig, SplitFractions
+from pipeline.data.near_duplicates import near_duplicate_pairs
+
+EXCLUDED = "excluded"
+
+
+def catalog_groups(hashes: list[str], digests: list[str], product_ids: list[str | None],
+                   max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group label per image, near-duplicate hash edges): images within `max_distance` bits,
+    with identical content, or of one product are merged transitively."""
+    hash_edges = near_duplicate_pairs(hashes, max_distance)
+    edges = np.concatenate([hash_edges, same_key_pairs(digests), same_key_pairs(product_ids)])
+    return connected_groups(len(hashes), edges), hash_edges
+
+
+def same_key_pairs(keys: list[str | None]) -> np.ndarray:
+    """Edges chaining every item to the first item with the same (non-null) key, shape (P, 2)."""
+    first: dict[str, int] = {}
+    edges = []
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        if key in first:
+            edges.append((first[key], i))
+        else:
+            first[key] = i
+    return np.array(edges, dtype=np.int64).reshape(-1, 2)
+
+
+def connected_groups(n: int, edges: np.ndarray) -> np.ndarray:
+    """Component label per node; scipy's union of all edges."""
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def stable_fraction(key: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the salted sha256 of `key`."""
+    return int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def stable_split(group_key: str, salt: str, fractions: SplitFractions) -> str:
+    """train/val/test from a salted hash of the group key: the same group always lands alike."""
+    u = stable_fraction(group_key, salt)
+    if u < fractions.train:
+        return "train"
+    return "val" if u < fractions.train + fractions.val else "test"
+
+
+def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dict[str, str],
+                         cfg: SplitConfig) -> tuple[list[str], dict]:
+    """Split per image. Registered images keep their split; new images follow their group's.
+
+    A group whose registered images sit in different splits (new images linked them) follows
+    `cfg.link_policy`: keep_and_exclude keeps the old assignments and excludes the new images;
+    exclude_group excludes the whole group from training and evaluation."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        members[int(label)].append(i)
+    splits = [""] * len(image_ids)
+    stats = {"new_groups": 0, "grown_groups": 0, "linked_groups": 0, "images_excluded": 0}
+    for group in members.values():
+        registered = {registry[image_ids[i]] for i in group if image_ids[i] in registry}
+        if not registered:
+            key = min(image_ids[i] for i in group)
+            for i in group:
+                splits[i] = stable_split(key, cfg.salt, cfg.fractions)
+            stats["new_groups"] += 1
+        elif len(registered) == 1:
+            (split,) = registered
+            stats["grown_groups"] += any(image_ids[i] not in registry for i in group)
+            for i in group:
+                splits[i] = split
+        else:
+            stats["linked_groups"] += 1
+            for i in group:
+                keep = cfg.link_policy == "keep_and_exclude" and image_ids[i] in registry
+                splits[i] = registry[image_ids[i]] if keep else EXCLUDED
+                stats["images_excluded"] += not keep
+    return splits, stats

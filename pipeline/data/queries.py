@@ -1,0 +1,48 @@
+"""Query text: normalisation, the text encoder's context limit, and head/torso/tail bands."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import polars as pl
+
+PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
+WHITESPACE = re.compile(r"\s+")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufeff]")
+TEXT_CONTEXT = 77  # open_clip's text context: longer queries are counted, then truncated or quarantined
+
+
+def normalise_query(text: str, strip_punctuation: bool = False) -> str:
+    """NFKC, case folding, control characters and byte-order marks to spaces, optional punctuation
+    stripping, whitespace collapse."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = CONTROL.sub(" ", text)
+    if strip_punctuation:
+        text = PUNCTUATION.sub(" ", text)
+    return WHITESPACE.sub(" ", text).strip()
+
+
+def too_long_for_text_encoder(queries: list[str]) -> list[bool]:
+    """Whether each query needs more than the 77-token context (with start and end tokens)."""
+    # BPE never yields more tokens than UTF-8 bytes, so only long queries pay for the tokenizer
+    suspects = [i for i, q in enumerate(queries) if len(q.encode()) + 2 > TEXT_CONTEXT]
+    flags = [False] * len(queries)
+    if suspects:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tokenizer = SimpleTokenizer()
+        for i in suspects:
+            flags[i] = len(tokenizer.encode(queries[i])) + 2 > TEXT_CONTEXT
+    return flags
+
+
+def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:
+    """head / torso / tail per query: by impressions, the queries covering the first 50%, next 30%,
+    last 20% of traffic. `pairs` needs `query` and `impressions` columns."""
+    per_query = pairs.group_by("query").agg(pl.col("impressions").sum().alias("n")).sort(
+        ["n", "query"], descending=[True, False])
+    before = per_query["n"].cum_sum() - per_query["n"]
+    total = max(1, int(per_query["n"].sum()))
+    bands = ["head" if b < 0.5 * total else "torso" if b < 0.8 * total else "tail" for b in before]
+    return dict(zip(per_query["query"], bands, strict=True))

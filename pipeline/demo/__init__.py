@@ -1,0 +1,1 @@
+"""The built-in demo shop: procedural product photos, merchant titles and a click log."""

@@ -1,0 +1,111 @@
+"""`recall.md`: the report as Markdown, rendered from evaluate's summary and the data summaries."""
+
+from __future__ import annotations
+
+from pipeline.report.sentences import reindex_sentence, search_sentence
+
+
+def render_report(summary: dict) -> str:
+    models = summary["models"]
+    names = list(models)
+    metric_names = list(models["candidate"])
+    gallery = ("the whole catalog, quarantined images excluded" if summary["gallery_kind"] == "catalog"
+               else "test-split images only")
+    lines = [
+        f"# Recall report — run `{summary['run_id']}`",
+        "",
+        f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}).",
+        f"Baseline for promotion: **{summary['baseline']}**"
+        + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
+           " (no champion registered yet, so the untrained starting model)") + ".",
+        "",
+        "| metric | " + " | ".join(names) + " | candidate − baseline | 95% CI (paired bootstrap) |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    for metric in metric_names:
+        cells = " | ".join(f"{models[n][metric]:.4f}" for n in names)
+        delta = summary["delta_vs_baseline"][metric]
+        lines.append(f"| {metric} | {cells} | {delta['mean']:+.4f} | [{delta['low']:+.4f}, {delta['high']:+.4f}] |")
+    lines += [
+        "",
+        "## Definitions",
+        "- Held-out queries: normalised queries with at least one click on a test-split image.",
+        "- Relevant images of a query: the test-split images it clicked (click pairs from the test split only).",
+        "- recall@k: share of a query's relevant images among its top k results, averaged over queries.",
+        "- hit@k: share of queries with at least one relevant image in the top k.",
+        "- MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
+        "- nDCG@10: DCG@10 / ideal DCG@10 with DCG@10 = Σ gain / log2(rank + 1) over the top 10, the gain of an "
+        "image being its held-out click weight (position-debiased clicks).",
+        "- Search: " + search_sentence(summary["search"]),
+        "- bm25: the text-only baseline, queries matched to catalog titles by BM25 (no image model).",
+        "- new query / seen image: held-out queries (never trained on) with their clicks on training images, "
+        "searched over the whole catalog; reported as a slice, not in the headline table.",
+        "- CI: 2,000 paired bootstrap resamples of the held-out queries; both models scored on the same queries.",
+        "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
+        "start = the model training started from.",
+        "",
+        reindex_sentence(summary),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_data_section(extract: dict, split: dict) -> str:
+    """Where the training data came from: counts that add up, quarantine reasons, position bias."""
+    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in extract["quarantined_by_reason"].items())
+    images = "\n".join(f"| {reason} | {count} |" for reason, count in split["images_quarantined_by_reason"].items())
+    bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
+                      for name, band in extract["query_bands"].items())
+    return "\n".join([
+        "## Input data",
+        f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} "
+        f"+ quarantined {extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; "
+        f"queries over the 77-token text context (kept, truncated): {extract['long_queries_truncated']}.",
+        f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images "
+        f"({bands}).",
+        "",
+        "| event quarantine reason | rows |", "|---|---|", reasons,
+        "",
+        f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
+        f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}); "
+        f"{split['pairs_excluded']} pairs excluded because their image was quarantined. Leak audit: passed.",
+        "",
+        "| image quarantine reason | images |", "|---|---|", images or "| (none) | 0 |",
+        "",
+        "### Groups",
+        f"Near-duplicate pairs by hash: {split['near_duplicate_pairs']}. Group sizes (size: groups): "
+        + ", ".join(f"{size}: {n}" for size, n in split["group_size_histogram"].items()) + ".",
+        (f"**Giant groups** above the configured size: {', '.join(split['giant_groups'])}."
+         if split["giant_groups"] else "No giant groups."),
+        f"Sticky splits: {split['sticky']['new_groups']} new groups, {split['sticky']['grown_groups']} grown, "
+        f"{split['sticky']['linked_groups']} linked across splits ({split['sticky']['images_excluded']} new images "
+        f"excluded); split registry version {split['registry_version']}. Pairs with held-out queries: "
+        f"{split['pairs_heldout_queries']}.",
+        "",
+        "The largest groups, one per row:",
+        "",
+        "![largest groups](groups.png)",
+        "",
+        "### Position bias",
+        "Examination probability per position, estimated from the log by EM under the position-based "
+        "model; training weights are clicks divided by it (clipped).",
+        "",
+        "![propensity curve](propensity.png)",
+        "",
+    ])
+
+
+def render_slices(rows: list[dict], metric: str, baseline: str, tolerance: float) -> str:
+    lines = [
+        "## Slices",
+        f"{metric} per slice, candidate vs {baseline}. A slice is **flagged** when the whole 95% interval of "
+        f"the difference lies below −{tolerance}.",
+        "",
+        "| family | slice | queries | candidate | baseline | difference [95% CI] | flag |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['family']} | {row['slice']} | {row['queries']} | {row['candidate']:.4f} | "
+                     f"{row['baseline']:.4f} | {row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
+                     f"{'**regressed**' if row['flagged'] else ''} |")
+    return "\n".join(lines + [""])

@@ -1,0 +1,85 @@
+"""The pipeline's stages, declared once, in order.
+
+Each entry names the stage, the config sections and run inputs its fingerprint depends on, the
+stages whose outputs it reads, the outputs it records, its scheduler retries, and where its
+`run(cfg, inputs, out_dir) -> StageOutput` lives. The runner, the CLI subcommands, the
+fingerprints and the Airflow DAG all read this list; adding a stage is one entry plus its module.
+
+This module imports nothing (not even the rest of the package), so the DAG can read it in an
+Airflow environment that has neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: str  # "module:function", imported only when the stage runs
+    config: tuple[str, ...]  # RunConfig sections its output depends on
+    inputs: tuple[str, ...] = ()  # run inputs ("events", "images", "image_root") whose content it reads
+    upstream: tuple[str, ...] = ()  # stages whose outputs or summaries it reads
+    outputs: tuple[str, ...] = ()  # recorded outputs (a stage may record optional ones besides)
+    retries: int = 0  # how often a scheduler retries it
+    retry_minutes: int = 5  # first wait between retries
+    backoff: bool = False  # exponential back-off between retries (transient I/O)
+    doc: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage gets from its run: upstream outputs and summaries, and the run's identity."""
+
+    run_id: str
+    outputs: dict[str, dict[str, Path]]  # upstream stage -> output name -> path
+    summaries: dict[str, dict[str, Any]]  # upstream stage -> its summary
+    report_dir: Path  # reports_dir/<run_id>, for the human report
+    manifest: Path  # the run's manifest.json (logged with the model)
+    digests: dict[str, str]  # content digests of the run's inputs (events, images, image_root)
+    git_commit: str
+
+    def output(self, stage: str, name: str) -> Path:
+        return self.outputs[stage][name]
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        return self.summaries[stage]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    outputs: dict[str, Path]  # name -> file written under the stage's folder
+    summary: dict[str, Any]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("extract", "pipeline.stages.extract:run", config=("data", "extract"), inputs=("events", "images"),
+          outputs=("pairs", "quarantine", "propensity"), retries=3, backoff=True,
+          doc="click logs -> debiased (query, image) pairs; unusable rows quarantined with a reason"),
+    Stage("split", "pipeline.stages.split:run", config=("split",), inputs=("image_root",), upstream=("extract",),
+          outputs=("images", "image_quarantine", "pairs", "pairs_excluded", "leak_audit", "groups_sheet"),
+          retries=3, backoff=True,
+          doc="near-duplicate and product groups, sticky leak-free train/val/test, held-out queries"),
+    Stage("train", "pipeline.stages.train:run", config=("train",), upstream=("split",),
+          outputs=("weights", "metrics"), retries=1, retry_minutes=10,
+          doc="fine-tune the open_clip model on the training pairs with Lightning"),
+    Stage("evaluate", "pipeline.stages.evaluate:run", config=("evaluate",), upstream=("extract", "split", "train"),
+          outputs=("metrics", "report"), retries=1,
+          doc="candidate vs champion vs start vs BM25 on held-out queries; the recall report"),
+    # a failed gate is a decision, not an error: never retried
+    Stage("promote", "pipeline.stages.promote:run", config=("promote",),
+          upstream=("extract", "split", "train", "evaluate"), outputs=("decision",), retries=0,
+          doc="register the model in MLflow and move `champion` only if every gate passes"),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+
+
+def stage_spec(name: str) -> Stage:
+    for entry in STAGES:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")

@@ -1,0 +1,124 @@
+"""Promote: log the run to MLflow, register the model, and move `champion` only if it wins.
+
+Idempotent per run: a second promote of the same run finds its registered version (by the
+MLflow run id) and registers nothing new. Writes `runs/<id>/promote/promotion.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import registry
+from pipeline.config import PromoteConfig, RunConfig
+from pipeline.stages import StageInputs, StageOutput
+from pipeline.training.onnx_export import export_onnx
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    decision: Path
+    summary: dict
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gates need from the earlier stages, besides the evaluation."""
+
+    quarantine_rate: float
+    leak_audit_passed: bool
+    finished_without_nan: bool
+
+
+def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
+    """Each gate with pass/fail and the numbers behind it."""
+    models, baseline = evaluation["models"], evaluation["baseline"]
+    if cfg.metric not in models["candidate"]:
+        raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models['candidate'])}")
+    candidate = models["candidate"][cfg.metric]
+    delta = evaluation["delta_vs_baseline"][cfg.metric]
+    statistic = delta["low"] if cfg.gates.use_lower_bound else delta["mean"]
+    label = "95% CI lower bound" if cfg.gates.use_lower_bound else "mean"
+    return [
+        {"gate": "min_candidate", "passed": candidate >= cfg.gates.min_candidate,
+         "detail": f"candidate {cfg.metric} {candidate:.4f} >= {cfg.gates.min_candidate}"},
+        {"gate": "beats_baseline", "passed": statistic > cfg.margin,
+         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} > margin {cfg.margin} "
+                   f"(mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
+        {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
+         "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
+        {"gate": "leak_audit", "passed": inputs.leak_audit_passed, "detail": "no group straddles splits"},
+        {"gate": "quarantine_rate", "passed": inputs.quarantine_rate <= cfg.gates.max_quarantine_rate,
+         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined <= {cfg.gates.max_quarantine_rate}"},
+        {"gate": "no_nan", "passed": inputs.finished_without_nan, "detail": "training finished without NaN"},
+    ]
+
+
+def decide(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> tuple[bool, str, list[dict]]:
+    """Promote only when every gate passes; the reason lists the failed gates, or the decisive one."""
+    gates = evaluate_gates(evaluation, cfg, inputs)
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        return False, "failed: " + "; ".join(f"{g['gate']} ({g['detail']})" for g in failed), gates
+    return True, "all gates passed; " + gates[1]["detail"], gates
+
+
+def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
+            lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path) -> PromoteResult:
+    """Decide by the gates, log the run and its lineage tags, register, and move the alias."""
+    pcfg = cfg.promote
+    mlflow_run_id = registry.existing_run(pcfg, mlflow_run_id)  # a reset store: log into a fresh run
+    existing = registry.versions_of_run(pcfg, mlflow_run_id)
+
+    promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
+    onnx = None
+    if existing:
+        version = existing[0]
+        promoted = version.tags.get("clickclip.decision") == "promoted"
+        reason = version.tags.get("clickclip.reason", "") + " (already registered; nothing new)"
+        if promoted and registry.aliases(pcfg).get("champion") != str(version.version):
+            # an earlier attempt registered the version and stopped before moving the alias
+            # (this stage never completed, or it would have been reused): finish the promotion
+            registry.promote_version(pcfg, version.version)
+            reason += "; the interrupted alias move was completed"
+    else:
+        onnx = export_onnx(model_dir, out_dir / "onnx")
+        gate_tags = {f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}"
+                     for g in gates}
+        tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
+                "clickclip.reason": reason, **{f"clickclip.{k}": v for k, v in lineage.items()}, **gate_tags}
+        metrics = {f"eval.{model}.{k.replace('@', '_at_')}": v
+                   for model, values in evaluation["models"].items() for k, v in values.items()}
+        metrics |= {f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()}
+        mlflow_run_id, version = registry.log_and_register(cfg, mlflow_run_id, run_id, tags, metrics, artifacts,
+                                                           model_dir, out_dir / "onnx")
+        if promoted:
+            registry.promote_version(pcfg, version.version)
+
+    summary = {
+        "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
+        "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
+        "onnx_parity_max_abs_diff": onnx["parity_max_abs_diff"] if onnx else None,
+        "tracking_uri": registry.redact_uri(registry.tracking_uri(pcfg)),
+        "champion_uri": f"models:/{pcfg.model_name}@champion",
+    }
+    decision = out_dir / "promotion.json"
+    decision.write_text(json.dumps(summary, indent=2))
+    return PromoteResult(decision, summary)
+
+
+def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
+    extract, split, train, evaluation = (inputs.summary(s) for s in ("extract", "split", "train", "evaluate"))
+    gate_inputs = GateInputs(
+        quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
+        leak_audit_passed=json.loads(inputs.output("split", "leak_audit").read_text())["passed"],
+        finished_without_nan=train["finished_without_nan"])
+    lineage = {"git_commit": inputs.git_commit, "input_events_sha256": inputs.digests["events"],
+               "input_images_sha256": inputs.digests["images"], "split_registry_version": split["registry_version"],
+               "parent_champion_version": str(evaluation["champion_version"] or "none")}
+    artifacts = [inputs.report_dir, inputs.manifest, inputs.output("split", "leak_audit"),
+                 inputs.output("extract", "quarantine"), inputs.output("split", "image_quarantine")]
+    result = promote(cfg, inputs.run_id, train.get("mlflow_run_id"), evaluation, gate_inputs, lineage,
+                     inputs.output("train", "weights").parent, artifacts, out_dir)
+    return StageOutput({"decision": result.decision}, result.summary)

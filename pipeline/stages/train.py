@@ -1,0 +1,121 @@
+"""Train: fine-tune an open_clip model on clicked (query, image) pairs with Lightning.
+
+Reads split's `pairs.parquet`; writes `runs/<id>/train/model/` (safetensors checkpoint of the
+best epoch by validation recall@10), Lightning checkpoints for resuming, and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import open_clip
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from pipeline import registry
+from pipeline.config import RunConfig, TrainConfig
+from pipeline.errors import StageError
+from pipeline.stages import StageInputs, StageOutput
+from pipeline.training.datasets import PairDataset, make_loader, training_pairs
+from pipeline.training.finetuner import ClipFineTuner, lock_towers
+from pipeline.training.image_cache import ImageCache
+from pipeline.training.model import ClipBundle, save_checkpoint, starting_model
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    metrics: Path
+    summary: dict
+
+
+def prepare_model(bundle: ClipBundle, cfg: TrainConfig) -> None:
+    """Tower locking, channels-last and compilation, in place, as configured."""
+    lock_towers(bundle.model, cfg)
+    if cfg.channels_last:
+        bundle.model.visual.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # in place, so parameter names (and the safetensors checkpoint) are unchanged
+        bundle.model.visual.compile()
+        bundle.model.transformer.compile()
+
+
+def build_trainer(cfg: TrainConfig, logger, callbacks: list[L.Callback], **overrides) -> L.Trainer:
+    """The Lightning Trainer as train runs it (bench_train builds its trainer here too)."""
+    settings = dict(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        # (grad_cache optimises manually and clips in its own step)
+        gradient_clip_val=cfg.gradient_clip if cfg.negatives != "grad_cache" else None,
+        strategy=cfg.strategy, use_distributed_sampler=False,  # our samplers shard themselves
+        precision=cfg.precision, logger=logger, callbacks=callbacks,
+        deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    return L.Trainer(**(settings | overrides))
+
+
+def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, run_name: str,
+          callbacks: list[L.Callback] | None = None) -> TrainResult:
+    """Fine-tune from the configured starting model; resumes from `out_dir/lightning/last.ckpt`.
+
+    `callbacks` are added to Lightning's (the fault-injection tests use one)."""
+    tcfg = cfg.train
+    L.seed_everything(tcfg.seed, workers=True, verbose=False)
+    bundle = starting_model(tcfg)
+    train_pairs = training_pairs(pairs_path, images_path, "train", tcfg.min_clicks)
+    val_pairs = training_pairs(pairs_path, images_path, "val", tcfg.min_clicks)
+    if train_pairs.height < tcfg.batch_size:
+        raise StageError(f"only {train_pairs.height} clicked training pairs, fewer than one batch "
+                         f"(train.batch_size={tcfg.batch_size}); lower the batch size or add data")
+    root = cfg.data.image_root
+    prepare_model(bundle, tcfg)
+    module = ClipFineTuner(bundle, tcfg)
+    logger = registry.training_logger(cfg.promote, run_name)
+    ckpt_dir = out_dir / "lightning"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/recall_at_10", mode="max",
+                           save_last=True, save_weights_only=False)
+    trainer = build_trainer(tcfg, logger, [best, LearningRateMonitor("step"), *(callbacks or [])])
+    started = time.perf_counter()
+    resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
+    cache = None
+    if tcfg.image_cache:
+        size = open_clip.get_model_preprocess_cfg(bundle.model)["size"]
+        cache = ImageCache(out_dir / "image_cache", train_pairs["path"].to_list() + val_pairs["path"].to_list(),
+                           root, size[0] if isinstance(size, tuple | list) else size)
+    train_loader = make_loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed, cache), train_pairs, tcfg,
+                               True, bundle.tokenizer)
+    module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
+    trainer.fit(module, train_loader,
+                make_loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False,
+                            bundle.tokenizer),
+                ckpt_path=resume, weights_only=True)  # resuming never unpickles arbitrary objects
+    seconds = time.perf_counter() - started
+    if trainer.global_rank > 0:
+        # Lightning's DDP re-runs our command line for ranks > 0; rank 0 alone writes the results
+        # and goes on to evaluate and promote
+        raise SystemExit(0)
+
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    model_dir = save_checkpoint(bundle, out_dir / "model")
+    shutil.rmtree(out_dir / "image_cache", ignore_errors=True)  # it served the epochs; the run keeps the model
+    summary = {
+        "train_pairs": train_pairs.height, "val_pairs": val_pairs.height, "epochs": trainer.current_epoch,
+        "steps": trainer.global_step, "seconds": round(seconds, 1),
+        "samples_per_s": round(trainer.global_step * tcfg.batch_size * trainer.world_size / max(seconds, 1e-9), 1),
+        "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
+        "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
+        "mlflow_run_id": logger.run_id,
+    }
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(summary, indent=2))
+    return TrainResult(model_dir / "open_clip_model.safetensors", metrics_path, summary)
+
+
+def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
+    result = train(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"), out_dir, inputs.run_id)
+    return StageOutput({"weights": result.model_dir, "metrics": result.metrics}, result.summary)

@@ -13,6 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	-git rev-parse HEAD > pipeline/COMMIT 2>/dev/null  # lineage for copies of this folder made without .git
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

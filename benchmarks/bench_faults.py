@@ -7,7 +7,10 @@ The corpus is tests/fault_corpus.py (each case: broken input -> expected quarant
 clear error). The scenarios are the fault tests run through pytest: SIGKILL at a random point of
 every stage then rerun (same artifacts), an interrupted promotion finished by its rerun, a second
 run on a locked folder, a killed lock holder, a hostile checkpoint, NaN in training, memory and
-spill exhaustion, and a training killed mid-epoch that resumes to the same weights.
+spill exhaustion, a training killed mid-epoch that resumes to the same weights, and the decision
+seams: an unreadable registry, a champion that moved or was rolled back, float16 refused, tiny
+slices that must not gate, changed hash settings, chained look-alikes, DECIMAL columns, windows
+without partitions, flat propensities and per-file CSV rows.
 Last line: one JSON object {scenarios, passed, rows_in, rows_out, rows_quarantined}.
 """
 
@@ -34,6 +37,20 @@ SCENARIOS = [
     "tests/test_runs.py",
     "tests/test_train.py::test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights",
     "tests/test_e2e.py::test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun",
+    # decisions at the registry seam and the gates (the trustworthy-decision issue)
+    "tests/test_promote.py::test_a_registry_that_cannot_be_read_stops_instead_of_meaning_no_champion",
+    "tests/test_promote.py::test_the_champion_moves_only_from_the_version_that_was_evaluated",
+    "tests/test_promote.py::test_the_evaluated_champion_is_part_of_evaluates_fingerprint",
+    "tests/test_e2e.py::test_promote_refuses_a_moved_champion_and_never_promotes_a_rolled_back_version",
+    "tests/test_config.py::test_float16_precision_is_refused_with_what_to_use_instead",
+    "tests/test_slices.py::test_a_one_query_slice_is_shown_but_never_blocks",
+    "tests/test_slices.py::test_twenty_categories_without_a_difference_rarely_flag_any_slice",
+    "tests/test_split.py::test_changed_hash_settings_need_the_migration_command",
+    "tests/test_split.py::test_a_chain_of_look_alike_products_does_not_become_one_giant_group",
+    "tests/test_extract.py::test_decimal_columns_only_stand_for_integers",
+    "tests/test_extract.py::test_last_days_counts_back_from_the_newest_event_without_date_partitions",
+    "tests/test_extract.py::test_flat_propensities_are_a_warning_and_the_applied_weighting_is_recorded",
+    "tests/test_extract.py::test_csv_rows_are_numbered_within_each_file",
 ]
 
 

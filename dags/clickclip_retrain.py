@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
+import shlex
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -44,12 +44,26 @@ def stage_list() -> tuple:
 
 
 def retry_policy(stage) -> dict:
-    """The stage's own retries; those with back-off wait for transient I/O (a partition still being
-    written, a busy filesystem), at most an hour between tries."""
-    policy = {"retries": stage.retries, "retry_delay": timedelta(minutes=stage.retry_minutes)}
+    """The stage's own retries and time limit; those with back-off wait for transient I/O (a
+    partition still being written, a busy filesystem), at most an hour between tries."""
+    policy = {"retries": stage.retries, "retry_delay": timedelta(minutes=stage.retry_minutes),
+              "execution_timeout": timedelta(minutes=stage.timeout_minutes)}
     if stage.backoff:
         policy |= {"retry_exponential_backoff": True, "max_retry_delay": timedelta(hours=1)}
     return policy
+
+
+def extract_window(context) -> dict[str, str]:
+    """The dates the run reads: its data interval [start, end) as whole days, start's day to the day
+    before end's, so a backfilled week never reads events after its interval. The `since` / `until`
+    params override it; asset-triggered runs have no interval and read the config's window."""
+    params = context["params"]
+    if params.get("since") or params.get("until"):
+        return {key: params[key] for key in ("since", "until") if params.get(key)}
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is None or end is None or end <= start:
+        return {}
+    return {"since": start.date().isoformat(), "until": (end - timedelta(days=1)).date().isoformat()}
 
 
 def run_id_for(context) -> str:
@@ -59,38 +73,38 @@ def run_id_for(context) -> str:
     return f"weekly-{moment:%Y%m%dT%H%M}"
 
 
-def clickclip(stage: str) -> dict:
-    """Run one stage in the project's environment; return its JSON summary (last stdout line)."""
+def clickclip(stage: str) -> str:
+    """The shell command of one stage, run in the project's environment by a Bash task: its output
+    streams into the task log as it runs, and its last line (the stage's JSON summary) is the XCom."""
     context = get_current_context()
-    params = context["params"]
-    command = [BIN, stage, "--config", params["config"], "--run-id", run_id_for(context)]
-    for key in ("since", "until"):
-        if params.get(key):
-            command += ["--set", f"extract.window.{key}={params[key]}"]
-    result = subprocess.run(command, cwd=HOME, capture_output=True, text=True)
-    print(result.stderr[-20000:])
-    if result.returncode != 0:
-        raise RuntimeError(f"clickclip {stage} failed (exit {result.returncode}); see the log above")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    command = [BIN, stage, "--config", context["params"]["config"], "--run-id", run_id_for(context)]
+    for key, day in extract_window(context).items():
+        command += ["--set", f"extract.window.{key}={day}"]
+    return shlex.join(command)
 
 
 @dag(
     dag_id="clickclip_retrain",
     description="Retrain the CLIP search model on the latest click logs and promote it if it wins",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[EVENTS]),
+    # every Monday 03:00 UTC for the week before it: the data interval is the 7 days up to the run
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC", interval=timedelta(days=7)), assets=[EVENTS]),
     start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args={"owner": "ml-platform", "retries": 0},
     params={
         "config": Param("configs/demo.yaml", type="string", description="run config, relative to CLICKCLIP_HOME"),
-        "since": Param(None, type=["null", "string"], format="date", description="first day of the window"),
-        "until": Param(None, type=["null", "string"], format="date", description="last day of the window"),
+        "since": Param(None, type=["null", "string"], format="date",
+                       description="first day of the window (default: the run's data interval)"),
+        "until": Param(None, type=["null", "string"], format="date",
+                       description="last day of the window (default: the day before the interval's end)"),
     },
     tags=["clickclip", "ml"],
 )
 def clickclip_retrain():
-    tasks = [task(task_id=stage.name, **retry_policy(stage))(clickclip)(stage.name) for stage in stage_list()]
+    tasks = [task.bash(task_id=stage.name, cwd=str(HOME), output_processor=json.loads, **retry_policy(stage))(
+        clickclip)(stage.name) for stage in stage_list()]
     for upstream, downstream in zip(tasks, tasks[1:], strict=False):
         upstream >> downstream
     decision = tasks[-1]  # promote's summary: the decision

@@ -121,6 +121,20 @@ def rollback(
     _emit(summary)
 
 
+@app.command("migrate-split-registry")
+def migrate_split_registry(config: ConfigOption, set_: SetOption = None) -> None:
+    """Adopt the config's near-duplicate settings (split.hash, hash_size, max_distance) for the sticky
+    split registry. Every assignment is kept; groups that now link splits follow split.link_policy."""
+    from pipeline.config import load_config
+    from pipeline.stages.split import migrate_registry
+
+    try:
+        summary = migrate_registry(load_config(config, set_ or []))
+    except ClickclipError as exc:
+        _fail(exc)
+    _emit(summary)
+
+
 @app.command("run")
 def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
     """Run every stage in order, reusing any whose inputs and config are unchanged."""

@@ -154,7 +154,9 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(default=20, ge=0)
     seed: int = 0
     num_workers: int = Field(default=0, ge=0)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # 16-mixed is refused: its loss scaler skips steps on routine overflows, which the NaN guard
+    # would take for a divergence, and grad cache would scale twice; bf16-mixed needs no scaler
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = 1
     # ddp: one process per device through Lightning; the loss gathers embeddings from every rank
@@ -186,6 +188,15 @@ class TrainConfig(Strict):
     compile: bool = False
     channels_last: bool = False
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_loss_scaler(cls, value: Any) -> Any:
+        if value in ("16-mixed", "16", 16, "16-true"):
+            raise ValueError("float16 precision is not supported (its loss scaler's skipped steps would read as "
+                             "NaN gradients, and grad cache would scale twice); use 'bf16-mixed' on GPUs that "
+                             "have it, or '32-true'")
+        return value
+
     @model_validator(mode="after")
     def _one_weight_source(self) -> TrainConfig:
         if self.pretrained is not None and self.checkpoint is not None:
@@ -201,11 +212,20 @@ class TrainConfig(Strict):
 class EvaluateConfig(Strict):
     ks: tuple[int, ...] = (1, 5, 10, 50)
     gallery: Literal["catalog", "test"] = "catalog"
+    # filtered ranking: a query's other right answers (its clicks outside the test split, other
+    # photos of a relevant product or group) are removed from its ranked list before scoring
+    filtered: bool = True
+    # what one relevant result is: the clicked image, or its product (any photo of it counts, once)
+    relevance: Literal["image", "product"] = "image"
     batch_size: int = Field(default=256, ge=1)
     # processes decoding catalog images; None: all cores but one (at most 8) with a GPU, else none
     decode_workers: int | None = Field(default=None, ge=0)
     slice_tolerance: float = Field(default=0.02, ge=0)  # a slice confidently worse by more is flagged
-    # galleries at least this large are searched with HNSW (its recall vs exact search is reported)
+    # smaller slices are shown but never gate: a handful of queries says nothing about a regression
+    slice_min_queries: int = Field(default=30, ge=1)
+    slice_alpha: float = Field(default=0.05, gt=0, lt=1)  # family-wise error over the gated slices (Holm)
+    # from this gallery size on, an HNSW index is also built and its recall vs exact search reported
+    # (the metrics, and so the gates, always come from exact search)
     ann_min_gallery: int = Field(default=200_000, ge=1)
 
     @field_validator("ks")

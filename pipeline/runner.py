@@ -9,6 +9,7 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
+from pipeline.report.sentences import leak_audit_sentence
 from pipeline.runs import Run, run_lock
 from pipeline.stages import STAGE_NAMES, StageOutput, stage_spec
 
@@ -58,6 +59,8 @@ def _run_stage(run: Run, stage: str) -> dict:
         run.running.discard(stage)
     seconds = time.perf_counter() - started
     run.record(stage, run.publish(stage, result.outputs), result.summary, seconds)
+    for warning in result.summary.get("warnings", []):
+        console.print(f"[bold yellow]⚠ {stage}:[/] {warning}")
     console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
     return result.summary
 
@@ -77,8 +80,8 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
         f"run {run.run_id}  ({run.root})",
         f"rows read {extract['rows_read']}: kept {extract['rows_kept']}, quarantined {extract['rows_quarantined']}"
         f" {extract['quarantined_by_reason']}",
-        f"images kept {summaries['split']['images_kept']}, quarantined {summaries['split']['images_quarantined']};"
-        f" leak audit passed",
+        f"images kept {summaries['split']['images_kept']}, quarantined {summaries['split']['images_quarantined']}; "
+        + leak_audit_sentence(summaries["split"].get("leak_audit")).replace("Leak audit", "leak audit", 1),
     ]
     for k in cfg.evaluate.ks:
         row = "  ".join(f"{name} {values[f'recall@{k}']:.4f}" for name, values in models.items())

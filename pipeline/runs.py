@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -20,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import __version__, registry
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.data.files import atomic_write, file_sha256, text_sha256
 from pipeline.data.partitions import source_files
 from pipeline.errors import ClickclipError
-from pipeline.registry import public_config
 from pipeline.stages import StageInputs, stage_spec
 
 
@@ -45,13 +46,40 @@ def image_root_digest(root: Path) -> str:
     return text_sha256(sorted(entries))
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def code_digest() -> str:
+    """The running package's source digest: part of every stage's fingerprint, so a changed line of
+    code reruns the stages rather than being hidden by outputs the old code made."""
+    return source_tree_digest(PACKAGE)
+
+
+def source_tree_digest(package: Path) -> str:
+    """sha256 of a package's version and the relative path and bytes of every .py and .sql file."""
+    files = sorted(p for suffix in ("*.py", "*.sql") for p in package.rglob(suffix) if "__pycache__" not in p.parts)
+    return text_sha256(__version__, [(p.relative_to(package).as_posix(), file_sha256(p)) for p in files])
+
+
+@functools.cache
 def git_commit() -> str:
+    return commit_of(PACKAGE)
+
+
+def commit_of(package: Path) -> str:
+    """The commit of the checkout `package` runs from, else the one `make` recorded in its COMMIT
+    file, else a sentence saying neither is there (code_digest still names the code)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=package)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        pass
+    recorded = package / "COMMIT"
+    if recorded.is_file() and recorded.read_text().strip():
+        return recorded.read_text().strip()
+    return "unavailable: not a git checkout and no pipeline/COMMIT (the code is named by its source sha256)"
 
 
 class RunLockedError(ClickclipError):
@@ -104,6 +132,7 @@ class Run:
     # stage -> fingerprint whose outputs this process already hashed; spares re-hashing large outputs
     verified: dict[str, str] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)  # stages writing into their partial folder now
+    looked_up: dict[str, Any] = field(default_factory=dict)  # registry answers, once per process
 
     @property
     def manifest_path(self) -> Path:
@@ -157,8 +186,17 @@ class Run:
         it reads, and the fingerprints of the stages whose outputs it reads."""
         spec = stage_spec(name)
         tree = self.config.model_dump(mode="json")
-        own = ([tree[section] for section in spec.config], [self.inputs[key] for key in spec.inputs])
-        return text_sha256(name, own, [self.fingerprint(upstream) for upstream in spec.upstream])
+        own = ([setting(tree, key) for key in spec.config], [self.inputs[key] for key in spec.inputs])
+        if spec.champion:
+            own += (self.baseline_champion(),)
+        return text_sha256(name, own, [self.fingerprint(upstream) for upstream in spec.upstream], code_digest())
+
+    def baseline_champion(self) -> str | None:
+        """The champion version this run compares against (looked up once per process): a reused
+        evaluation is never one made against another champion."""
+        if "champion" not in self.looked_up:
+            self.looked_up["champion"] = registry.baseline_champion(self.config.promote, self.run_id)
+        return self.looked_up["champion"]
 
     def stage_inputs(self, name: str) -> StageInputs:
         """What the stage `name` reads: every upstream stage's recorded outputs and summary."""
@@ -170,7 +208,7 @@ class Run:
                      for up in spec.upstream},
             summaries={up: recorded[up]["summary"] for up in spec.upstream},
             report_dir=self.config.reports_dir / self.run_id, manifest=self.manifest_path, digests=self.inputs,
-            git_commit=self.manifest.get("git_commit") or git_commit())
+            git_commit=git_commit(), code_digest=code_digest())
 
     def reusable(self, stage: str) -> dict[str, Any] | None:
         """The recorded stage entry if its fingerprint matches and every output is intact."""
@@ -210,10 +248,17 @@ class Run:
         self.save()
 
     def save(self) -> None:
-        self.manifest.update(run_id=self.run_id, git_commit=git_commit(), inputs=self.inputs,
-                             config=public_config(self.config))
+        self.manifest.update(run_id=self.run_id, git_commit=git_commit(), code_sha256=code_digest(), inputs=self.inputs,
+                             config=registry.public_config(self.config))
         with atomic_write(self.manifest_path) as tmp:
             tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
+
+
+def setting(tree: dict[str, Any], dotted: str) -> Any:
+    """A config section ("train") or one setting of it ("train.model") from the dumped config."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def input_digests(cfg: RunConfig) -> dict[str, str]:

@@ -51,3 +51,9 @@ def test_split_fractions_must_sum_to_one(tmp_path):
                     + "\nsplit:\n  fractions: {train: 0.8, val: 0.3, test: 0.1}\n")
     with pytest.raises(ConfigError, match="add up to 1"):
         load_config(path)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true", 16])
+def test_float16_precision_is_refused_with_what_to_use_instead(precision):
+    with pytest.raises(ConfigError, match=r"train\.precision.*use 'bf16-mixed'"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"train.precision={precision}"])

@@ -51,7 +51,11 @@ def test_dag_parses_with_the_documented_shape(airflow_env):
     assert report["catchup"] is False and report["max_active_runs"] == 1
     assert report["params"] == ["config", "since", "until"]
     assert report["retries"]["extract"] == report["retries"]["split"] == 3
-    assert report["retries"]["promote"] == 0
+    # promote is idempotent, so an error is retried; a failed gate is not an error
+    assert report["retries"]["promote"] == 2
+    stages = ("extract", "split", "train", "evaluate", "promote")
+    assert all(report["execution_timeout"][s] != "None" for s in stages)
+    assert {report["operators"][s] for s in stages} == {"_BashDecoratedOperator"}  # logs stream as they run
 
 
 def test_dag_does_not_import_heavy_libraries_at_parse_time(airflow_env):
@@ -66,8 +70,16 @@ def test_full_dag_run_registers_a_model(airflow_env, tiny_shop, tmp_path):
     cfg = shop_config(tiny_shop, tmp_path)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    report = _check(airflow_env, "--run", str(config_file))
+    # a backfilled week: its interval ends on 14 November, inside the shop's log (9 to 15 November)
+    report = _check(airflow_env, "--run", str(config_file), "--logical-date", "2026-11-14T03:00:00+00:00")
     assert report["state"] == "success", report
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    extract = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["summary"]
+    assert extract["window"]["since"] == "2026-11-07" and extract["window"]["until"] == "2026-11-13"
+    days = sorted(p.name for p in (tiny_shop / "events").iterdir())
+    own = [d for d in days if "2026-11-07" <= d.removeprefix("date=") <= "2026-11-13"]
+    assert extract["window"]["files_read"] == sum(len(list((tiny_shop / "events" / d).glob("*.parquet")))
+                                                  for d in own) and len(own) < len(days)
     assert report["task_states"]["announce_champion"] == "success"
     assert report["task_states"]["record_refusal"] == "skipped"
     versions = MlflowClient(tracking_uri=cfg.promote.tracking_uri).search_model_versions("name='clickclip-tiny'")

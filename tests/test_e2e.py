@@ -43,6 +43,11 @@ def test_run_ends_with_summary_and_champion(first_and_second_run):
     client = MlflowClient(tracking_uri=cfg.promote.tracking_uri)
     champion = client.get_model_version_by_alias("clickclip-tiny", "champion")
     assert champion.tags["clickclip.decision"] == "promoted"
+    # lineage names the code that trained it
+    from pipeline.runs import code_digest, git_commit
+
+    assert champion.tags["clickclip.source_sha256"] == code_digest()
+    assert champion.tags["clickclip.git_commit"] == git_commit()
 
 
 def test_trained_model_beats_untrained_on_test_split(first_and_second_run):
@@ -210,15 +215,16 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
     np.testing.assert_allclose(served, local, atol=1e-5)
 
 
-def _promote_again(cfg, work):
+def _promote_again(cfg, work, run_id=None, champion=None):
+    """promote() of the first run's model under another clickclip run id, as if evaluated against `champion`."""
     from pipeline.stages.promote import GateInputs, promote
 
     run_dir = _run_dir(work)
-    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text()) | {"champion_version": champion}
     lineage = {"git_commit": "test", "input_events_sha256": "x", "input_images_sha256": "y",
-               "split_registry_version": "1", "parent_champion_version": "none"}
+               "split_registry_version": "1", "parent_champion_version": str(champion or "none")}
     return lambda mlflow_run_id, out: promote(
-        cfg, run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
+        cfg, run_id or run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
         run_dir / "train" / "model", [], out)
 
 
@@ -235,11 +241,11 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
     fresh = cfg.model_copy(update={"promote": store})
     client = MlflowClient(tracking_uri=store.tracking_uri)
     experiment = client.create_experiment("crash")
-    promote_run = _promote_again(fresh, work)
     (tmp_path / "a").mkdir()
-    first_version = promote_run(client.create_run(experiment).info.run_id, tmp_path / "a")
+    first_version = _promote_again(fresh, work, "week-1")(client.create_run(experiment).info.run_id, tmp_path / "a")
     assert first_version.summary["promoted"]
 
+    promote_run = _promote_again(fresh, work, "week-2", champion="1")
     crashing_run = client.create_run(experiment).info.run_id
 
     def crash(*args, **kwargs):
@@ -266,6 +272,33 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
 
     bundle, version = champion_model(fresh, tmp_path / "download")
     assert str(version) == "2" and bundle.model is not None
+
+
+def test_promote_refuses_a_moved_champion_and_never_promotes_a_rolled_back_version(first_and_second_run, tmp_path):
+    from pipeline.registry import ChampionMoved, rollback
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    store = cfg.promote.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    fresh = cfg.model_copy(update={"promote": store})
+    client = MlflowClient(tracking_uri=store.tracking_uri)
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+    assert _promote_again(fresh, work, "week-1")(None, tmp_path / "a").summary["promoted"]
+    # week-2 was evaluated before week-1 became champion: nothing is registered, nothing moves
+    with pytest.raises(ChampionMoved, match=r"compared it against champion \(none\).*now 1"):
+        _promote_again(fresh, work, "week-2", champion=None)(None, tmp_path / "b")
+    assert len(client.search_model_versions("name='clickclip-tiny'")) == 1
+    week2 = _promote_again(fresh, work, "week-2", champion="1")
+    assert week2(None, tmp_path / "c").summary["version"] == "2"
+    # an MLflow run id the store does not know still finds week-2's version by its run-id tag
+    again = week2("0" * 32, tmp_path / "d")
+    assert again.summary["version"] == "2" and "nothing new" in again.summary["reason"]
+    rollback(store, reason="bad in production")
+    after = week2(None, tmp_path / "d")
+    assert not after.summary["promoted"] and "rolled back" in after.summary["reason"]
+    assert str(client.get_registered_model("clickclip-tiny").aliases["champion"]) == "1"
+    assert len(client.search_model_versions("name='clickclip-tiny'")) == 2
 
 
 def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run, tmp_path):

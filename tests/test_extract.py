@@ -1,4 +1,5 @@
 from datetime import datetime
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -100,6 +101,21 @@ def test_csv_source(tmp_path):
     assert result.summary["rows_kept"] == 1
 
 
+def test_csv_rows_are_numbered_within_each_file(tmp_path):
+    folder = tmp_path / "events"
+    folder.mkdir()
+    bad = (T0, "s9", "mug", "zzz", 1, True, 900)  # unknown image
+    _events([GOOD, bad, (T0, "s2", "hat", "a", 1, True, 900)]).write_csv(folder / "a.csv")
+    _events([(T0, f"s{i}", "cap", "b", 1, True, 900) for i in range(4)] + [bad]).write_csv(folder / "b.csv")
+    cfg = _config(tmp_path, _events([GOOD]), fmt="csv")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": folder})})})
+    result = extract(cfg, tmp_path)
+    quarantine = pl.read_parquet(result.quarantine)
+    rows = [(Path(f).name, r) for f, r in zip(quarantine["source_file"], quarantine["source_row"], strict=True)]
+    assert rows == [("a.csv", 2), ("b.csv", 5)]  # 1-based data rows, per file, in file order
+
+
 def test_duckdb_table_source(tmp_path):
     db = tmp_path / "shop.duckdb"
     events = _events([GOOD, GOOD])
@@ -125,6 +141,23 @@ def test_mistyped_column_names_expected_and_found_type(tmp_path):
     events = _events([GOOD]).with_columns(pl.col("position").cast(pl.Utf8))
     with pytest.raises(DataContractError, match=r"'position' should be INTEGER but is VARCHAR"):
         extract(_config(tmp_path, events), tmp_path)
+
+
+@pytest.mark.parametrize(("column", "dtype", "accepted"), [
+    ("position", pl.Decimal(10, 0), True),  # a whole-number DECIMAL is an integer
+    ("dwell_ms", pl.Decimal(12, 0), True),
+    ("position", pl.Decimal(10, 2), False),  # fractional positions are not positions
+    ("query", pl.Decimal(10, 0), False),  # a text column is never a number
+    ("session_id", pl.Decimal(18, 0), False),
+])
+def test_decimal_columns_only_stand_for_integers(tmp_path, column, dtype, accepted):
+    events = _events([GOOD]).with_columns(pl.col(column).cast(pl.Int64).cast(dtype) if column != "query"
+                                          and column != "session_id" else pl.lit(7).cast(dtype).alias(column))
+    if accepted:
+        assert extract(_config(tmp_path, events), tmp_path).summary["rows_kept"] == 1
+    else:
+        with pytest.raises(DataContractError, match=rf"'{column}' should be .* but is DECIMAL"):
+            extract(_config(tmp_path, events), tmp_path)
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -197,6 +230,29 @@ def test_rows_outside_the_window_in_a_read_file_are_quarantined(tmp_path):
     assert result.summary["rows_kept"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])  # a single unpartitioned file: no date= folder to count from
+def test_last_days_counts_back_from_the_newest_event_without_date_partitions(tmp_path, fmt):
+    days = [datetime(2026, 11, d, 9) for d in (1, 2, 3)]
+    rows = [(ts, f"s{i}", "mug", "a", 1, True, 900) for i, ts in enumerate(days)]
+    cfg = _with_extract(_config(tmp_path, _events(rows), fmt=fmt), window={"last_days": 2})
+    result = extract(cfg, tmp_path)
+    assert result.summary["quarantined_by_reason"]["outside_window"] == 1  # 1 November
+    assert result.summary["rows_kept"] == 2
+    assert (result.summary["window"]["since"], result.summary["window"]["until"]) == ("2026-11-02", "2026-11-03")
+
+
+def test_flat_propensities_are_a_warning_and_the_applied_weighting_is_recorded(tmp_path):
+    # every pair is shown at one position only: nothing to learn position bias from
+    rows = [(T0, "s1", "mug", "a", 1, True, 900), (T0, "s2", "mug", "b", 3, True, 900),
+            (T0, "s3", "hat", "c", 2, False, 900)]
+    result = extract(_config(tmp_path, _events(rows)), tmp_path)  # weighting defaults to ips
+    weighting = result.summary["weighting"]
+    assert weighting["configured"] == "ips" and weighting["effective"] == "raw"
+    assert len(result.summary["warnings"]) == 1 and "cannot be estimated" in result.summary["warnings"][0]
+    pairs = pl.read_parquet(result.pairs)
+    assert pairs["weight"].to_list() == pairs["clicks"].cast(pl.Float64).to_list()
+
+
 def test_bot_thresholds(tmp_path):
     burst = [(T0.replace(second=i % 60), "bot", "mug", "a", 1 + i % 10, True, None) for i in range(30)]
     clicky = [(T0.replace(minute=i), "clicky", "mug", "b", 1, True, None) for i in range(25)]
@@ -220,6 +276,17 @@ def test_long_query_policy(tmp_path):
     cfg = _with_extract(_config(tmp_path, _events(rows)), long_queries="quarantine")
     dropped = extract(cfg, tmp_path)
     assert dropped.summary["quarantined_by_reason"]["query_too_long"] == 1
+
+
+@pytest.mark.parametrize(("model", "context", "long"), [("ClickCLIP-Tiny", 16, True), ("ViT-B-32", 77, False)])
+def test_long_queries_are_judged_by_the_configured_models_tokenizer_and_context(tmp_path, model, context, long):
+    query = "navy blue waterproof rain jacket with hood for men in size large with zip pockets and a warm lining"
+    rows = [(T0, "s1", query, "a", 1, True, 900)]
+    cfg = _config(tmp_path, _events(rows))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"model": model})})
+    summary = extract(cfg, tmp_path).summary
+    assert summary["text_context"] == context
+    assert summary["long_queries_truncated"] == int(long)
 
 
 def test_weighting_modes(tmp_path):
@@ -294,6 +361,55 @@ def test_incremental_extract_reads_only_new_partitions_and_matches_a_full_extrac
     (tmp_path / "r5").mkdir()
     rebuilt = extract(strict, tmp_path / "r5", "r5").summary["incremental"]
     assert rebuilt["status"].startswith("rebuilt") and len(rebuilt["partitions_read"]) == len(days)
+
+
+def _partitioned(tmp_path, by_day: dict[str, list[tuple]], catalog: pl.DataFrame, **extract_settings) -> RunConfig:
+    events = tmp_path / "events"
+    for day, rows in by_day.items():
+        (events / f"date={day}").mkdir(parents=True, exist_ok=True)
+        _events(rows).write_parquet(events / f"date={day}" / "part.parquet")
+    catalog.write_parquet(tmp_path / "images.parquet")
+    return RunConfig.model_validate({
+        "state_dir": str(tmp_path / "state"), "extract": {"incremental": True, **extract_settings},
+        "data": {"events": {"path": str(events)}, "images": {"path": str(tmp_path / "images.parquet")},
+                 "image_root": str(tmp_path)}})
+
+
+def _full(cfg: RunConfig) -> RunConfig:
+    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"incremental": False})})
+
+
+def test_incremental_judges_a_session_that_crosses_midnight_per_day(tmp_path):
+    """Documented exception: bots and duplicates are judged within the partitions one run reads."""
+    late = [(datetime(2026, 11, 1, 23, 59, i), "night", "mug", "a", 1, False, 900) for i in range(15)]
+    early = [(datetime(2026, 11, 2, 0, 0, i), "night", "mug", "a", 1, False, 900) for i in range(15)]
+    cfg = _partitioned(tmp_path, {"2026-11-01": late}, _catalog(), bots={"max_impressions_per_session": 20})
+    (tmp_path / "r1").mkdir()
+    extract(cfg, tmp_path / "r1", "r1")
+    _partitioned(tmp_path, {"2026-11-02": early}, _catalog())
+    (tmp_path / "r2").mkdir()
+    nightly = extract(cfg, tmp_path / "r2", "r2").summary
+    assert nightly["quarantined_by_reason"]["bot"] == 0  # 15 impressions a day: under the threshold
+    (tmp_path / "full").mkdir()
+    full = extract(_full(cfg), tmp_path / "full").summary
+    assert full["quarantined_by_reason"]["bot"] == 30  # 30 in one session
+
+
+def test_incremental_does_not_reread_events_of_an_image_that_joins_the_catalog_later(tmp_path):
+    """Documented exception: a day's quarantined rows stay quarantined until its state is rebuilt."""
+    day1 = [(datetime(2026, 11, 1, 9), "s1", "red hat", "z", 1, True, 900)]
+    day2 = [(datetime(2026, 11, 2, 9), "s2", "mug", "a", 1, True, 900)]
+    cfg = _partitioned(tmp_path, {"2026-11-01": day1}, _catalog())
+    (tmp_path / "r1").mkdir()
+    assert extract(cfg, tmp_path / "r1", "r1").summary["quarantined_by_reason"]["unknown_image"] == 1
+    later = pl.concat([_catalog(), pl.DataFrame({"image_id": ["z"], "path": ["z.png"], "product_id": ["p9"],
+                                                 "title": ["Hat"]})])
+    _partitioned(tmp_path, {"2026-11-02": day2}, later)
+    (tmp_path / "r2").mkdir()
+    nightly = pl.read_parquet(extract(cfg, tmp_path / "r2", "r2").pairs)
+    (tmp_path / "full").mkdir()
+    full = pl.read_parquet(extract(_full(cfg), tmp_path / "full").pairs)
+    assert "z" not in nightly["image_id"].to_list() and "z" in full["image_id"].to_list()
 
 
 def test_incremental_extract_needs_date_partitions(tmp_path):

@@ -49,3 +49,17 @@ def test_paired_bootstrap():
     assert low < mean < high and low > 0 and high - low < 0.1
     mean, low, high = paired_bootstrap(base + rng.normal(0, 0.2, 400), base)
     assert low < 0 < high
+
+
+def test_exact_search_equals_brute_force_and_hnsw_recall_is_measured_against_it():
+    from pipeline.retrieval.search import EXACT_CHUNK, approximate_recall, exact_search
+
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(EXACT_CHUNK + 7, 16)).astype(np.float32)  # more than one chunk
+    top, info = exact_search(queries, gallery, 10, device="cpu")
+    normed = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    brute = np.argsort(-(queries @ normed.T), axis=1, kind="stable")[:, :10]
+    assert info.index == "exact" and (top == brute).mean() > 0.999  # ties aside, the same lists
+    hnsw = approximate_recall(queries, gallery, 10, top)
+    assert hnsw.index == "hnsw" and 0.5 < hnsw.ann_recall_vs_exact <= 1.0

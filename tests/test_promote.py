@@ -123,3 +123,77 @@ def test_credentials_never_reach_the_manifest_or_mlflow_params(tiny_shop, tmp_pa
     assert "s3cr3t" not in run.manifest_path.read_text()
     assert "s3cr3t" not in str(flatten(public_config(cfg)))
     assert flatten(public_config(cfg))["promote.tracking_uri"] == "https://***@mlflow.internal:5000"
+
+
+def test_no_model_or_no_alias_means_no_champion(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import champion_version
+
+    cfg = PromoteConfig(model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert champion_version(cfg) is None  # no such model
+    MlflowClient(tracking_uri=cfg.tracking_uri).create_registered_model("m")
+    assert champion_version(cfg) is None  # no such alias
+
+
+def test_a_registry_that_cannot_be_read_stops_instead_of_meaning_no_champion(tmp_path, monkeypatch):
+    from pipeline.registry import RegistryError, champion_version
+    from tests.conftest import free_port
+
+    garbage = tmp_path / "mlflow.db"
+    garbage.write_text("not a database " * 100)
+    with pytest.raises(RegistryError, match=rf"store at sqlite:///{garbage}.*looking up the champion"):
+        champion_version(PromoteConfig(model_name="m", tracking_uri=f"sqlite:///{garbage}"))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = f"http://ci-bot:s3cr3t@127.0.0.1:{free_port()}"
+    with pytest.raises(RegistryError) as refused:
+        champion_version(PromoteConfig(model_name="m", tracking_uri=down))
+    assert "http://***@127.0.0.1" in str(refused.value) and "s3cr3t" not in str(refused.value)
+
+
+def test_the_champion_moves_only_from_the_version_that_was_evaluated(registry):
+    from pipeline.registry import ChampionMoved, move_champion, promote_version
+
+    cfg, client = registry
+    move_champion(client, "m", "1")
+    with pytest.raises(ChampionMoved, match="evaluated against champion 2.*champion is now 1"):
+        promote_version(cfg, "3", expected_champion="2")
+    with pytest.raises(ChampionMoved, match=r"evaluated against champion \(none\)"):
+        promote_version(cfg, "3", expected_champion=None)
+    assert _aliases(client) == {"champion": "1"}
+    promote_version(cfg, "3", expected_champion="1")
+    assert _aliases(client) == {"champion": "3", "previous": "1"}
+
+
+def test_a_run_is_compared_with_the_champion_before_its_own_promotion(registry):
+    from pipeline.registry import baseline_champion, move_champion
+
+    cfg, client = registry
+    assert baseline_champion(cfg, "run-b") is None
+    move_champion(client, "m", "1")
+    client.set_model_version_tag("m", "2", "clickclip.run_id", "run-b")
+    client.set_model_version_tag("m", "2", "clickclip.parent_champion_version", "1")
+    assert baseline_champion(cfg, "run-b") == "1"
+    move_champion(client, "m", "2")  # run-b was promoted: its baseline stays the version before it
+    assert baseline_champion(cfg, "run-b") == "1"
+    assert baseline_champion(cfg, "run-c") == "2"
+
+
+def test_the_evaluated_champion_is_part_of_evaluates_fingerprint(tiny_shop, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import move_champion
+    from pipeline.runs import open_run
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path)
+    client = MlflowClient(tracking_uri=cfg.promote.tracking_uri)
+    client.create_registered_model(cfg.promote.model_name)
+    for _ in range(2):
+        client.create_model_version(cfg.promote.model_name, source=str(tmp_path))
+    before = {stage: open_run(cfg, run_id="r").fingerprint(stage) for stage in ("train", "evaluate", "promote")}
+    move_champion(client, cfg.promote.model_name, "1")
+    after = {stage: open_run(cfg, run_id="r").fingerprint(stage) for stage in ("train", "evaluate", "promote")}
+    assert before["train"] == after["train"]
+    assert before["evaluate"] != after["evaluate"] and before["promote"] != after["promote"]

@@ -66,3 +66,35 @@ def test_a_partial_stage_folder_is_resumed_only_under_the_same_fingerprint(tiny_
     outputs = changed.publish("train", {"weights": changed.stage_dir("train") / "w.bin"})
     assert outputs["weights"] == tmp_path / "runs" / "r" / "train" / "w.bin"
     assert not (tmp_path / "runs" / "r" / ".train.partial").exists()
+
+
+def test_code_is_part_of_every_fingerprint(tiny_config, tmp_path, monkeypatch):
+    import shutil
+
+    import pipeline.runs as runs
+
+    stages = ("extract", "split", "train", "evaluate", "promote")
+    before = {s: runs.open_run(tiny_config, run_id="r").fingerprint(s) for s in stages}
+    monkeypatch.setattr(runs, "code_digest", lambda: "another version of the code")
+    after = {s: runs.open_run(tiny_config, run_id="r").fingerprint(s) for s in stages}
+    assert all(before[s] != after[s] for s in stages)
+    monkeypatch.undo()
+    # the digest covers the SQL files as well as the Python
+    package = tmp_path / "pipeline"
+    shutil.copytree(runs.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = runs.source_tree_digest(package)
+    assert digest == runs.code_digest()
+    sql = next(package.rglob("*.sql"))
+    sql.write_text(sql.read_text() + "\n-- a comment is a change\n")
+    assert runs.source_tree_digest(package) != digest
+
+
+def test_the_commit_is_known_outside_a_checkout_when_make_recorded_it(tmp_path):
+    from pipeline.runs import PACKAGE, commit_of
+
+    assert len(commit_of(PACKAGE)) == 40 or (PACKAGE / "COMMIT").is_file()  # a checkout, or make recorded it
+    copy = tmp_path / "pipeline"  # a copy of the code without .git, as in a container image
+    copy.mkdir()
+    assert commit_of(copy).startswith("unavailable")
+    (copy / "COMMIT").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    assert commit_of(copy) == "0123456789abcdef0123456789abcdef01234567"

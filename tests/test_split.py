@@ -122,11 +122,64 @@ def test_assign_sticky_splits_keeps_old_and_applies_link_policy():
     labels = np.array([0, 0, 0, 1, 1, 2])  # c links a (train) with b (test); e joins d; f is new
     registry = {"a": "train", "b": "test", "d": "val"}
     splits, stats = assign_sticky_splits(ids, labels, registry, SplitConfig())
-    assert splits[:5] == ["train", "test", "excluded", "val", "val"]
+    # a and b keep their registered splits in the registry; b, registered into the later split on the
+    # same day, and c, which linked them, sit out training and evaluation (no leak, no LeakError)
+    assert splits[:5] == ["train", "excluded", "excluded", "val", "val"]
     assert splits[5] == stable_split("f", SplitConfig().salt, SplitConfig().fractions)
-    assert stats == {"new_groups": 1, "grown_groups": 1, "linked_groups": 1, "images_excluded": 1}
+    assert stats == {"new_groups": 1, "grown_groups": 1, "linked_groups": 1, "images_excluded": 2}
+    # the side registered first keeps its images
+    first_test, _ = assign_sticky_splits(ids, labels, registry, SplitConfig(),
+                                         {"a": "2026-11-02T00:00:00Z", "b": "2026-11-01T00:00:00Z"})
+    assert first_test[:3] == ["excluded", "test", "excluded"]
     strict, _ = assign_sticky_splits(ids, labels, registry, SplitConfig(link_policy="exclude_group"))
     assert strict[:3] == ["excluded"] * 3
+
+
+def test_a_chain_of_look_alike_products_does_not_become_one_giant_group():
+    from pipeline.data.groups import catalog_groups, exclude_crossing_links
+
+    # 300 products, one photo each; each hash differs from the next in 4 bits: a chain through all of them
+    bits = np.zeros((300, 256), dtype=np.uint8)
+    for i in range(1, 300):
+        bits[i] = bits[i - 1]
+        bits[i, (4 * i) % 256:(4 * i) % 256 + 4] ^= 1
+    hashes = [np.packbits(row).tobytes().hex() for row in bits]
+    products = [f"p{i}" for i in range(300)]
+    digests = [f"d{i}" for i in range(300)]
+    chained, edges, _ = catalog_groups(hashes, digests, products, max_distance=6)
+    assert np.bincount(chained).max() == 300  # plain transitive merging: one group of every product
+    labels, edges, cut = catalog_groups(hashes, digests, products, max_distance=6, giant_size=100)
+    assert np.bincount(labels).max() == 1 and len(cut) == len(edges)  # regrouped by product
+    # a second photo of a product stays with it, near-duplicate or not
+    labels, _, _ = catalog_groups(hashes + [hashes[7]], digests + ["d7b"], products + ["p7"], 6, giant_size=100)
+    assert labels[300] == labels[7]
+    # cut links that straddle splits keep their later side out of training and evaluation
+    splits = [["train", "val", "test"][i % 3] for i in range(300)]
+    excluded = exclude_crossing_links(splits, cut)
+    assert excluded > 0
+    for i, j in cut.tolist():
+        assert "excluded" in (splits[i], splits[j]) or splits[i] == splits[j]
+
+
+def test_changed_hash_settings_need_the_migration_command(tiny_shop, tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages.split import migrate_registry
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path)
+    pairs = _extracted_pairs(cfg, tmp_path)
+    for name in ("split1", "split2", "split3"):
+        (tmp_path / name).mkdir()
+    split(cfg, pairs, tmp_path / "split1")
+    before = pl.read_parquet(cfg.state_dir / cfg.name / "split_registry.parquet")
+    changed = cfg.model_copy(update={"split": cfg.split.model_copy(update={"max_distance": 30})})
+    with pytest.raises(StageError, match=r"split.max_distance 24 -> 30.*migrate-split-registry"):
+        split(changed, pairs, tmp_path / "split2")
+    assert migrate_registry(changed)["settings_now"]["max_distance"] == 30
+    split(changed, pairs, tmp_path / "split3")
+    after = pl.read_parquet(cfg.state_dir / cfg.name / "split_registry.parquet")
+    kept = before.join(after, on="image_id", suffix="_after")
+    assert kept.height == before.height and (kept["split"] == kept["split_after"]).all()
 
 
 def test_rerun_with_new_images_keeps_assignments_and_hashes_only_new_files(tiny_shop, tmp_path):

@@ -260,3 +260,16 @@ def test_compile_in_place_keeps_parameter_names():
     bundle.model.visual.compile()
     bundle.model.transformer.compile()
     assert list(bundle.model.state_dict()) == names
+
+
+def test_weight_decay_spares_gains_biases_temperature_and_embeddings():
+    from pipeline.training.optim import parameter_groups
+
+    model = starting_model(TrainConfig()).model
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "token_embedding.weight", "positional_embedding"} <= spared
+    assert all(p.ndim >= 2 and "embedding" not in names[id(p)] for p in decay["params"])
+    assert {"text_projection", "visual.proj"} <= {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -6,6 +6,7 @@ are allowed and ignored unless a stage knows them (e.g. an optional `category` i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def check_columns(found: dict[str, str], contract: tuple[Column, ...], source: s
                 f"{source}: column '{column.name}' ({column.type}) is missing; "
                 f"found columns {sorted(found)}")
         found_type = found[column.name]
-        if found_type not in column.accepts and not found_type.startswith("DECIMAL"):
+        # a whole-number DECIMAL (scale 0) is an integer as exported by some warehouses; nothing else is
+        integral_decimal = re.fullmatch(r"DECIMAL\(\d+,\s*0\)", found_type) is not None
+        if found_type not in column.accepts and not (integral_decimal and column.accepts & INTEGER_TYPES):
             raise DataContractError(
                 f"{source}: column '{column.name}' should be {column.type} but is {found_type}")
 

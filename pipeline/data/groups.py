@@ -16,13 +16,46 @@ from pipeline.data.near_duplicates import near_duplicate_pairs
 EXCLUDED = "excluded"
 
 
-def catalog_groups(hashes: list[str], digests: list[str], product_ids: list[str | None],
-                   max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """(group label per image, near-duplicate hash edges): images within `max_distance` bits,
-    with identical content, or of one product are merged transitively."""
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def catalog_groups(hashes: list[str], digests: list[str], product_ids: list[str | None], max_distance: int,
+                   giant_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group label per image, near-duplicate hash edges, cut edges): images within `max_distance`
+    bits, with identical content, or of one product are merged transitively.
+
+    Look-alike photos (flags, signs, plain shapes) can chain many products into one giant group that
+    would land whole in one split. A group above `giant_size` images that spans several products is
+    therefore regrouped without its near-duplicate links between different products (identical files
+    and same-product links still bind); those cut links are returned, for split to keep them out of
+    evaluation (exclude_crossing_links)."""
     hash_edges = near_duplicate_pairs(hashes, max_distance)
-    edges = np.concatenate([hash_edges, same_key_pairs(digests), same_key_pairs(product_ids)])
-    return connected_groups(len(hashes), edges), hash_edges
+    hard = np.concatenate([same_key_pairs(digests), same_key_pairs(product_ids)])
+    labels = connected_groups(len(hashes), np.concatenate([hash_edges, hard]))
+    if giant_size is None or not len(hash_edges):
+        return labels, hash_edges, np.zeros((0, 2), dtype=np.int64)
+    sizes = np.bincount(labels)
+    products = np.array([p if p is not None else f"\0{i}" for i, p in enumerate(product_ids)], dtype=object)
+    giant = sizes[labels[hash_edges[:, 0]]] > giant_size
+    cross = products[hash_edges[:, 0]] != products[hash_edges[:, 1]]
+    cut = giant & cross
+    if not cut.any():
+        return labels, hash_edges, np.zeros((0, 2), dtype=np.int64)
+    return connected_groups(len(hashes), np.concatenate([hash_edges[~cut], hard])), hash_edges, hash_edges[cut]
+
+
+def exclude_crossing_links(splits: list[str], cut_edges: np.ndarray) -> int:
+    """For each cut near-duplicate link whose images landed in different splits, exclude the image
+    on the later side (train < val < test) from training and evaluation, in place; return how many."""
+    excluded = 0
+    for i, j in cut_edges.tolist():
+        a, b = splits[i], splits[j]
+        if EXCLUDED in (a, b) or a == b:
+            continue
+        later = i if SPLIT_ORDER[a] > SPLIT_ORDER[b] else j
+        splits[later] = EXCLUDED
+        excluded += 1
+    return excluded
 
 
 def same_key_pairs(keys: list[str | None]) -> np.ndarray:
@@ -59,12 +92,14 @@ def stable_split(group_key: str, salt: str, fractions: SplitFractions) -> str:
 
 
 def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dict[str, str],
-                         cfg: SplitConfig) -> tuple[list[str], dict]:
+                         cfg: SplitConfig, registered_at: dict[str, str] | None = None) -> tuple[list[str], dict]:
     """Split per image. Registered images keep their split; new images follow their group's.
 
-    A group whose registered images sit in different splits (new images linked them) follows
-    `cfg.link_policy`: keep_and_exclude keeps the old assignments and excludes the new images;
-    exclude_group excludes the whole group from training and evaluation."""
+    A group whose registered images sit in different splits (new images linked them, products were
+    merged, a photo was replaced) follows `cfg.link_policy`. keep_and_exclude: the registry keeps
+    every assignment, the split registered first (by `registered_at`, then train < val < test) keeps
+    its images, and the images registered into the other splits, and the new images, are excluded
+    from training and evaluation. exclude_group: the whole group is excluded."""
     members: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         members[int(label)].append(i)
@@ -84,8 +119,12 @@ def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dic
                 splits[i] = split
         else:
             stats["linked_groups"] += 1
+            stamps = registered_at or {}
+            owner = min(registered, key=lambda split: (min(stamps.get(image_ids[i], "") for i in group
+                                                           if registry.get(image_ids[i]) == split),
+                                                       SPLIT_ORDER.get(split, 3)))
             for i in group:
-                keep = cfg.link_policy == "keep_and_exclude" and image_ids[i] in registry
-                splits[i] = registry[image_ids[i]] if keep else EXCLUDED
+                keep = cfg.link_policy == "keep_and_exclude" and registry.get(image_ids[i]) == owner
+                splits[i] = owner if keep else EXCLUDED
                 stats["images_excluded"] += not keep
     return splits, stats

@@ -27,20 +27,20 @@ class Propensities:
 
 def examination_propensities(pair: np.ndarray, position: np.ndarray, clicks: np.ndarray,
                              impressions: np.ndarray, max_position: int, iterations: int = 100,
-                             tolerance: float = 1e-7, prior: tuple[float, float] = (1.0, 1.0)) -> Propensities:
+                             tolerance: float = 1e-7) -> Propensities:
     """EM for the PBM on aggregated rows, accelerated with SQUAREM.
 
     pair: int array of pair indices (0..n_pairs-1); position: 1-based positions, capped at
     max_position by the caller; clicks <= impressions per row. Returns θ normalised to θ_1 = 1.
-    `prior` is a Beta(a, b) prior on each γ (MAP-EM): click logs see most pairs only a few
-    times, and without it a pair clicked once would be "certainly relevant".
+    Maximum likelihood, no prior on γ: a pair seen a few times gets a noisy γ, but θ pools every
+    pair shown at each position, and only θ leaves this function.
     Plain EM crawls on this model (on a 100M-impression log, θ_10 was still 17% off after 200
     steps); SQUAREM (Varadhan & Roland 2008) extrapolates from two EM steps and keeps the result
     only if the likelihood does not fall. `iterations` caps EM steps; it stops once the relative
     change of the log-likelihood is below `tolerance`. Written by hand: no library in the stack
     fits the PBM.
     """
-    model = _Pbm(pair, position, clicks, impressions, max_position, prior)
+    model = _Pbm(pair, position, clicks, impressions, max_position)
     x = np.concatenate([np.full(max_position, 0.5), np.full(model.n_pairs, 0.5)])
     likelihood, steps = model.log_likelihood(x), 0
     while steps < iterations:
@@ -71,15 +71,14 @@ class _Pbm:
     """The EM map and the log-likelihood of the PBM over aggregated rows; parameters are one
     vector, θ (max_position) then γ (one per pair), each in [1e-6, 1]."""
 
-    def __init__(self, pair, position, clicks, impressions, max_position: int, prior: tuple[float, float]):
+    def __init__(self, pair, position, clicks, impressions, max_position: int):
         self.pair, self.pos, self.max_position = pair, position.astype(np.int64) - 1, max_position
         self.clicks = clicks.astype(np.float64)
         self.skips = impressions.astype(np.float64) - self.clicks
         self.n_pairs = int(pair.max()) + 1 if len(pair) else 0
         impressions = impressions.astype(np.float64)
         self.per_position = np.maximum(np.bincount(self.pos, weights=impressions, minlength=max_position), 1)
-        a, b = prior
-        self.prior_a, self.per_pair = a - 1, np.bincount(pair, weights=impressions, minlength=self.n_pairs) + a + b - 2
+        self.per_pair = np.bincount(pair, weights=impressions, minlength=self.n_pairs)
         self.share, self.examined, self.relevant = (np.empty_like(self.clicks) for _ in range(3))
 
     def _gathered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +101,7 @@ class _Pbm:
         relevant *= share
         relevant += self.clicks
         theta = np.bincount(self.pos, weights=examined, minlength=self.max_position) / self.per_position
-        gamma = (np.bincount(self.pair, weights=relevant, minlength=self.n_pairs) + self.prior_a) / self.per_pair
+        gamma = np.bincount(self.pair, weights=relevant, minlength=self.n_pairs) / self.per_pair
         return np.clip(np.concatenate([theta, gamma]), 1e-6, 1.0)
 
     def log_likelihood(self, x: np.ndarray) -> float:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 
 import polars as pl
 
 PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufeff]")
-TEXT_CONTEXT = 77  # open_clip's text context: longer queries are counted, then truncated or quarantined
 
 
 def normalise_query(text: str, strip_punctuation: bool = False) -> str:
@@ -23,18 +23,11 @@ def normalise_query(text: str, strip_punctuation: bool = False) -> str:
     return WHITESPACE.sub(" ", text).strip()
 
 
-def too_long_for_text_encoder(queries: list[str]) -> list[bool]:
-    """Whether each query needs more than the 77-token context (with start and end tokens)."""
-    # BPE never yields more tokens than UTF-8 bytes, so only long queries pay for the tokenizer
-    suspects = [i for i, q in enumerate(queries) if len(q.encode()) + 2 > TEXT_CONTEXT]
-    flags = [False] * len(queries)
-    if suspects:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        tokenizer = SimpleTokenizer()
-        for i in suspects:
-            flags[i] = len(tokenizer.encode(queries[i])) + 2 > TEXT_CONTEXT
-    return flags
+def too_long_for_text_encoder(queries: list[str], count_tokens: Callable[[str], int], context: int) -> list[bool]:
+    """Whether each query needs more than the text encoder's `context` tokens; `count_tokens` gives
+    a query's tokens with the start and end tokens (the configured model's tokenizer)."""
+    # byte-level BPE never yields more tokens than UTF-8 bytes (+2), so only long queries pay for it
+    return [len(q.encode()) + 2 > context and count_tokens(q) > context for q in queries]
 
 
 def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import PromoteConfig, RunConfig
+from pipeline.errors import ClickclipError
 
 DEFAULT_STORE = Path("mlruns")
 CHECKPOINT_ARTIFACT = "checkpoint"  # name of the checkpoint folder inside a registered pyfunc model
@@ -42,12 +46,50 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+
+
+class RegistryError(ClickclipError):
+    """The model registry could not be read or written: not the same as "no champion yet"."""
+
+
 def redact_uri(uri: str) -> str:
     """Hide credentials in a tracking URI before it is written anywhere."""
     if "@" in uri and "://" in uri:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
+
+
+def redact_text(text: str) -> str:
+    """Hide credentials of any URI inside a message (library errors quote the URI they failed on)."""
+    return CREDENTIALS.sub(r"\1***@", text)
+
+
+def _absent(exc: Exception) -> bool:
+    """Whether MLflow said "no such registered model" or "no such alias", the one answer that
+    means there is no champion; anything else (network, auth, a broken store) is an error."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    message = str(exc).lower()
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message)
+
+
+@contextmanager
+def _store(cfg: PromoteConfig, doing: str) -> Iterator[None]:
+    """Turn any failure of the store into a RegistryError naming it (credentials redacted)."""
+    try:
+        yield
+    except ClickclipError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the boundary: every store failure gets the store's name
+        detail = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise RegistryError(f"the MLflow store at {redact_uri(tracking_uri(cfg))} failed while {doing}: {detail}. "
+                            "Check promote.tracking_uri (or MLFLOW_TRACKING_URI), that the server is up and the "
+                            "credentials are valid, then rerun") from None
 
 
 def public_config(cfg: RunConfig) -> dict:
@@ -87,21 +129,37 @@ def training_logger(cfg: PromoteConfig, run_name: str):
 
 
 def champion_version(cfg: PromoteConfig) -> str | None:
-    """The version the `champion` alias points at, or None when there is none yet."""
-    from mlflow.exceptions import MlflowException
+    """The version the `champion` alias points at, or None when there is none yet. Any other failure
+    to read the registry is a RegistryError, never taken for "no champion"."""
+    with _store(cfg, "looking up the champion"):
+        try:
+            return str(client_for(cfg).get_model_version_by_alias(cfg.model_name, "champion").version)
+        except Exception as exc:
+            if _absent(exc):
+                return None
+            raise
 
-    try:
-        return str(client_for(cfg).get_model_version_by_alias(cfg.model_name, "champion").version)
-    except MlflowException:
+
+def baseline_champion(cfg: PromoteConfig, run_id: str) -> str | None:
+    """The champion a run is compared against: the current one, unless the current one was
+    registered from this very run (it was promoted since), then the champion it was compared to."""
+    version = champion_version(cfg)
+    if version is None:
         return None
+    tags = version_tags(cfg, version)
+    if tags.get("clickclip.run_id") != run_id:
+        return version
+    parent = tags.get("clickclip.parent_champion_version", "none")
+    return None if parent == "none" else parent
 
 
 def download_checkpoint(cfg: PromoteConfig, version: str, workdir: Path) -> Path:
     """Download a registered version and return its open_clip checkpoint folder."""
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{cfg.model_name}/{version}", dst_path=str(workdir), tracking_uri=tracking_uri(cfg)))
+    with _store(cfg, f"downloading version {version}"):
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{cfg.model_name}/{version}", dst_path=str(workdir), tracking_uri=tracking_uri(cfg)))
     return local / registered_artifact(local, CHECKPOINT_ARTIFACT)
 
 
@@ -115,23 +173,31 @@ def registered_artifact(model_folder: Path, name: str) -> str:
 
 
 def existing_run(cfg: PromoteConfig, mlflow_run_id: str | None) -> str | None:
-    """`mlflow_run_id` if the store still has that run (a reset store has not)."""
-    from mlflow.exceptions import MlflowException
-
+    """`mlflow_run_id` if the store still has that run (a reset store has not); any other failure
+    to look is a RegistryError."""
     if mlflow_run_id is None:
         return None
-    try:
-        client_for(cfg).get_run(mlflow_run_id)
-    except MlflowException:
-        return None
+    with _store(cfg, "looking up the training's MLflow run"):
+        try:
+            client_for(cfg).get_run(mlflow_run_id)
+        except Exception as exc:
+            if _absent(exc):
+                return None
+            raise
     return mlflow_run_id
 
 
-def versions_of_run(cfg: PromoteConfig, mlflow_run_id: str | None) -> list:
-    """Registered versions of `promote.model_name` logged from this MLflow run."""
-    if mlflow_run_id is None:
-        return []
-    return client_for(cfg).search_model_versions(f"name='{cfg.model_name}' and run_id='{mlflow_run_id}'")
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def versions_of_run(cfg: PromoteConfig, run_id: str) -> list:
+    """Registered versions of `promote.model_name` tagged with clickclip's run id, oldest first: the
+    tag is set at registration, so a version is found whatever became of its MLflow run."""
+    with _store(cfg, "searching the registered versions"):
+        found = client_for(cfg).search_model_versions(
+            f"name={_quoted(cfg.model_name)} and tags.`clickclip.run_id` = {_quoted(run_id)}")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -150,6 +216,13 @@ def log_and_register(cfg: RunConfig, mlflow_run_id: str | None, run_name: str, t
     """Log params, metrics, tags, artifacts and the pyfunc model (its code, the checkpoint and the
     ONNX towers) into the training's MLflow run (or a fresh one), then register it as a new version
     of `promote.model_name` carrying `tags`. Returns (the MLflow run id, the model version)."""
+    pcfg = cfg.promote
+    with _store(pcfg, "logging and registering the model"):
+        return _log_and_register(cfg, mlflow_run_id, run_name, tags, metrics, artifacts, model_dir, onnx_dir)
+
+
+def _log_and_register(cfg: RunConfig, mlflow_run_id: str | None, run_name: str, tags: dict[str, str],
+                      metrics: dict[str, float], artifacts: list[Path], model_dir: Path, onnx_dir: Path):
     from mlflow.entities import LoggedModelStatus, Metric, Param
     from mlflow.exceptions import MlflowException
 
@@ -180,8 +253,11 @@ def log_and_register(cfg: RunConfig, mlflow_run_id: str | None, run_name: str, t
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(pcfg.model_name, source=f"models:/{model.model_id}", run_id=mlflow_run_id,
-                                          tags=tags, model_id=model.model_id)
+    # the source is the logged model's artifact location, not models:/<id>: MLflow resolves the latter
+    # through its process-wide tracking URI, which clickclip never sets
+    source = client.get_logged_model(model.model_id).artifact_location
+    version = client.create_model_version(pcfg.model_name, source=source, run_id=mlflow_run_id, tags=tags,
+                                          model_id=model.model_id)
     client.set_terminated(mlflow_run_id)
     return mlflow_run_id, version
 
@@ -209,11 +285,20 @@ def _save_pyfunc(path: Path, model_dir: Path, onnx_dir: Path, mlflow_run_id: str
 
 
 def version_tags(cfg: PromoteConfig, version: str) -> dict[str, str]:
-    return dict(client_for(cfg).get_model_version(cfg.model_name, version).tags)
+    with _store(cfg, f"reading version {version}"):
+        return dict(client_for(cfg).get_model_version(cfg.model_name, version).tags)
+
+
+def set_version_tags(cfg: PromoteConfig, version: str, tags: dict[str, str]) -> None:
+    with _store(cfg, f"tagging version {version}"):
+        client = client_for(cfg)
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
 
 
 def aliases(cfg: PromoteConfig) -> dict[str, str]:
-    return {alias: str(v) for alias, v in client_for(cfg).get_registered_model(cfg.model_name).aliases.items()}
+    with _store(cfg, "reading the aliases"):
+        return {alias: str(v) for alias, v in client_for(cfg).get_registered_model(cfg.model_name).aliases.items()}
 
 
 def move_champion(client, name: str, version: str) -> None:
@@ -224,8 +309,22 @@ def move_champion(client, name: str, version: str) -> None:
     client.set_registered_model_alias(name, "champion", version)
 
 
-def promote_version(cfg: PromoteConfig, version: str) -> None:
-    move_champion(client_for(cfg), cfg.model_name, version)
+class ChampionMoved(RegistryError):
+    """The champion is no longer the version a decision was made against."""
+
+
+def promote_version(cfg: PromoteConfig, version: str, expected_champion: str | None) -> None:
+    """Move `champion` to `version` only if it still points at `expected_champion` (None: no
+    champion), the version the decision was made against: compare, then set. MLflow has no atomic
+    compare-and-set, so the re-read is the last thing before the move."""
+    with _store(cfg, f"moving the champion alias to version {version}"):
+        current = champion_version(cfg)
+        if current != expected_champion:
+            raise ChampionMoved(
+                f"not promoting {cfg.model_name} version {version}: it was evaluated against champion "
+                f"{expected_champion or '(none)'}, but the registry's champion is now {current or '(none)'}. "
+                "Rerun the pipeline (clickclip run) so evaluate compares against the new champion")
+        move_champion(client_for(cfg), cfg.model_name, version)
 
 
 def _who() -> str:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
-from pipeline.report.sentences import reindex_sentence, search_sentence
+from pipeline.report.markdown import slice_rule
+from pipeline.report.sentences import (
+    leak_audit_sentence,
+    reindex_sentence,
+    relevance_sentences,
+    search_sentence,
+)
 
 THUMB = 96
 COLOURS = {"candidate": "#1f77b4", "champion": "#d62728", "start": "#7f7f7f", "bm25": "#2ca02c"}
@@ -75,7 +81,7 @@ def slice_bars(summary: dict, tolerance: float) -> str:
     labels = [f"{r['family']}: {r['slice']} (n={r['queries']})" for r in rows]
     deltas = [r["delta"] for r in rows]
     errors = [[r["delta"] - r["low"] for r in rows], [r["high"] - r["delta"] for r in rows]]
-    colours = ["#b00020" if r["flagged"] else "#1f77b4" for r in rows]
+    colours = ["#b00020" if r["flagged"] else "#1f77b4" if r["gated"] else "#bbbbbb" for r in rows]
     ax.barh(range(len(rows)), deltas, xerr=errors, color=colours, alpha=0.8, capsize=3)
     ax.axvline(0, color="black", lw=0.8)
     ax.axvline(-tolerance, color="#b00020", lw=0.8, ls="--", label=f"-tolerance ({tolerance})")
@@ -133,10 +139,11 @@ def _slices_table(summary: dict) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['family'])}</td><td>{html.escape(str(r['slice']))}</td><td>{r['queries']}</td>"
         f"<td>{r['candidate']:.4f}</td><td>{r['baseline']:.4f}</td><td>{r['delta']:+.4f} "
-        f"[{r['low']:+.4f}, {r['high']:+.4f}]</td><td class='bad'>{'regressed' if r['flagged'] else ''}</td></tr>"
+        f"[{r['low']:+.4f}, {r['high']:+.4f}]</td><td>{r['p_value']:.3g}</td><td class='bad'>"
+        f"{'regressed' if r['flagged'] else '' if r['gated'] else 'not gated (too few queries)'}</td></tr>"
         for r in summary["slices"])
     return ("<table><tr><th>family</th><th>slice</th><th>queries</th><th>candidate</th><th>baseline</th>"
-            f"<th>difference [95% CI]</th><th>flag</th></tr>{rows}</table>")
+            f"<th>difference [95% CI]</th><th>p (one-sided)</th><th>flag</th></tr>{rows}</table>")
 
 
 def _worst(summary: dict, thumbs: Thumbnails, metric: str) -> str:
@@ -166,8 +173,12 @@ def _data_section(data: dict) -> str:
                      for r, n in split["images_quarantined_by_reason"].items()) or "<tr><td>(none)</td><td>0</td></tr>"
     figures = {Path(f).name: _file_png(Path(f)) for f in data["figures"]}
     propensity, groups = figures.get("propensity.png"), figures.get("groups.png")
+    weighting = extract.get("weighting", {})
     return "".join([
         "<h2>Input data</h2>",
+        *[f'<p class="note"><b>Warning:</b> {html.escape(w)}</p>' for w in extract.get("warnings", [])],
+        f"<p>Pair weighting: configured <code>{html.escape(str(weighting.get('configured', '?')))}</code>, applied "
+        f"<code>{html.escape(str(weighting.get('effective', '?')))}</code>.</p>",
         f"<p>Impressions read: <b>{extract['rows_read']}</b> = kept {extract['rows_kept']} + quarantined "
         f"{extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}. Pairs: {extract['pairs']} over "
         f"{extract['queries']} queries and {extract['images']} images.</p>",
@@ -175,8 +186,7 @@ def _data_section(data: dict) -> str:
         f"<p>Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
         f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}).</p>",
         f"<table><tr><th>image quarantine reason</th><th>images</th></tr>{images}</table>",
-        "<p><b>Leak audit: passed</b> — no near-duplicate or same-product link crosses train/val/test "
-        "(an independent recheck; the run stops before this report if it fails).</p>",
+        f"<p><b>{html.escape(leak_audit_sentence(split.get('leak_audit')))}</b></p>",
         "<h3>Position bias</h3>" + (f'<img src="{propensity}" alt="propensity curve">' if propensity else ""),
         "<h3>Largest groups</h3>" + (f'<img src="{groups}" alt="largest groups" style="max-width:100%">'
                                      if groups else ""),
@@ -190,6 +200,8 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
     gallery = ("the whole catalog (quarantined images excluded)" if summary["gallery_kind"] == "catalog"
                else "test-split images only")
     flagged = summary["flagged_slices"]
+    ecfg = cfg.evaluate
+    rule = slice_rule(ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
     body = "".join([
         f"<h1>Recall report — run <code>{html.escape(summary['run_id'])}</code></h1>",
         f"<p>{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}). "
@@ -200,7 +212,8 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
         f'<img src="{recall_curves(summary)}" alt="recall at k curves">',
         f'<p class="note">{html.escape(reindex_sentence(summary)).replace("**", "")}</p>',
         "<h2>Slices</h2>",
-        f"<p>{metric} per slice. Flagged slices: {html.escape(', '.join(flagged)) if flagged else 'none'}.</p>",
+        f"<p>{metric} per slice. Flagged slices: {html.escape(', '.join(flagged)) if flagged else 'none'}. "
+        f"{html.escape(rule).replace('**', '')}</p>",
         f'<img src="{slice_bars(summary, cfg.evaluate.slice_tolerance)}" alt="slice differences">',
         _slices_table(summary),
         f"<h2>Where the candidate lost most ({metric})</h2>",
@@ -208,11 +221,13 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
         _worst(summary, thumbs, metric),
         _data_section(data) if data else "",
         "<h2>Definitions</h2><ul>",
+        *[f"<li>{html.escape(line)}</li>" for line in relevance_sentences(summary)],
         "<li>recall@k: share of a query's relevant (held-out clicked) images in its top k; hit@k: share of "
         "queries with one in the top k; MRR: mean 1/rank of the first; nDCG@10 with click weights as gains.</li>",
         f"<li>Search: {html.escape(search_sentence(summary['search']))}</li>",
         "<li>bm25: the text-only baseline, queries matched to catalog titles.</li>",
-        "<li>CI: 2,000 paired bootstrap resamples of the held-out queries.</li></ul>",
+        "<li>CI: 95% bias-corrected and accelerated (BCa) bootstrap interval from 2,000 paired resamples of the "
+        "held-out queries.</li></ul>",
     ])
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>clickclip recall report "
             f"{html.escape(summary['run_id'])}</title><style>{STYLE}</style></head><body>{body}</body></html>")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.report.sentences import reindex_sentence, search_sentence
+from pipeline.report.sentences import leak_audit_sentence, reindex_sentence, relevance_sentences, search_sentence
 
 
 def render_report(summary: dict) -> str:
@@ -30,7 +30,7 @@ def render_report(summary: dict) -> str:
         "",
         "## Definitions",
         "- Held-out queries: normalised queries with at least one click on a test-split image.",
-        "- Relevant images of a query: the test-split images it clicked (click pairs from the test split only).",
+        *[f"- {line}" for line in relevance_sentences(summary)],
         "- recall@k: share of a query's relevant images among its top k results, averaged over queries.",
         "- hit@k: share of queries with at least one relevant image in the top k.",
         "- MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
@@ -40,7 +40,8 @@ def render_report(summary: dict) -> str:
         "- bm25: the text-only baseline, queries matched to catalog titles by BM25 (no image model).",
         "- new query / seen image: held-out queries (never trained on) with their clicks on training images, "
         "searched over the whole catalog; reported as a slice, not in the headline table.",
-        "- CI: 2,000 paired bootstrap resamples of the held-out queries; both models scored on the same queries.",
+        "- CI: 95% bias-corrected and accelerated (BCa) bootstrap interval from 2,000 paired resamples of the "
+        "held-out queries; both models scored on the same queries.",
         "- Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; "
         "start = the model training started from.",
         "",
@@ -56,11 +57,17 @@ def render_data_section(extract: dict, split: dict) -> str:
     images = "\n".join(f"| {reason} | {count} |" for reason, count in split["images_quarantined_by_reason"].items())
     bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
                       for name, band in extract["query_bands"].items())
+    weighting = extract.get("weighting", {})
+    warnings = [f"**Warning:** {w}" for w in extract.get("warnings", [])]
     return "\n".join([
         "## Input data",
+        *warnings,
+        f"Pair weighting: configured `{weighting.get('configured', '?')}`, "
+        f"applied `{weighting.get('effective', '?')}`.",
         f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} "
         f"+ quarantined {extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; "
-        f"queries over the 77-token text context (kept, truncated): {extract['long_queries_truncated']}.",
+        f"queries over the model's {extract.get('text_context', 77)}-token text context (kept, truncated): "
+        f"{extract['long_queries_truncated']}.",
         f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images "
         f"({bands}).",
         "",
@@ -68,7 +75,8 @@ def render_data_section(extract: dict, split: dict) -> str:
         "",
         f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
         f"{split['images_quarantined']}; {split['groups']} groups (largest {split['largest_group']}); "
-        f"{split['pairs_excluded']} pairs excluded because their image was quarantined. Leak audit: passed.",
+        f"{split['pairs_excluded']} pairs excluded because their image was quarantined. "
+        + leak_audit_sentence(split.get("leak_audit")),
         "",
         "| image quarantine reason | images |", "|---|---|", images or "| (none) | 0 |",
         "",
@@ -79,7 +87,11 @@ def render_data_section(extract: dict, split: dict) -> str:
          if split["giant_groups"] else "No giant groups."),
         f"Sticky splits: {split['sticky']['new_groups']} new groups, {split['sticky']['grown_groups']} grown, "
         f"{split['sticky']['linked_groups']} linked across splits ({split['sticky']['images_excluded']} new images "
-        f"excluded); split registry version {split['registry_version']}. Pairs with held-out queries: "
+        f"excluded); split registry version {split['registry_version']}. "
+        f"Giant groups spanning several products were regrouped by product: "
+        f"{split['sticky'].get('cross_product_links_cut', 0)} near-duplicate links between different products cut, "
+        f"{split['sticky'].get('images_excluded_by_cut_links', 0)} images on the later split's side of a cut link "
+        f"excluded from training and evaluation. Pairs with held-out queries: "
         f"{split['pairs_heldout_queries']}.",
         "",
         "The largest groups, one per row:",
@@ -95,17 +107,26 @@ def render_data_section(extract: dict, split: dict) -> str:
     ])
 
 
-def render_slices(rows: list[dict], metric: str, baseline: str, tolerance: float) -> str:
+def slice_rule(tolerance: float, min_queries: int, alpha: float) -> str:
+    """How slices gate promotion, in one sentence (both reports print it)."""
+    return (f"Slices of at least {min_queries} queries gate promotion: one is flagged **regressed** when a "
+            f"one-sided paired t-test finds the candidate worse than the baseline by more than {tolerance}, at "
+            f"family-wise error {alpha} over all gated slices (Holm's correction). Smaller slices are shown, never "
+            f"gated. Intervals: 95% paired BCa bootstrap.")
+
+
+def render_slices(rows: list[dict], metric: str, baseline: str, tolerance: float, min_queries: int = 30,
+                  alpha: float = 0.05) -> str:
     lines = [
         "## Slices",
-        f"{metric} per slice, candidate vs {baseline}. A slice is **flagged** when the whole 95% interval of "
-        f"the difference lies below −{tolerance}.",
+        f"{metric} per slice, candidate vs {baseline}. " + slice_rule(tolerance, min_queries, alpha),
         "",
-        "| family | slice | queries | candidate | baseline | difference [95% CI] | flag |",
-        "|---|---|---|---|---|---|---|",
+        "| family | slice | queries | candidate | baseline | difference [95% CI] | p (one-sided) | flag |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        flag = "**regressed**" if row["flagged"] else "" if row["gated"] else f"not gated (< {min_queries} queries)"
         lines.append(f"| {row['family']} | {row['slice']} | {row['queries']} | {row['candidate']:.4f} | "
                      f"{row['baseline']:.4f} | {row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
-                     f"{'**regressed**' if row['flagged'] else ''} |")
+                     f"{row['p_value']:.3g} | {flag} |")
     return "\n".join(lines + [""])

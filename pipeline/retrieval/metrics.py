@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
 
 
 def ndcg(results: Sequence[str], gains: Mapping[str, float], k: int) -> float:
@@ -64,16 +65,25 @@ def rank_by_similarity(query_embeddings: np.ndarray, item_embeddings: np.ndarray
 
 def paired_bootstrap(candidate: np.ndarray, baseline: np.ndarray, resamples: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of candidate − baseline over queries and its bootstrap confidence interval.
+    """Mean of candidate − baseline over queries and its bias-corrected and accelerated (BCa)
+    bootstrap confidence interval, from scipy.
 
-    Paired: both models are scored on the same resampled queries, so query difficulty cancels."""
+    Paired: both models are scored on the same resampled queries, so query difficulty cancels.
+    With fewer than two queries, or identical differences, the interval is the mean itself."""
     if candidate.shape != baseline.shape or candidate.ndim != 1:
         raise ValueError("candidate and baseline need one value per query, in the same order")
     differences = candidate - baseline
     if len(differences) == 0:
         return 0.0, 0.0, 0.0
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(differences), size=(resamples, len(differences)))
-    means = differences[samples].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(differences.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    mean = float(differences.mean())
+    if len(differences) < 2 or np.ptp(differences) == 0:
+        return mean, mean, mean
+    result = bootstrap((candidate, baseline), _mean_difference, paired=True, vectorized=True,
+                       n_resamples=resamples, confidence_level=level, method="BCa",
+                       batch=max(1, 2**22 // len(differences)), rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return mean, float(low), float(high)
+
+
+def _mean_difference(candidate: np.ndarray, baseline: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(candidate - baseline, axis=axis)

@@ -20,13 +20,15 @@ from typing import Any
 class Stage:
     name: str
     function: str  # "module:function", imported only when the stage runs
-    config: tuple[str, ...]  # RunConfig sections its output depends on
+    config: tuple[str, ...]  # RunConfig sections (or "section.key" settings) its output depends on
     inputs: tuple[str, ...] = ()  # run inputs ("events", "images", "image_root") whose content it reads
     upstream: tuple[str, ...] = ()  # stages whose outputs or summaries it reads
+    champion: bool = False  # its output depends on the registry's champion (the version compared against)
     outputs: tuple[str, ...] = ()  # recorded outputs (a stage may record optional ones besides)
     retries: int = 0  # how often a scheduler retries it
     retry_minutes: int = 5  # first wait between retries
     backoff: bool = False  # exponential back-off between retries (transient I/O)
+    timeout_minutes: int = 120  # a scheduler stops (and fails) the stage after this long
     doc: str = field(default="", compare=False)
 
 
@@ -40,7 +42,8 @@ class StageInputs:
     report_dir: Path  # reports_dir/<run_id>, for the human report
     manifest: Path  # the run's manifest.json (logged with the model)
     digests: dict[str, str]  # content digests of the run's inputs (events, images, image_root)
-    git_commit: str
+    git_commit: str  # of the code running this stage
+    code_digest: str  # sha256 of the package's .py and .sql files
 
     def output(self, stage: str, name: str) -> Path:
         return self.outputs[stage][name]
@@ -56,7 +59,9 @@ class StageOutput:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("extract", "pipeline.stages.extract:run", config=("data", "extract"), inputs=("events", "images"),
+    # the starting model's tokenizer and text context decide which queries are too long
+    Stage("extract", "pipeline.stages.extract:run", config=("data", "extract", "train.model", "train.checkpoint"),
+          inputs=("events", "images"),
           outputs=("pairs", "quarantine", "propensity"), retries=3, backoff=True,
           doc="click logs -> debiased (query, image) pairs; unusable rows quarantined with a reason"),
     Stage("split", "pipeline.stages.split:run", config=("split",), inputs=("image_root",), upstream=("extract",),
@@ -64,14 +69,15 @@ STAGES: tuple[Stage, ...] = (
           retries=3, backoff=True,
           doc="near-duplicate and product groups, sticky leak-free train/val/test, held-out queries"),
     Stage("train", "pipeline.stages.train:run", config=("train",), upstream=("split",),
-          outputs=("weights", "metrics"), retries=1, retry_minutes=10,
+          outputs=("weights", "metrics"), retries=1, retry_minutes=10, timeout_minutes=12 * 60,
           doc="fine-tune the open_clip model on the training pairs with Lightning"),
     Stage("evaluate", "pipeline.stages.evaluate:run", config=("evaluate",), upstream=("extract", "split", "train"),
-          outputs=("metrics", "report"), retries=1,
+          champion=True, outputs=("metrics", "report"), retries=1, timeout_minutes=4 * 60,
           doc="candidate vs champion vs start vs BM25 on held-out queries; the recall report"),
-    # a failed gate is a decision, not an error: never retried
+    # idempotent (a rerun finds the run's version), so errors are retried; a failed gate is a
+    # decision, not an error: the command succeeds and the DAG branches on it
     Stage("promote", "pipeline.stages.promote:run", config=("promote",),
-          upstream=("extract", "split", "train", "evaluate"), outputs=("decision",), retries=0,
+          upstream=("extract", "split", "train", "evaluate"), outputs=("decision",), retries=2, timeout_minutes=60,
           doc="register the model in MLflow and move `champion` only if every gate passes"),
 )
 

@@ -66,23 +66,38 @@ def decide(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> tuple[bo
 
 def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
             lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path) -> PromoteResult:
-    """Decide by the gates, log the run and its lineage tags, register, and move the alias."""
-    pcfg = cfg.promote
-    mlflow_run_id = registry.existing_run(pcfg, mlflow_run_id)  # a reset store: log into a fresh run
-    existing = registry.versions_of_run(pcfg, mlflow_run_id)
+    """Decide by the gates, log the run and its lineage tags, register, and move the alias.
 
+    The alias moves only while it still points at the champion evaluate compared against
+    (`evaluation["champion_version"]`); if it moved since, nothing is registered and the stage fails
+    with ChampionMoved. A rerun finds the run's version by its `clickclip.run_id` tag and registers
+    nothing new; it completes an interrupted alias move, unless the version was rolled back since."""
+    pcfg = cfg.promote
+    baseline = evaluation["champion_version"]
+    existing = registry.versions_of_run(pcfg, run_id)
     promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
     onnx = None
     if existing:
         version = existing[0]
-        promoted = version.tags.get("clickclip.decision") == "promoted"
-        reason = version.tags.get("clickclip.reason", "") + " (already registered; nothing new)"
-        if promoted and registry.aliases(pcfg).get("champion") != str(version.version):
-            # an earlier attempt registered the version and stopped before moving the alias
-            # (this stage never completed, or it would have been reused): finish the promotion
-            registry.promote_version(pcfg, version.version)
-            reason += "; the interrupted alias move was completed"
+        tags = registry.version_tags(pcfg, str(version.version))
+        promoted = tags.get("clickclip.decision") == "promoted"
+        reason = tags.get("clickclip.reason", "") + " (already registered; nothing new)"
+        if promoted and registry.champion_version(pcfg) != str(version.version):
+            if "clickclip.rolled_back" in tags:
+                promoted = False
+                reason += f"; not promoted again: it was rolled back ({tags['clickclip.rolled_back']})"
+            else:
+                # an earlier attempt registered the version and stopped before moving the alias
+                # (this stage never completed, or it would have been reused): finish the promotion
+                registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
+                reason += "; the interrupted alias move was completed"
     else:
+        current = registry.champion_version(pcfg)
+        if current != baseline:
+            raise registry.ChampionMoved(
+                f"not registering run {run_id}: evaluate compared it against champion {baseline or '(none)'}, but "
+                f"the registry's champion is now {current or '(none)'}. Rerun the pipeline (clickclip run) so "
+                "evaluate compares against the new champion")
         onnx = export_onnx(model_dir, out_dir / "onnx")
         gate_tags = {f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}"
                      for g in gates}
@@ -91,10 +106,11 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         metrics = {f"eval.{model}.{k.replace('@', '_at_')}": v
                    for model, values in evaluation["models"].items() for k, v in values.items()}
         metrics |= {f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()}
+        mlflow_run_id = registry.existing_run(pcfg, mlflow_run_id)  # a reset store: log into a fresh run
         mlflow_run_id, version = registry.log_and_register(cfg, mlflow_run_id, run_id, tags, metrics, artifacts,
                                                            model_dir, out_dir / "onnx")
         if promoted:
-            registry.promote_version(pcfg, version.version)
+            registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
 
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
@@ -114,8 +130,10 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
         quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
         leak_audit_passed=json.loads(inputs.output("split", "leak_audit").read_text())["passed"],
         finished_without_nan=train["finished_without_nan"])
-    lineage = {"git_commit": inputs.git_commit, "input_events_sha256": inputs.digests["events"],
-               "input_images_sha256": inputs.digests["images"], "split_registry_version": split["registry_version"],
+    lineage = {"git_commit": train.get("git_commit", inputs.git_commit),
+               "source_sha256": train.get("source_sha256", inputs.code_digest),
+               "input_events_sha256": inputs.digests["events"], "input_images_sha256": inputs.digests["images"],
+               "split_registry_version": split["registry_version"],
                "parent_champion_version": str(evaluation["champion_version"] or "none")}
     artifacts = [inputs.report_dir, inputs.manifest, inputs.output("split", "leak_audit"),
                  inputs.output("extract", "quarantine"), inputs.output("split", "image_quarantine")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,17 @@ import polars as pl
 
 from pipeline.config import RunConfig, SplitConfig
 from pipeline.data.contract import IMAGES, connect, open_source
-from pipeline.data.groups import EXCLUDED, assign_sticky_splits, catalog_groups, stable_fraction
+from pipeline.data.groups import (
+    EXCLUDED,
+    assign_sticky_splits,
+    catalog_groups,
+    exclude_crossing_links,
+    stable_fraction,
+)
 from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
 from pipeline.data.leak_audit import leak_audit
 from pipeline.data.near_duplicates import hash_catalog
-from pipeline.errors import LeakError
+from pipeline.errors import LeakError, StageError
 from pipeline.stages import StageInputs, StageOutput
 
 
@@ -67,23 +74,65 @@ def catalog_problems(catalog: pl.DataFrame, root: Path) -> pl.Series:
     return pl.Series("reason", reasons, dtype=pl.Utf8)
 
 
-def read_registry(path: Path) -> dict[str, str]:
+REGISTRY_SETTINGS = ("hash", "hash_size", "max_distance")  # what decides which images are linked
+
+
+def read_registry(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(image -> split, image -> when it was registered) from the sticky split registry."""
     if not path.is_file():
-        return {}
+        return {}, {}
     frame = pl.read_parquet(path)
-    return dict(zip(frame["image_id"], frame["split"], strict=True))
+    stamps = frame["registered_at"].to_list() if "registered_at" in frame.columns else [""] * frame.height
+    return (dict(zip(frame["image_id"], frame["split"], strict=True)),
+            dict(zip(frame["image_id"], [s or "" for s in stamps], strict=True)))
 
 
-def write_registry(path: Path, registry: dict[str, str], images: pl.DataFrame) -> str:
+def write_registry(path: Path, registry: dict[str, str], registered_at: dict[str, str], images: pl.DataFrame,
+                   stamp: str) -> str:
     """Add this run's assignments (never changing an old one); return the registry's version."""
-    merged = dict(zip(images["image_id"], images["split"], strict=True))
-    merged = {k: v for k, v in merged.items() if v != EXCLUDED} | registry
-    frame = pl.DataFrame({"image_id": list(merged), "split": list(merged.values())}).sort("image_id")
+    fresh = {k: v for k, v in zip(images["image_id"], images["split"], strict=True)
+             if v != EXCLUDED and k not in registry}
+    merged = registry | fresh
+    stamps = registered_at | dict.fromkeys(fresh, stamp)
+    frame = pl.DataFrame({"image_id": list(merged), "split": list(merged.values()),
+                          "registered_at": [stamps.get(k, "") for k in merged]}).sort("image_id")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     frame.write_parquet(tmp)
     os.replace(tmp, path)
-    return hashlib.sha256(frame.write_csv().encode()).hexdigest()[:12]
+    return hashlib.sha256(frame.select("image_id", "split").write_csv().encode()).hexdigest()[:12]
+
+
+def registry_settings(scfg: SplitConfig) -> dict:
+    return {key: getattr(scfg, key) for key in REGISTRY_SETTINGS}
+
+
+def check_registry_settings(state: Path, scfg: SplitConfig) -> None:
+    """The registry's links were made under its hash settings; other settings would reinterpret them
+    silently, so changing them is the explicit `clickclip migrate-split-registry`."""
+    recorded_path = state / "split_registry.json"
+    if not recorded_path.is_file():
+        return
+    recorded, wanted = json.loads(recorded_path.read_text()), registry_settings(scfg)
+    changed = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if changed:
+        what = ", ".join(f"split.{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise StageError(f"the split registry in {state} was built with other near-duplicate settings ({what}). "
+                         "Changing them relinks groups across splits; if that is meant, run `clickclip "
+                         "migrate-split-registry --config <file>` (every assignment is kept; groups that now link "
+                         "splits follow split.link_policy), or restore the old settings")
+
+
+def migrate_registry(cfg: RunConfig) -> dict:
+    """Adopt the config's hash settings for the split registry, keeping every image's assignment."""
+    state = cfg.state_dir / cfg.name
+    recorded_path = state / "split_registry.json"
+    before = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
+    state.mkdir(parents=True, exist_ok=True)
+    recorded_path.write_text(json.dumps(registry_settings(cfg.split), indent=2))
+    assignments, _ = read_registry(state / "split_registry.parquet")
+    return {"registry": str(state / "split_registry.parquet"), "images": len(assignments), "settings_before": before,
+            "settings_now": registry_settings(cfg.split)}
 
 
 def _hash_and_quarantine(cfg: RunConfig, catalog: pl.DataFrame, state: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
@@ -104,11 +153,14 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     state = cfg.state_dir / cfg.name
     good, quarantine, cache_stats = _hash_and_quarantine(cfg, read_catalog(cfg), state)
 
-    labels, hash_edges = catalog_groups(good["hash"].to_list(), good["digest"].to_list(),
-                                        good["product_id"].to_list(), scfg.max_distance)
+    check_registry_settings(state, scfg)
+    labels, hash_edges, cut = catalog_groups(good["hash"].to_list(), good["digest"].to_list(),
+                                             good["product_id"].to_list(), scfg.max_distance, scfg.giant_group_size)
     registry_path = state / "split_registry.parquet"
-    registry = read_registry(registry_path)
-    splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg)
+    registry, registered_at = read_registry(registry_path)
+    splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg, registered_at)
+    sticky |= {"cross_product_links_cut": int(len(cut)),
+               "images_excluded_by_cut_links": exclude_crossing_links(splits, cut)}
     group_ids = pl.DataFrame({"label": labels, "image_id": good["image_id"]}).group_by("label").agg(
         pl.col("image_id").min().alias("group_id"))
     good = good.with_columns(pl.Series("label", labels), pl.Series("split", splits)).join(
@@ -121,7 +173,9 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
         raise LeakError(f"leak audit failed: {audit['near_duplicate_links_crossing']} near-duplicate links, "
                         f"{audit['identical_files_crossing']} identical files and {audit['products_crossing']} "
                         f"products cross splits; see {audit_path}")
-    registry_version = write_registry(registry_path, registry, good)
+    registry_version = write_registry(registry_path, registry, registered_at, good,
+                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (state / "split_registry.json").write_text(json.dumps(registry_settings(scfg), indent=2))
 
     paths = {name: out_dir / f"{name}.parquet" for name in ("images", "image_quarantine", "pairs", "pairs_excluded")}
     tagged, excluded = _tag_pairs(pl.read_parquet(pairs_path), good, quarantine, scfg)
@@ -131,7 +185,7 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     excluded.write_parquet(paths["pairs_excluded"])
     example_groups_sheet(good, cfg.data.image_root, out_dir / "groups.png")
     summary = _summary(good, quarantine, hash_edges, tagged, excluded, scfg) | {
-        "sticky": sticky, "hash_cache": cache_stats, "registry_version": registry_version,
+        "sticky": sticky, "hash_cache": cache_stats, "registry_version": registry_version, "leak_audit": audit,
         "catalog_rows": good.height + quarantine.height}
     return SplitResult(paths["images"], paths["image_quarantine"], paths["pairs"], paths["pairs_excluded"],
                        audit_path, out_dir / "groups.png", summary)

@@ -118,4 +118,6 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     result = train(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"), out_dir, inputs.run_id)
-    return StageOutput({"weights": result.model_dir, "metrics": result.metrics}, result.summary)
+    # the lineage of the model: the code that trained it (promote tags the version with it)
+    summary = result.summary | {"git_commit": inputs.git_commit, "source_sha256": inputs.code_digest}
+    return StageOutput({"weights": result.model_dir, "metrics": result.metrics}, summary)

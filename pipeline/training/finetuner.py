@@ -77,7 +77,7 @@ class ClipFineTuner(L.LightningModule):
         return [images, texts, image_ids, product_ids, weights.to(device, non_blocking=True), tokens]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_gradients(self, optimizer, gradient_clip_val, self.cfg.precision)
+        clip_gradients(optimizer, gradient_clip_val)
 
     def on_train_start(self) -> None:
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it

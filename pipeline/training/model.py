@@ -76,6 +76,25 @@ def starting_model(cfg: TrainConfig) -> ClipBundle:
     return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.model), model_cfg, source)
 
 
+def text_encoder_limits(cfg: TrainConfig) -> tuple[Callable[[str], int], int, str]:
+    """(token counter, context length, model name) of the model training starts from: how many
+    tokens a query takes in that model's tokenizer (with start and end tokens), and how many fit."""
+    if cfg.checkpoint is not None:
+        config_file = cfg.checkpoint / CONFIG_FILE
+        if not config_file.is_file():
+            raise ConfigError(f"train.checkpoint {cfg.checkpoint} has no {CONFIG_FILE}")
+        name, model_cfg = f"local-dir:{cfg.checkpoint}", json.loads(config_file.read_text())["model_cfg"]
+    else:
+        if cfg.model not in open_clip.list_models():
+            raise ConfigError(f"train.model {cfg.model!r} is not an open_clip model config")
+        name, model_cfg = cfg.model, open_clip.get_model_config(cfg.model)
+    context = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
+    tokenizer = open_clip.get_tokenizer(name)
+    if hasattr(tokenizer, "encode"):  # open_clip's BPE: ids without the start and end tokens
+        return (lambda text: len(tokenizer.encode(text)) + 2), context, name
+    return (lambda text: len(tokenizer.tokenizer(text)["input_ids"])), context, name  # a Hugging Face tokenizer
+
+
 def save_checkpoint(bundle: ClipBundle, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": bundle.model_cfg,

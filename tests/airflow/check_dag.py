@@ -6,6 +6,7 @@ with `dag.test()`. Prints one JSON object describing what it found.
 
 import argparse
 import json
+from datetime import datetime
 from pathlib import Path
 
 from airflow.dag_processing.dagbag import DagBag
@@ -18,6 +19,8 @@ def describe(dag) -> dict:
     return {
         "task_ids": sorted(dag.task_ids),
         "downstream": {t: sorted(dag.get_task(t).downstream_task_ids) for t in dag.task_ids},
+        "execution_timeout": {t: str(dag.get_task(t).execution_timeout) for t in dag.task_ids},
+        "operators": {t: type(dag.get_task(t)).__name__ for t in dag.task_ids},
         "retries": {t: dag.get_task(t).retries for t in dag.task_ids},
         "schedule": type(schedule).__name__,
         "cron": schedule.timetable.expression,
@@ -32,6 +35,7 @@ def describe(dag) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", help="config file to test-run the DAG on")
+    parser.add_argument("--logical-date", help="the run's logical date (ISO), as a backfill would set it")
     args = parser.parse_args()
     bag = DagBag(dag_folder=str(REPO / "dags"))
     report = {"import_errors": {path: str(error) for path, error in bag.import_errors.items()},
@@ -40,7 +44,9 @@ def main() -> None:
     if dag is not None:
         report.update(describe(dag))
         if args.run:
-            run = dag.test(run_conf={"config": args.run})
+            when = datetime.fromisoformat(args.logical_date) if args.logical_date else None
+            run = dag.test(run_conf={"config": args.run}, **({"logical_date": when} if when else {}))
+            report["data_interval"] = [str(run.data_interval_start), str(run.data_interval_end)]
             report["state"] = str(run.state)
             report["task_states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
             report["run_id"] = run.run_id

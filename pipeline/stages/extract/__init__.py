@@ -53,18 +53,40 @@ def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: li
     nothing = files is not None and not files
     open_source(con, source, "events_source", EVENTS, source_files(source)[:1] if nothing else files)
     columns = {name for name, *_ in con.execute('DESCRIBE "events_source"').fetchall()}
-    row = "file_row_number + 1" if "file_row_number" in columns else "row_number() OVER ()"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT *, {row} AS source_row FROM events_source"
-                + (" WHERE false" if nothing else ""))
+    if "file_row_number" in columns:  # Parquet: the reader numbers each file's rows
+        numbered = "SELECT *, file_row_number + 1 AS source_row FROM events_source"
+    else:  # CSV and tables: rows arrive file by file in order, so each file's first row is row 1
+        numbered = ("SELECT * EXCLUDE (scan_row), scan_row - min(scan_row) OVER (PARTITION BY filename) + 1 "
+                    "AS source_row FROM (SELECT *, row_number() OVER () AS scan_row FROM events_source)")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS {numbered}" + (" WHERE false" if nothing else ""))
 
 
-def _register_query_norms(con: duckdb.DuckDBPyConnection, strip_punctuation: bool) -> None:
+def last_days_from_events(con: duckdb.DuckDBPyConnection, days: int, until: date | None,
+                           source: SourceConfig) -> tuple[date, date]:
+    """(since, until) of a `last_days` window counted back from `until`, or from the newest event_ts."""
+    if until is None:
+        with _unconvertible_values(source):
+            newest = con.execute("SELECT max(event_ts)::DATE FROM events_raw").fetchall()[0][0]
+        if newest is None:
+            raise DataContractError(f"events source {source.path}: extract.window.last_days is set but no event "
+                                    "has an event_ts to count back from")
+        until = newest
+    return until - timedelta(days=days - 1), until
+
+
+def _register_query_norms(con: duckdb.DuckDBPyConnection, cfg: RunConfig) -> int:
+    """query_norms(raw_query, query, too_long); returns the text context the queries were checked against."""
+    from pipeline.training.model import text_encoder_limits  # open_clip and torch load slowly: only here
+
+    count_tokens, context, _ = text_encoder_limits(cfg.train)
     # each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
     raw = [r[0] for r in con.execute("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").fetchall()]
-    normalised = [normalise_query(q, strip_punctuation) for q in raw]
+    normalised = [normalise_query(q, cfg.extract.strip_punctuation) for q in raw]
+    too_long = too_long_for_text_encoder(normalised, count_tokens, context)
     con.register("query_norms", pa.table({"raw_query": pa.array(raw, pa.string()),
                                           "query": pa.array(normalised, pa.string()),
-                                          "too_long": pa.array(too_long_for_text_encoder(normalised), pa.bool_())}))
+                                          "too_long": pa.array(too_long, pa.bool_())}))
+    return context
 
 
 def _bounds(since: date | None, until: date | None) -> dict:
@@ -150,6 +172,18 @@ def estimate_propensities(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig) -
                                     settings.max_position, settings.iterations)
 
 
+def effective_weighting(configured: str, learned: bool) -> dict:
+    """The pair weighting that really applied: with nothing to learn position bias from (no pair was
+    shown at two positions), propensities are flat and `ips` weights are raw clicks; say so."""
+    if configured == "raw" or learned:
+        return {"configured": configured, "effective": configured, "warning": None}
+    effective = "raw" if configured == "ips" else "raw satisfied clicks"
+    return {"configured": configured, "effective": effective,
+            "warning": f"extract.weighting is {configured!r}, but no (query, image) pair was shown at two positions, "
+                       f"so position bias cannot be estimated: propensities are flat and the weights are {effective} "
+                       f"(not debiased). Log more positions per pair or set extract.weighting: raw to silence this."}
+
+
 def plot_propensities(propensities: Propensities, path: Path) -> Path:
     import matplotlib
 
@@ -209,11 +243,15 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     files, since, until = window_files(cfg.data.events, ecfg.window)
     plan = incremental.plan(cfg, files, since, until, run_id or out_dir.parent.name) if ecfg.incremental else None
     _open_events(con, cfg.data.events, plan.read_files if plan else files)
+    if ecfg.window.last_days and since is None:
+        # no date partitions to count back from (CSV, a DuckDB table, unpartitioned Parquet): the
+        # window's last day is the log's newest event
+        since, until = last_days_from_events(con, ecfg.window.last_days, ecfg.window.until, cfg.data.events)
     open_source(con, cfg.data.images, "catalog_raw", IMAGES)
     con.execute("CREATE TEMP TABLE catalog_ids AS SELECT image_id, any_value(product_id) AS product_id "
                 "FROM catalog_raw WHERE image_id IS NOT NULL GROUP BY image_id")
     with timings.step("normalise_queries"):
-        _register_query_norms(con, ecfg.strip_punctuation)
+        context = _register_query_norms(con, cfg)
     _classify(con, ecfg, since, until, cfg.data.events, timings)
     _scan(con, ecfg, plan is not None, cfg.data.events, timings)
     kept, long_kept = con.execute(
@@ -242,6 +280,9 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     with timings.step("summary"):
         summary = _summary(con, plan.read_files if plan else files, since, until, quarantine_path, kept, long_kept)
     summary["propensity"] = propensities.as_dict()
+    summary["text_context"] = context
+    summary["weighting"] = effective_weighting(ecfg.weighting, learned=propensities.iterations > 0)
+    summary["warnings"] = [summary["weighting"]["warning"]] if summary["weighting"]["warning"] else []
     summary["timings_s"] = timings
     if plan:
         stats_path = out_dir / "stats.parquet"

@@ -5,14 +5,20 @@ impressions summed per (day, query, image, position) (`stats-<run>.parquet`) and
 (`current.json`): the size and mtime of every partition file already read. A nightly run reads only
 the partitions that are new or whose files changed since, replaces those days' statistics, keeps
 the other days (inside the window), and recomputes propensities and pair weights over the merged
-statistics, so the pairs equal a full extract of the same data.
+statistics.
 
 A run that is redone (same run id, e.g. after a crash) plans against the state as it was before
 that run, so a rerun reads the same partitions and writes the same outputs.
-Bot sessions and exact duplicates are judged within the partitions a run reads (events are
-partitioned by their own date, so a duplicate never spans partitions; a session that crosses
-midnight is judged per day). An image that later leaves the catalog drops out of the pairs and is
-counted in the summary (`pairs_dropped_image_left_catalog`).
+
+The pairs equal a full extract of the same partitions except in two cases, each pinned by a test
+in tests/test_extract.py:
+- Bot sessions and exact duplicates are judged within the partitions one run reads. A session
+  whose events fall in two date partitions read by different runs (one that crosses midnight) is
+  judged per part, where a full extract judges it whole.
+- Rows quarantined as `unknown_image` stay quarantined: when their image joins the catalog later,
+  the days already read are not read again. Delete `<state_dir>/<name>/extract/` to rebuild.
+An image that later leaves the catalog drops out of the pairs and is counted in the summary
+(`pairs_dropped_image_left_catalog`).
 Settings that change how rows are classified or weighted invalidate the state: the run reads
 every partition in the window again and says so.
 """

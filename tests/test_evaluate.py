@@ -1,0 +1,46 @@
+"""Evaluate's definitions: filtered ranking and product-level relevance."""
+
+import polars as pl
+
+from pipeline.config import EvaluateConfig
+from pipeline.retrieval.metrics import per_query_metrics
+from pipeline.stages.evaluate import known_positives, load_test_set
+
+IMAGES = pl.DataFrame({
+    "image_id": ["a1", "t1", "t2", "t3", "v1"], "path": ["a1.png", "t1.png", "t2.png", "t3.png", "v1.png"],
+    "product_id": ["R", "P", "P", "Q", None], "title": ["", "", "", "", ""],
+    "split": ["train", "test", "test", "test", "val"], "group_id": ["a1", "t1", "t2", "t3", "v1"]})
+PAIRS = pl.DataFrame({
+    "query": ["navy mug", "navy mug", "navy mug"], "image_id": ["t1", "a1", "v1"], "clicks": [2, 3, 1],
+    "weight": [2.0, 3.0, 1.0], "split": ["test", "train", "val"], "query_heldout": [False, False, False],
+    "impressions": [10, 10, 10]})
+
+
+def _test_set(tmp_path, **settings):
+    PAIRS.write_parquet(tmp_path / "pairs.parquet")
+    IMAGES.write_parquet(tmp_path / "images.parquet")
+    return load_test_set(tmp_path / "pairs.parquet", tmp_path / "images.parquet", EvaluateConfig(**settings))
+
+
+def test_known_right_answers_are_the_querys_other_clicks_and_the_relevant_products_other_photos():
+    known = known_positives(["navy mug"], PAIRS.filter(pl.col("split") == "test"), PAIRS, IMAGES, {})
+    assert known == [{"a1", "v1", "t2"}]  # clicked in train and val; t2 is another photo of product P
+
+
+def test_filtered_ranking_neither_rewards_nor_punishes_other_right_answers(tmp_path):
+    ranked = ["a1", "t2", "v1", "t3", "t1"]  # the model ranks the query's other right answers first
+    filtered = _test_set(tmp_path)
+    unfiltered = _test_set(tmp_path, filtered=False)
+    top2 = [filtered.ranked_items(ranked, filtered.known[0], 2)]
+    assert top2 == [["t3", "t1"]]
+    assert per_query_metrics(top2, filtered.relevant, [2])["recall@2"][0] == 1.0
+    plain = [unfiltered.ranked_items(ranked, unfiltered.known[0], 2)]
+    assert plain == [["a1", "t2"]] and per_query_metrics(plain, unfiltered.relevant, [2])["recall@2"][0] == 0.0
+
+
+def test_product_relevance_counts_any_photo_of_the_product_once(tmp_path):
+    test = _test_set(tmp_path, relevance="product")
+    assert test.relevant == [{"product:P": 2.0}]
+    items = test.ranked_items(["t2", "t1", "t3"], test.known[0], 2)
+    assert items == ["product:P", "product:Q"]  # t1 and t2 are one product, counted once
+    assert per_query_metrics([items], test.relevant, [1])["recall@1"][0] == 1.0

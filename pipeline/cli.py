@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,12 +11,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.errors import ClickclipError
+from pipeline.errors import ClickclipError, Stopped
 from pipeline.stages import STAGE_NAMES, stage_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Retrain CLIP image-text search models on e-commerce click logs.")
 console = Console(stderr=True)
+
+@app.callback()
+def _mask_credentials() -> None:
+    """Every command: credentials in URIs are masked in all this process prints, tracebacks included."""
+    from pipeline.runner import RedactingStream
+
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config YAML (see configs/)")]
 RunIdOption = Annotated[str | None, typer.Option(
@@ -27,6 +37,14 @@ SetOption = Annotated[list[str] | None, typer.Option(
 def _fail(exc: ClickclipError) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(code=2)
+
+
+def _stopped(stop: Stopped) -> None:
+    """A stop is not a success: say what was left, and exit 128 + the signal (143 for SIGTERM)."""
+    where = f" during {stop.stage}" if stop.stage else ""
+    kept = "; its partial folder is kept and the same command resumes it" if stop.stage else ""
+    console.print(f"[bold red]stopped[/] by {signal.Signals(stop.signum).name}{where}{kept}")
+    raise typer.Exit(code=stop.exit_code)
 
 
 def _emit(summary: dict) -> None:
@@ -69,6 +87,8 @@ def _stage_command(stage: str):
             summary = run_stage(run, stage)
         except ClickclipError as exc:
             _fail(exc)
+        except Stopped as stop:
+            _stopped(stop)
         _emit(summary)
 
     command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run): {stage_spec(stage).doc}."
@@ -99,6 +119,8 @@ def promote(
             summary = force_promote(run.config.promote, summary["version"], reason)
     except ClickclipError as exc:
         _fail(exc)
+    except Stopped as stop:
+        _stopped(stop)
     _emit(summary)
 
 
@@ -145,6 +167,8 @@ def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None
         summaries = run_all(run)
     except ClickclipError as exc:
         _fail(exc)
+    except Stopped as stop:
+        _stopped(stop)
     print(format_summary(run, summaries))
 
 

@@ -6,10 +6,12 @@ that names the key. Relative paths are resolved against the working directory.
 
 from __future__ import annotations
 
+import difflib
 import re
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class Strict(BaseModel):
@@ -105,6 +108,9 @@ class PropensityConfig(Strict):
 class ExtractConfig(Strict):
     strip_punctuation: bool = False
     window: WindowConfig = WindowConfig()
+    # the zone window dates and days are in: event_ts with a time zone is read as wall-clock time
+    # there (never in the machine's zone); event_ts without one is taken as it is
+    time_zone: str = "UTC"
     # read only date partitions that are new or changed since the last run and merge their
     # statistics with the kept ones (watermark in <state_dir>/<name>/extract/)
     incremental: bool = False
@@ -114,6 +120,16 @@ class ExtractConfig(Strict):
     weighting: Literal["raw", "ips", "ips_dwell"] = "ips"
     satisfied_dwell_ms: int = Field(default=10_000, ge=0)
     duckdb: DuckDBConfig = DuckDBConfig()
+
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone such as 'UTC' or 'Europe/Berlin'") from None
+        return value
 
 
 class SplitFractions(Strict):
@@ -268,9 +284,39 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        if not PLAIN_NAME.fullmatch(value):
             raise ValueError("name may hold letters, digits, '_', '.' and '-' only")
         return value
+
+    @model_validator(mode="after")
+    def _promote_metric_is_computed(self) -> RunConfig:
+        computed = evaluated_metrics(self.evaluate.ks)
+        if self.promote.metric not in computed:
+            raise ValueError(f"promote.metric {self.promote.metric!r} is not one evaluate computes with evaluate.ks "
+                             f"{list(self.evaluate.ks)}: choose one of {', '.join(computed)}")
+        return self
+
+
+def evaluated_metrics(ks: tuple[int, ...]) -> list[str]:
+    """The metric names evaluate reports for each model (see pipeline.retrieval.metrics)."""
+    return [f"recall@{k}" for k in ks] + [f"hit@{k}" for k in ks] + ["mrr", "ndcg@10"]
+
+
+# settings that change how fast or where a stage runs, never what it produces: not in any fingerprint
+RESOURCE_SETTINGS = {"extract": {"duckdb"}, "train": {"num_workers"}, "evaluate": {"decode_workers", "batch_size"}}
+
+
+def result_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The config as JSON without its resource settings: what stage fingerprints are made of."""
+    return cfg.model_dump(mode="json", exclude=RESOURCE_SETTINGS)
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids name folders under runs_dir and reports_dir: plain names only, never a path."""
+    if not PLAIN_NAME.fullmatch(run_id) or ".." in run_id or len(run_id) > 128:
+        raise ConfigError(f"--run-id {run_id!r} is not a plain name: use letters, digits, '_', '.' and '-' "
+                          "(no '/', no '..', at most 128 characters)")
+    return run_id
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -302,7 +348,20 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunC
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}{_did_you_mean(err)}"
+                             for err in exc.errors())
         raise ConfigError(f"config file {path}: {problems}") from None
+
+
+def _did_you_mean(error: dict) -> str:
+    """For an unknown key, the closest key the same section knows (`train.epoch` -> `train.epochs`)."""
+    if error["type"] != "extra_forbidden":
+        return ""
+    *parents, key = (str(part) for part in error["loc"])
+    model: Any = RunConfig
+    for part in parents:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{'.'.join([*parents, close[0]])}'?)" if close else ""

@@ -19,3 +19,18 @@ class StageError(ClickclipError):
 
 class LeakError(ClickclipError):
     """The split audit found a group straddling train/val/test."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived (a scheduler stopping the task, or Ctrl-C): not a success.
+
+    A BaseException, like KeyboardInterrupt, so no library's `except Exception` swallows it; the
+    CLI turns it into exit status 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, signum: int, stage: str | None = None):
+        super().__init__(signum, stage)
+        self.signum, self.stage = signum, stage
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import signal
+import sys
 import time
+from collections.abc import Iterator
 
 from rich.console import Console
 
+from pipeline import registry
 from pipeline.config import RunConfig
-from pipeline.errors import StageError
+from pipeline.errors import StageError, Stopped
 from pipeline.report.sentences import leak_audit_sentence
 from pipeline.runs import Run, run_lock
 from pipeline.stages import STAGE_NAMES, StageOutput, stage_spec
@@ -34,40 +40,137 @@ def needed_before(name: str) -> list[str]:
     return [s for s in STAGE_NAMES if s in needed]
 
 
+class RedactingStream(io.TextIOBase):
+    """stdout/stderr with credentials in URIs masked: libraries print tracking URLs (MLflow's "View
+    run at" lines, connection errors) with whatever user:password the URI holds."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(registry.redact_text(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def redacted_output() -> Iterator[None]:
+    """Mask credentials in everything written to stdout and stderr while the block runs."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Stopped wherever the stage is (Lightning runs this handler after its
+    own notifier during fit), so a stopped stage ends as a failure with its partial folder kept."""
+    def stop(signum, frame) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_stage(run: Run, stage: str) -> dict:
     """Run one stage (holding the run folder's lock) unless it can be reused; return its summary."""
-    with run_lock(run.root):
+    with run_lock(run.root), stop_on_signals(), redacted_output():
         return _run_stage(run, stage)
 
 
 def _run_stage(run: Run, stage: str) -> dict:
-    """Run one stage unless its recorded outputs are intact for the same fingerprint; return its summary."""
+    """Run one stage unless its recorded outputs are intact for the same fingerprint (in this run
+    folder, or for shareable stages in another); return its summary."""
+    for upstream in needed_before(stage):  # a standalone stage command takes shareable stages from other runs too
+        if run.reusable(upstream) is None and stage_spec(upstream).shareable:
+            refuse_rewriting_a_decision(run, upstream)
+            run.adopt(upstream)
     missing = [s for s in needed_before(stage) if run.reusable(s) is None]
     if missing:
-        raise StageError(f"stage {stage} needs {', '.join(missing)} to have run first for run "
-                         f"{run.run_id} with this config (clickclip run does them in order)")
+        raise StageError(f"stage {stage} needs {', '.join(missing)} to have run first for run {run.run_id} with "
+                         "this config, inputs and code (a recorded stage whose config, inputs or clickclip's code "
+                         "changed since is stale); clickclip run does them in order")
     if (entry := run.reusable(stage)) is not None:
         console.print(f"[green]✓ {stage}[/] reused from {run.root / stage} (inputs and config unchanged)")
         return entry["summary"]
-    console.rule(f"{stage} · run {run.run_id}")
-    started = time.perf_counter()
-    function = stage_function(stage)
-    run.begin(stage)
-    try:
-        result: StageOutput = function(run.config, run.stage_inputs(stage), run.stage_dir(stage))
-    finally:
-        run.running.discard(stage)
-    seconds = time.perf_counter() - started
-    run.record(stage, run.publish(stage, result.outputs), result.summary, seconds)
+    refuse_rewriting_a_decision(run, stage)
+    spec = stage_spec(stage)
+    with state_lock(run.config) if spec.writes_state else contextlib.nullcontext():
+        if spec.shareable and (entry := run.adopt(stage)) is not None:
+            console.print(f"[green]✓ {stage}[/] reused from run {entry['summary']['reused_from_run']} "
+                          "(same inputs, settings and code)")
+            return entry["summary"]
+        console.rule(f"{stage} · run {run.run_id}")
+        started = time.perf_counter()
+        function = stage_function(stage)
+        run.begin(stage)
+        try:
+            result: StageOutput = function(run.config, run.stage_inputs(stage), run.stage_dir(stage))
+        except Stopped as stopped:
+            stopped.stage = stage
+            raise
+        finally:
+            run.running.discard(stage)
+        seconds = time.perf_counter() - started
+        run.record(stage, run.publish(stage, result.outputs), result.summary, seconds)
     for warning in result.summary.get("warnings", []):
         console.print(f"[bold yellow]⚠ {stage}:[/] {warning}")
     console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
     return result.summary
 
 
+def refuse_rewriting_a_decision(run: Run, stage: str) -> None:
+    """A run folder whose promotion is recorded shows the figures that decision was made on: a stage
+    before promote may not rerun there under other settings (promote itself may: it re-decides)."""
+    decided = run.manifest.get("stages", {}).get("promote")
+    if decided is None or stage == "promote":
+        return
+    raise StageError(
+        f"run {run.run_id} already holds a promotion decision (version {decided['summary'].get('version')}, "
+        f"made on the figures in {run.config.reports_dir / run.run_id}); rerunning {stage} with other settings "
+        "there would leave the folder showing other figures than its decision. Run without --run-id (other "
+        "settings get their own run folder, reusing what still matches) or pick a new --run-id")
+
+
+@contextlib.contextmanager
+def state_lock(cfg: RunConfig) -> Iterator[None]:
+    """Hold <state_dir>/<name>/ (split registry, hash cache, extract watermark) for a stage writing it:
+    two runs of one name (a scheduled one and a manual one) never write it at once."""
+    with run_lock(cfg.state_dir / cfg.name, what="state folder"):
+        yield
+
+
 def run_all(run: Run) -> dict[str, dict]:
-    with run_lock(run.root):
+    with run_lock(run.root), stop_on_signals(), redacted_output():
         return {stage: _run_stage(run, stage) for stage in STAGE_NAMES}
+
+
+def champion_line(decision: dict) -> str:
+    """Which version serves now, without naming an alias that does not exist."""
+    champion = decision.get("champion_version", decision["version"] if decision["promoted"] else None)
+    if champion is None:
+        return (f"champion: none yet — no version of {decision['model_name']} holds the `champion` alias "
+                f"(version {decision['version']} was registered, not promoted)")
+    return f"champion: {decision['champion_uri']} = version {champion}"
 
 
 def format_summary(run: Run, summaries: dict[str, dict]) -> str:
@@ -90,7 +193,7 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
     lines += [
         f"decision on {metric}: {verdict} — {decision['reason']}",
         f"registered: {decision['model_name']} version {decision['version']}",
-        f"champion: {decision['champion_uri']}",
+        champion_line(decision),
         f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)",
     ]
     return "\n".join(lines)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, registry
-from pipeline.config import RunConfig, SourceConfig
+from pipeline.config import RunConfig, SourceConfig, check_run_id, result_settings
 from pipeline.data.files import atomic_write, file_sha256, text_sha256
 from pipeline.data.partitions import source_files
 from pipeline.errors import ClickclipError
-from pipeline.stages import StageInputs, stage_spec
+from pipeline.stages import STAGES, StageInputs, stage_spec
 
 
 def source_digest(source: SourceConfig) -> str:
@@ -41,7 +41,8 @@ def image_root_digest(root: Path) -> str:
     entries = []
     for dirpath, _, files in os.walk(root):
         for name in files:
-            stat = (Path(dirpath) / name).stat()
+            # lstat: a dangling or looping symbolic link anywhere under the root is an entry, not a crash
+            stat = (Path(dirpath) / name).lstat()
             entries.append((os.path.relpath(Path(dirpath) / name, root), stat.st_size, stat.st_mtime_ns))
     return text_sha256(sorted(entries))
 
@@ -92,13 +93,19 @@ def _ddp_worker_of(holder: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder, or fail at once naming the holder.
+def run_lock(root: Path, what: str = "run folder") -> Iterator[None]:
+    """Hold an exclusive lock on a folder (a run folder, or the state folder of a name), or fail at
+    once naming the holder.
 
     An flock dies with its process, so a lock left by a killed run is never stale: the next run
     simply takes it."""
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("a+") as handle:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = (root / ".lock").open("a+")
+    except OSError as exc:
+        raise ClickclipError(f"cannot write the {what} {root}: {exc.strerror or exc}; make it writable for this user, "
+                             "or point the config elsewhere (runs_dir, reports_dir, state_dir)") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,8 +114,8 @@ def run_lock(root: Path) -> Iterator[None]:
             if _ddp_worker_of(holder):
                 yield  # Lightning's DDP re-ran our command for another rank: the parent holds the lock
                 return
-            raise RunLockedError(f"run folder {root} is in use by {holder}; wait for it to finish or use "
-                                 "another --run-id") from None
+            raise RunLockedError(f"{what} {root} is in use by {holder}; wait for it to finish"
+                                 + (" or use another --run-id" if what == "run folder" else "")) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -185,7 +192,7 @@ class Run:
         """Everything a stage's outputs depend on: its config sections, the content of the run inputs
         it reads, and the fingerprints of the stages whose outputs it reads."""
         spec = stage_spec(name)
-        tree = self.config.model_dump(mode="json")
+        tree = result_settings(self.config)
         own = ([setting(tree, key) for key in spec.config], [self.inputs[key] for key in spec.inputs])
         if spec.champion:
             own += (self.baseline_champion(),)
@@ -225,6 +232,30 @@ class Run:
         self.verified[stage] = fingerprint
         return entry
 
+    def adopt(self, stage: str) -> dict[str, Any] | None:
+        """The stage as another run folder under runs_dir recorded it under the same fingerprint, its
+        files linked into this run (hard links, so no copy), or None. A config change that leaves
+        extract or train as they were reuses them instead of recomputing them."""
+        fingerprint = self.fingerprint(stage)
+        for manifest in sorted(self.root.parent.glob("*/manifest.json")):
+            other = manifest.parent
+            if other == self.root:
+                continue
+            try:
+                entry = json.loads(manifest.read_text()).get("stages", {}).get(stage)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not entry or entry.get("fingerprint") != fingerprint or not _intact(other, entry):
+                continue
+            partial = self.partial_dir(stage)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(other / stage, partial, copy_function=_link_or_copy)
+            outputs = self.publish(stage, {name: partial / Path(out["path"]).relative_to(stage)
+                                           for name, out in entry["outputs"].items()})
+            self.record(stage, outputs, entry["summary"] | {"reused_from_run": other.name}, 0.0)
+            return self.manifest["stages"][stage]
+        return None
+
     def output(self, stage: str, name: str) -> Path:
         """Path of a recorded output of an earlier stage."""
         return self.root / self.manifest["stages"][stage]["outputs"][name]["path"]
@@ -254,6 +285,18 @@ class Run:
             tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
 
 
+def _intact(root: Path, entry: dict[str, Any]) -> bool:
+    return all((root / out["path"]).is_file() and file_sha256(root / out["path"]) == out["sha256"]
+               for out in entry["outputs"].values())
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)
+
+
 def setting(tree: dict[str, Any], dotted: str) -> Any:
     """A config section ("train") or one setting of it ("train.model") from the dumped config."""
     for part in dotted.split("."):
@@ -270,13 +313,23 @@ def input_digests(cfg: RunConfig) -> dict[str, str]:
 
 
 def open_run(cfg: RunConfig, run_id: str | None = None) -> Run:
-    """Open (or create) the run folder. Without a run id, the id derives from config and inputs,
-    so re-running unchanged inputs lands in the same folder and reuses its stages."""
+    """Open (or create) the run folder. Without a run id, the id derives from the inputs and every
+    setting that changes a figure, so the same data and settings land in the same folder, and a run
+    under other settings gets its own folder (reusing from the others what its settings leave as it was)."""
     inputs = input_digests(cfg)
     if run_id is None:
-        run_id = f"{cfg.name}-{text_sha256(cfg.model_dump(mode='json'), inputs)[:10]}"
+        # every setting a stage before promote depends on; promote's own (margin, gates) only decide,
+        # so changing one re-decides in the same folder
+        tree = result_settings(cfg)
+        settings = {key: setting(tree, key) for spec in STAGES if spec.name != "promote" for key in spec.config}
+        run_id = f"{cfg.name}-{text_sha256(settings, inputs)[:10]}"
+    check_run_id(run_id)
     root = cfg.runs_dir / run_id
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClickclipError(f"cannot create the run folder {root}: {exc.strerror or exc}; make runs_dir writable "
+                             "for this user or point runs_dir elsewhere") from None
     run = Run(run_id=run_id, root=root, config=cfg, inputs=inputs)
     if run.manifest_path.is_file():
         run.manifest = json.loads(run.manifest_path.read_text())

@@ -22,7 +22,8 @@ def test_unknown_key_is_an_error_naming_the_key(tmp_path):
 
 
 def test_overrides_beat_yaml():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.epochs=2", "evaluate.ks=[1, 3]"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["train.epochs=2", "evaluate.ks=[1, 3]", "promote.metric=recall@3"])
     assert cfg.train.epochs == 2
     assert cfg.evaluate.ks == (1, 3)
 
@@ -57,3 +58,40 @@ def test_split_fractions_must_sum_to_one(tmp_path):
 def test_float16_precision_is_refused_with_what_to_use_instead(precision):
     with pytest.raises(ConfigError, match=r"train\.precision.*use 'bf16-mixed'"):
         load_config(REPO / "configs" / "tiny.yaml", [f"train.precision={precision}"])
+
+
+def test_promote_metric_must_be_one_evaluate_computes():
+    with pytest.raises(ConfigError, match=r"promote.metric 'recall@20'.*recall@10"):
+        load_config(REPO / "configs" / "tiny.yaml", ["promote.metric=recall@20"])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["promote.metric=ndcg@10"]).promote.metric == "ndcg@10"
+
+
+@pytest.mark.parametrize("run_id", ["../outside", "/tmp/abs", "a/b", "..", ".hidden", "x" * 129])
+def test_run_ids_are_plain_names(tiny_config, run_id):
+    from pipeline.runs import open_run
+
+    with pytest.raises(ConfigError, match="plain name"):
+        open_run(tiny_config, run_id)
+    assert not (tiny_config.runs_dir.parent / "outside").exists()
+
+
+def test_resource_settings_change_no_fingerprint_and_no_default_run_id(tiny_config):
+    from pipeline.runs import open_run
+
+    stages = ("extract", "split", "train", "evaluate", "promote")
+    before = open_run(tiny_config)
+    faster = tiny_config.model_copy(update={
+        "extract": tiny_config.extract.model_copy(update={"duckdb": {"memory_limit": "8GB", "threads": 1}}),
+        "train": tiny_config.train.model_copy(update={"num_workers": 3}),
+        "evaluate": tiny_config.evaluate.model_copy(update={"decode_workers": 2, "batch_size": 7})})
+    after = open_run(faster)
+    assert after.run_id == before.run_id
+    assert [after.fingerprint(s) for s in stages] == [before.fingerprint(s) for s in stages]
+
+
+@pytest.mark.parametrize(("key", "suggestion"), [
+    ("train.epoch", "train.epochs"), ("evaluate.galery", "evaluate.gallery"),
+    ("promote.gates.min_candiate", "promote.gates.min_candidate")])
+def test_an_unknown_key_suggests_the_closest_known_one(key, suggestion):
+    with pytest.raises(ConfigError, match=rf"{key}: .*did you mean '{suggestion}'"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"{key}=3"])

@@ -301,6 +301,31 @@ def test_promote_refuses_a_moved_champion_and_never_promotes_a_rolled_back_versi
     assert len(client.search_model_versions("name='clickclip-tiny'")) == 2
 
 
+def test_a_changed_gate_re_decides_and_a_changed_model_name_logs_to_a_fresh_mlflow_run(first_and_second_run,
+                                                                                       tmp_path):
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    strict = cfg.promote.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "margin": 0.99})
+    client = MlflowClient(tracking_uri=strict.tracking_uri)
+    experiment = client.create_experiment("gates")
+    training_run = client.create_run(experiment).info.run_id
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out"
+    rejected = _promote_again(cfg.model_copy(update={"promote": strict}), work, "week-1")(training_run, out)
+    assert not rejected.summary["promoted"] and "beats_baseline" in rejected.summary["reason"]
+    lenient = strict.model_copy(update={"margin": -1.0})
+    again = _promote_again(cfg.model_copy(update={"promote": lenient}), work, "week-1")(training_run, out)
+    assert again.summary["promoted"] and again.summary["version"] == "1"
+    assert "promoted now under the current gates" in again.summary["reason"]
+    assert client.get_model_version(lenient.model_name, "1").tags["clickclip.decision"] == "promoted"
+    assert len(client.search_model_versions(f"name='{lenient.model_name}'")) == 1
+    # another model name registers anew; the training run's params are never rewritten
+    renamed = lenient.model_copy(update={"model_name": "clickclip-renamed"})
+    other = _promote_again(cfg.model_copy(update={"promote": renamed}), work, "week-1")(training_run, out)
+    assert other.summary["mlflow_run_id"] != training_run
+    assert client.get_run(other.summary["mlflow_run_id"]).data.tags["clickclip.training_mlflow_run_id"] == training_run
+
+
 def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run, tmp_path):
     import os
     from pathlib import Path

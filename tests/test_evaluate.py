@@ -44,3 +44,17 @@ def test_product_relevance_counts_any_photo_of_the_product_once(tmp_path):
     items = test.ranked_items(["t2", "t1", "t3"], test.known[0], 2)
     assert items == ["product:P", "product:Q"]  # t1 and t2 are one product, counted once
     assert per_query_metrics([items], test.relevant, [1])["recall@1"][0] == 1.0
+
+
+def test_an_image_deleted_after_split_is_left_out_not_a_crash(tmp_path):
+    for path in IMAGES["path"].to_list():
+        (tmp_path / path).write_bytes(b"an image")
+    (tmp_path / "t1.png").unlink()  # the only clicked test image, deleted after split
+    PAIRS.write_parquet(tmp_path / "pairs.parquet")
+    extra = pl.DataFrame({"query": ["red hat"], "image_id": ["t3"], "clicks": [1], "weight": [1.0],
+                          "split": ["test"], "query_heldout": [False], "impressions": [5]})
+    pl.concat([PAIRS, extra]).write_parquet(tmp_path / "pairs.parquet")
+    IMAGES.write_parquet(tmp_path / "images.parquet")
+    test = load_test_set(tmp_path / "pairs.parquet", tmp_path / "images.parquet", EvaluateConfig(), tmp_path)
+    assert test.missing == ["t1"] and "t1" not in test.catalog_ids
+    assert test.queries == ["red hat"]  # navy mug has no held-out image left to find

@@ -363,7 +363,7 @@ def test_incremental_extract_reads_only_new_partitions_and_matches_a_full_extrac
     assert rebuilt["status"].startswith("rebuilt") and len(rebuilt["partitions_read"]) == len(days)
 
 
-def _partitioned(tmp_path, by_day: dict[str, list[tuple]], catalog: pl.DataFrame, **extract_settings) -> RunConfig:
+def _incremental_shop(tmp_path, by_day: dict[str, list[tuple]], catalog: pl.DataFrame, **extract_settings) -> RunConfig:
     events = tmp_path / "events"
     for day, rows in by_day.items():
         (events / f"date={day}").mkdir(parents=True, exist_ok=True)
@@ -383,10 +383,10 @@ def test_incremental_judges_a_session_that_crosses_midnight_per_day(tmp_path):
     """Documented exception: bots and duplicates are judged within the partitions one run reads."""
     late = [(datetime(2026, 11, 1, 23, 59, i), "night", "mug", "a", 1, False, 900) for i in range(15)]
     early = [(datetime(2026, 11, 2, 0, 0, i), "night", "mug", "a", 1, False, 900) for i in range(15)]
-    cfg = _partitioned(tmp_path, {"2026-11-01": late}, _catalog(), bots={"max_impressions_per_session": 20})
+    cfg = _incremental_shop(tmp_path, {"2026-11-01": late}, _catalog(), bots={"max_impressions_per_session": 20})
     (tmp_path / "r1").mkdir()
     extract(cfg, tmp_path / "r1", "r1")
-    _partitioned(tmp_path, {"2026-11-02": early}, _catalog())
+    _incremental_shop(tmp_path, {"2026-11-02": early}, _catalog())
     (tmp_path / "r2").mkdir()
     nightly = extract(cfg, tmp_path / "r2", "r2").summary
     assert nightly["quarantined_by_reason"]["bot"] == 0  # 15 impressions a day: under the threshold
@@ -399,12 +399,12 @@ def test_incremental_does_not_reread_events_of_an_image_that_joins_the_catalog_l
     """Documented exception: a day's quarantined rows stay quarantined until its state is rebuilt."""
     day1 = [(datetime(2026, 11, 1, 9), "s1", "red hat", "z", 1, True, 900)]
     day2 = [(datetime(2026, 11, 2, 9), "s2", "mug", "a", 1, True, 900)]
-    cfg = _partitioned(tmp_path, {"2026-11-01": day1}, _catalog())
+    cfg = _incremental_shop(tmp_path, {"2026-11-01": day1}, _catalog())
     (tmp_path / "r1").mkdir()
     assert extract(cfg, tmp_path / "r1", "r1").summary["quarantined_by_reason"]["unknown_image"] == 1
     later = pl.concat([_catalog(), pl.DataFrame({"image_id": ["z"], "path": ["z.png"], "product_id": ["p9"],
                                                  "title": ["Hat"]})])
-    _partitioned(tmp_path, {"2026-11-02": day2}, later)
+    _incremental_shop(tmp_path, {"2026-11-02": day2}, later)
     (tmp_path / "r2").mkdir()
     nightly = pl.read_parquet(extract(cfg, tmp_path / "r2", "r2").pairs)
     (tmp_path / "full").mkdir()
@@ -416,4 +416,93 @@ def test_incremental_extract_needs_date_partitions(tmp_path):
     cfg = _config(tmp_path, _events([GOOD]))
     cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"incremental": True})})
     with pytest.raises(DataContractError, match="date=YYYY-MM-DD"):
+        extract(cfg, tmp_path)
+
+
+def test_nanosecond_timestamps_as_pandas_writes_them(tmp_path):
+    events = _events([GOOD]).with_columns(pl.col("event_ts").cast(pl.Datetime("ns")))
+    assert extract(_config(tmp_path, events), tmp_path).summary["rows_kept"] == 1
+
+
+def _zoned_events(tmp_path, window: dict, **settings) -> dict:
+    # 23:30 UTC on 1 November is 08:30 on 2 November in Tokyo
+    rows = [(datetime(2026, 11, 1, 23, 30), "s1", "mug", "a", 1, True, 900),
+            (datetime(2026, 11, 1, 12, 0), "s2", "hat", "c", 1, True, 900)]
+    events = _events(rows).with_columns(pl.col("event_ts").dt.replace_time_zone("UTC"))
+    cfg = _with_extract(_config(tmp_path, events), window=window, **settings)
+    return extract(cfg, tmp_path).summary
+
+
+def test_window_dates_are_in_the_configured_zone_never_the_machines(tmp_path, monkeypatch):
+    import time as clock
+
+    window = {"since": "2026-11-01", "until": "2026-11-01"}
+    in_utc = _zoned_events(tmp_path, window)["rows_kept"]
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    clock.tzset()
+    try:
+        assert _zoned_events(tmp_path, window)["rows_kept"] == in_utc == 2  # the machine's zone changes nothing
+        assert _zoned_events(tmp_path, window, time_zone="Asia/Tokyo")["rows_kept"] == 1  # the config's does
+    finally:
+        monkeypatch.delenv("TZ")
+        clock.tzset()
+
+
+def test_a_column_missing_from_one_partition_names_the_file(tmp_path):
+    events = tmp_path / "events"
+    for day, frame in (("2026-11-01", _events([GOOD])), ("2026-11-02", _events([GOOD]).drop("position"))):
+        (events / f"date={day}").mkdir(parents=True)
+        frame.write_parquet(events / f"date={day}" / "part.parquet")
+    cfg = _config(tmp_path, _events([GOOD]))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": events})})})
+    with pytest.raises(DataContractError, match=r"date=2026-11-02/part.parquet: column 'position' is missing"):
+        extract(cfg, tmp_path)
+
+
+def test_a_partition_folder_that_is_not_a_date_names_the_folder(tmp_path):
+    events = tmp_path / "events"
+    for day in ("2026-11-01", "2026-13-45"):
+        (events / f"date={day}").mkdir(parents=True)
+        _events([GOOD]).write_parquet(events / f"date={day}" / "part.parquet")
+    cfg = _with_extract(_config(tmp_path, _events([GOOD])), window={"since": "2026-11-01"})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": events})})})
+    with pytest.raises(DataContractError, match=r"'date=2026-13-45' .* is not a date"):
+        extract(cfg, tmp_path)
+
+
+def test_events_and_images_in_two_duckdb_files(tmp_path):
+    shop, catalog = tmp_path / "events.duckdb", tmp_path / "catalog.duckdb"
+    with duckdb.connect(str(shop)) as con:
+        con.register("frame", _events([GOOD]).to_arrow())
+        con.execute("CREATE TABLE clicks AS SELECT * FROM frame")
+    with duckdb.connect(str(catalog)) as con:
+        con.register("frame", _catalog().to_arrow())
+        con.execute("CREATE TABLE images AS SELECT * FROM frame")
+    cfg = RunConfig.model_validate({"data": {
+        "events": {"format": "duckdb", "path": str(shop), "table": "clicks"},
+        "images": {"format": "duckdb", "path": str(catalog), "table": "images"}, "image_root": str(tmp_path)}})
+    summary = extract(cfg, tmp_path).summary
+    assert summary["rows_kept"] == 1 and summary["quarantined_by_reason"]["unknown_image"] == 0
+
+
+def test_text_that_is_not_utf8_names_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = _events([GOOD]).to_arrow()
+    broken = pa.array([b"navy \xff mug"], pa.binary()).view(pa.string())  # what a mis-encoded export holds
+    table = table.set_column(table.schema.get_field_index("query"), "query", broken)
+    cfg = _config(tmp_path, _events([GOOD]))
+    pq.write_table(table, cfg.data.events.path)
+    with pytest.raises(DataContractError, match=r"events.parquet.*not valid UTF8"):
+        extract(cfg, tmp_path)
+
+
+def test_a_wrong_events_path_with_a_window_says_the_path_does_not_exist(tmp_path):
+    cfg = _with_extract(_config(tmp_path, _events([GOOD])), window={"last_days": 7})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": tmp_path / "evnets"})})})
+    with pytest.raises(DataContractError, match="evnets: no such file or folder"):
         extract(cfg, tmp_path)

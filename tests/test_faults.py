@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -54,9 +53,21 @@ def test_a_hostile_lightning_checkpoint_is_refused_not_unpickled(tiny_shop, tmp_
     (tmp_path / "train" / "lightning").mkdir(parents=True)
     with (tmp_path / "train" / "lightning" / "last.ckpt").open("wb") as handle:
         pickle.dump({"state_dict": Payload()}, handle)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(StageError, match=r"last.ckpt is not a safe weights-only checkpoint.*Delete .*train"):
         train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "hostile")
     assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_training_restarts(tiny_shop, tmp_path):
+    from pipeline.stages.train import train
+
+    cfg, split_result = _split_inputs(tiny_shop, tmp_path, train={"epochs": 1})
+    (tmp_path / "train" / "lightning").mkdir(parents=True)
+    (tmp_path / "train" / "lightning" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "truncated")
+    assert result.summary["resumed_from"] is None and result.summary["epochs"] == 1
+    assert "could not be read" in result.summary["warnings"][0]
+    assert (tmp_path / "train" / "lightning" / "last.ckpt.unreadable").is_file()
 
 
 def test_nan_stops_training_keeps_finite_weights_and_fails_the_gate(tiny_shop, tmp_path):
@@ -95,24 +106,31 @@ def test_too_little_memory_and_spill_space_is_a_clear_error(tiny_shop, tmp_path)
         extract(cfg, tmp_path)
 
 
-# ---- SIGKILL anywhere, rerun, same artifacts ----------------------------------------------------
-
 DETERMINISTIC = {"extract": ("pairs", "quarantine", "propensity"),
                  "split": ("images", "image_quarantine", "pairs", "pairs_excluded", "leak_audit"),
                  "train": ("weights",)}
 TIMINGS = {"run_id", "search", "reindex"}  # the parts of evaluate's metrics that measure this machine
 
 
-def _cli(config: Path, stage: str, work: Path, kill_after: float | None = None) -> int:
+def _cli(config: Path, stage: str, work: Path, kill_when: Path | None = None) -> int:
+    """Run one stage; with `kill_when`, SIGKILL it the moment that file appears (a named point inside
+    the stage) and check the kill landed while the stage was running."""
     command = [str(Path(sys.executable).with_name("clickclip")), stage, "--config", str(config), "--run-id", "x"]
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        try:
-            process.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
+    if kill_when is not None:
+        deadline, size = time.monotonic() + 600, -1
+        # the file has appeared and is whole (same size twice): a kill mid-write is another test's matter
+        while process.poll() is None and time.monotonic() < deadline:
+            current = kill_when.stat().st_size if kill_when.exists() else -1
+            if current >= 0 and current == size:
+                break
+            size = current
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
     # a timeout here means a killed stage left children holding its pipes (orphaned pool workers)
     _, err = process.communicate(timeout=300)
+    if kill_when is not None:
+        assert process.returncode == -signal.SIGKILL, (f"{stage} ended before {kill_when.name} appeared", err[-3000:])
     assert process.returncode in (0, -signal.SIGKILL), err[-3000:]
     return process.returncode
 
@@ -130,23 +148,57 @@ def _manifest(work: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_sigkill_at_a_random_point_of_each_stage_then_rerun_gives_the_same_artifacts(tiny_shop, tmp_path):
+@pytest.mark.parametrize(("stage", "point"), [("extract", ".extract.partial"),
+                                              ("train", ".train.partial/lightning/last.ckpt")])
+def test_sigterm_is_a_stop_not_a_success(tiny_shop, tmp_path, stage, point):
+    config = _pipeline_dir(tiny_shop, tmp_path / "w")
+    for earlier in ("extract", "split")[: ("extract", "split", "train").index(stage)]:
+        assert _cli(config, earlier, tmp_path / "w") == 0
+    run_dir = tmp_path / "w" / "runs" / "x"
+    command = [str(Path(sys.executable).with_name("clickclip")), stage, "--config", str(config), "--run-id", "x"]
+    process = subprocess.Popen(command, cwd=tmp_path / "w", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / point).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # what a scheduler sends to stop a task
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]  # 128 + SIGTERM: a scheduler sees a failure
+    assert f"stopped by SIGTERM during {stage}" in err
+    assert not out.strip().endswith("}")  # no stage summary: nothing says it finished
+    recorded = _manifest(tmp_path / "w") if (run_dir / "manifest.json").is_file() else {}
+    assert (run_dir / f".{stage}.partial").is_dir() and stage not in recorded
+    assert _cli(config, stage, tmp_path / "w") == 0  # the rerun resumes and finishes
+    assert stage in _manifest(tmp_path / "w")
+
+
+# where each stage is killed: the moment this file appears inside its partial folder
+KILL_POINTS = {
+    "extract": "pairs.parquet",  # pairs written; quarantine, propensities and summary not yet
+    "split": "leak_audit.json",  # audited; registry, pairs and contact sheet not yet
+    "train": "lightning/last.ckpt",  # after the first epoch's checkpoint
+    "evaluate": "metrics.json",  # scored; Markdown and HTML reports not yet
+    "promote": "onnx/text.onnx",  # ONNX towers exported; nothing logged or registered yet
+}
+
+
+@pytest.mark.e2e
+def test_sigkill_at_named_points_of_each_stage_then_rerun_gives_the_same_artifacts(tiny_shop, tmp_path):
     reference = _pipeline_dir(tiny_shop, tmp_path / "reference")
     for stage in ("extract", "split", "train", "evaluate", "promote"):
         assert _cli(reference, stage, tmp_path / "reference") == 0
     expected = _manifest(tmp_path / "reference")
 
     crashed = _pipeline_dir(tiny_shop, tmp_path / "crashed")
-    rng = np.random.default_rng(int(time.time()))
+    run_dir = tmp_path / "crashed" / "runs" / "x"
     kills = {}
-    for stage in ("extract", "split", "train", "evaluate", "promote"):
-        # interpreter start-up is ~3 s; then anywhere within the stage's own running time
-        delay = float(rng.uniform(1.0, 3.0 + expected[stage]["seconds"]))
-        kills[stage] = (round(delay, 2), _cli(crashed, stage, tmp_path / "crashed", kill_after=delay))
+    for stage, point in KILL_POINTS.items():
+        kills[stage] = _cli(crashed, stage, tmp_path / "crashed", kill_when=run_dir / f".{stage}.partial" / point)
+        assert (run_dir / f".{stage}.partial").is_dir()  # killed mid-stage: the partial folder is what is left
+        assert not (run_dir / stage).exists()
         assert _cli(crashed, stage, tmp_path / "crashed") == 0, kills
+    print(f"killed at: {KILL_POINTS}")
     got = _manifest(tmp_path / "crashed")
-    print(f"kill points (seconds, exit): {kills}")
-    assert any(code == -signal.SIGKILL for _, code in kills.values()), kills  # at least one landed mid-stage
+    assert all(code == -signal.SIGKILL for code in kills.values()), kills
     for stage, outputs in DETERMINISTIC.items():
         for name in outputs:
             assert got[stage]["outputs"][name]["sha256"] == expected[stage]["outputs"][name]["sha256"], (

@@ -59,3 +59,17 @@ def test_paths_must_stay_inside_the_root(tmp_path):
             resolve_image_path(root, bad)
         assert info.value.reason == "path_escapes_root"
     assert resolve_image_path(root, "sub/ok.png") == (root / "sub" / "ok.png").resolve()
+
+
+def test_paths_that_are_not_paths_are_quarantined_not_a_traceback(tmp_path):
+    from pipeline.runs import image_root_digest
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a symbolic-link loop
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")  # dangling, named by no catalog row
+    with pytest.raises(UnusableImage) as nul:
+        resolve_image_path(tmp_path, "a\x00b.png")
+    assert nul.value.reason == "bad_path"
+    with pytest.raises(UnusableImage) as loop:
+        load_rgb(resolve_image_path(tmp_path, "loop"))
+    assert loop.value.reason in {"bad_path", "unreadable"}
+    assert len(image_root_digest(tmp_path)) == 64  # walking the root stats links, never their targets

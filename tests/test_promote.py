@@ -197,3 +197,42 @@ def test_the_evaluated_champion_is_part_of_evaluates_fingerprint(tiny_shop, tmp_
     after = {stage: open_run(cfg, run_id="r").fingerprint(stage) for stage in ("train", "evaluate", "promote")}
     assert before["train"] == after["train"]
     assert before["evaluate"] != after["evaluate"] and before["promote"] != after["promote"]
+
+
+def test_no_credentials_reach_the_terminal(tiny_shop, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.runner import redacted_output
+    from tests.conftest import free_port, shop_config
+
+    # what MLflow prints itself when a run ends on an HTTP store ("View run ... at: <uri>")
+    with redacted_output():
+        sys.stdout.write("🏃 View run r at: https://ci-bot:s3cr3t@mlflow.internal/#/experiments/1/runs/9\n")
+    assert capsys.readouterr().out == "🏃 View run r at: https://***@mlflow.internal/#/experiments/1/runs/9\n"
+    # and a command whose store refuses the connection
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = shop_config(tiny_shop, tmp_path, promote={"tracking_uri": f"http://ci-bot:s3cr3t@127.0.0.1:{free_port()}"})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["rollback", "--config", str(config), "--reason", "x"])
+    assert result.exit_code == 2 and "***@127.0.0.1" in result.output
+    assert "s3cr3t" not in result.output
+
+
+def test_the_decision_line_prints_the_relation_that_holds():
+    from pipeline.runner import champion_line
+
+    _, reason, gates = decide(_evaluation(0.30, 0.31), PromoteConfig(), FINE)
+    beats = next(g for g in gates if g["gate"] == "beats_baseline")
+    assert not beats["passed"] and "-0.0100 ≤ margin 0.0" in beats["detail"] and "≤ margin" in reason
+    _, _, passed = decide(_evaluation(0.35, 0.30), PromoteConfig(), FINE)
+    assert "+0.0500 > margin 0.0" in next(g for g in passed if g["gate"] == "beats_baseline")["detail"]
+    refused = {"model_name": "m", "version": "4", "promoted": False, "champion_uri": "models:/m@champion",
+               "champion_version": None}
+    assert champion_line(refused).startswith("champion: none yet") and "models:/" not in champion_line(refused)
+    assert champion_line(refused | {"champion_version": "2"}) == "champion: models:/m@champion = version 2"

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pipeline.data.files import atomic_write
-from pipeline.runs import RunLockedError, run_lock
+from pipeline.runs import RunLockedError, open_run, run_lock
 
 HOLD = """
 import sys, time
@@ -90,11 +90,64 @@ def test_code_is_part_of_every_fingerprint(tiny_config, tmp_path, monkeypatch):
 
 
 def test_the_commit_is_known_outside_a_checkout_when_make_recorded_it(tmp_path):
-    from pipeline.runs import PACKAGE, commit_of
+    from pipeline.runs import commit_of
 
-    assert len(commit_of(PACKAGE)) == 40 or (PACKAGE / "COMMIT").is_file()  # a checkout, or make recorded it
     copy = tmp_path / "pipeline"  # a copy of the code without .git, as in a container image
     copy.mkdir()
     assert commit_of(copy).startswith("unavailable")
     (copy / "COMMIT").write_text("0123456789abcdef0123456789abcdef01234567\n")
     assert commit_of(copy) == "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_other_settings_get_their_own_run_and_reuse_the_stages_they_leave_alone(tiny_config):
+    from pipeline.runner import run_stage
+
+    first = open_run(tiny_config)
+    for stage in ("extract", "split"):
+        run_stage(first, stage)
+    smaller = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"batch_size": 16})})
+    second = open_run(smaller)
+    assert second.run_id != first.run_id  # the folder holds what its own settings produced
+    for stage in ("extract", "split"):  # both taken from the first run, not recomputed
+        assert run_stage(second, stage)["reused_from_run"] == first.run_id
+    pairs = "split/pairs.parquet"
+    assert (second.root / pairs).read_bytes() == (first.root / pairs).read_bytes()
+    # deciding differently is no new run: the promote settings re-decide in the same folder
+    stricter = tiny_config.model_copy(update={"promote": tiny_config.promote.model_copy(update={"margin": 0.5})})
+    assert open_run(stricter).run_id == first.run_id
+
+
+def test_a_promoted_run_refuses_to_rerun_a_stage_under_other_settings(tiny_config):
+    from pipeline.errors import StageError
+    from pipeline.runner import refuse_rewriting_a_decision
+
+    run = open_run(tiny_config, "decided")
+    refuse_rewriting_a_decision(run, "evaluate")  # nothing decided yet
+    run.manifest["stages"] = {"promote": {"summary": {"version": "3"}}}
+    with pytest.raises(StageError, match="already holds a promotion decision \\(version 3"):
+        refuse_rewriting_a_decision(run, "evaluate")
+    refuse_rewriting_a_decision(run, "promote")  # promote itself re-decides
+
+
+def test_the_state_folder_of_a_name_is_locked_for_the_stages_that_write_it(tiny_config):
+    from pipeline.runner import state_lock
+
+    with state_lock(tiny_config):
+        with pytest.raises(RunLockedError, match="state folder .*in use by pid"):
+            with state_lock(tiny_config):
+                pass
+
+
+def test_a_run_folder_that_cannot_be_written_is_a_clear_error(tiny_config, tmp_path):
+    from pipeline.errors import ClickclipError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where runs_dir should be")  # (tests run as root: permissions would not stop us)
+    cfg = tiny_config.model_copy(update={"runs_dir": blocker / "runs", "state_dir": blocker / "state"})
+    with pytest.raises(ClickclipError, match=r"cannot create the run folder .*not-a-folder/runs"):
+        open_run(cfg, "r")
+    from pipeline.runner import state_lock
+
+    with pytest.raises(ClickclipError, match=r"cannot write the state folder .*not-a-folder/state"):
+        with state_lock(cfg):
+            pass

@@ -215,3 +215,18 @@ def test_rerun_with_new_images_keeps_assignments_and_hashes_only_new_files(tiny_
     split_of = dict(after.iter_rows())
     for i, row in enumerate(copies.iter_rows(named=True)):
         assert split_of[f"COPY{i}"] == split_of[row["image_id"]]
+
+
+def test_an_image_root_that_is_wrong_stops_split_naming_the_setting(tiny_config, tmp_path):
+    from pipeline.errors import DataContractError
+
+    pairs = _extracted_pairs(tiny_config, tmp_path)
+    nowhere = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(
+        update={"image_root": tmp_path / "no-such-folder"})})
+    with pytest.raises(DataContractError, match=r"data.image_root .*no-such-folder is not a folder"):
+        split(nowhere, pairs, tmp_path / "split")
+    (tmp_path / "empty").mkdir()
+    elsewhere = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(
+        update={"image_root": tmp_path / "empty"})})
+    with pytest.raises(DataContractError, match=r"none of the \d+ catalog paths exists under data.image_root"):
+        split(elsewhere, pairs, tmp_path / "split")

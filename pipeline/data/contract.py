@@ -6,6 +6,7 @@ are allowed and ignored unless a stage knows them (e.g. an optional `category` i
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,11 @@ IMAGES = (
 )
 
 
-def connect(settings: DuckDBConfig) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the configured memory, threads and spill folder."""
+def connect(settings: DuckDBConfig, time_zone: str = "UTC") -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the configured memory, threads and spill folder; times
+    with a zone are read in `time_zone`, never in the machine's own."""
     con = duckdb.connect()
+    con.execute("SET TimeZone = ?", [time_zone])
     con.execute("SET memory_limit = ?", [settings.memory_limit])
     if settings.threads:
         con.execute("SET threads = ?", [settings.threads])
@@ -76,9 +79,11 @@ def _relation(con: duckdb.DuckDBPyConnection, source: SourceConfig,
     if source.format == "csv":
         pattern = str(source.path / "*.csv") if source.path.is_dir() else str(source.path)
         return con.read_csv(pattern, header=True, filename=True, union_by_name=True)
-    # table names cannot be bound; config validation restricted them to plain identifiers
-    con.execute("ATTACH IF NOT EXISTS ? AS source_db (READ_ONLY)", [str(source.path)])
-    table = con.table(f'source_db."{source.table}"')
+    # table names cannot be bound; config validation restricted them to plain identifiers, and the
+    # alias is derived from the file, so events and images may live in two database files
+    alias = "source_" + hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:12]
+    con.execute(f"ATTACH IF NOT EXISTS ? AS {alias} (READ_ONLY)", [str(source.path)])
+    table = con.table(f'{alias}."{source.table}"')
     return table.select(duckdb.StarExpression(), duckdb.ConstantExpression(str(source.path)).alias("filename"))
 
 
@@ -118,3 +123,28 @@ def open_source(con: duckdb.DuckDBPyConnection, source: SourceConfig, view: str,
     except duckdb.Error as exc:
         raise DataContractError(f"{label}: cannot be read ({str(exc).splitlines()[0]})") from None
     check_columns(_describe(con, view), contract, label)
+    if source.format == "parquet":
+        check_every_file(con, source, files, contract)
+
+
+def check_every_file(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: list[Path] | None,
+                     contract: tuple[Column, ...]) -> None:
+    """Each Parquet file has every contract column: reading files by name fills a column one file
+    lacks with NULLs, which would quarantine its rows for the wrong reason instead of naming it."""
+    path = source.path
+    target = [str(f) for f in files] if files is not None else (
+        str(path / "**" / "*.parquet") if path.is_dir() else str(path))
+    if files is not None and not files:
+        return
+    try:
+        rows = con.execute("SELECT file_name, name FROM parquet_schema(?)", [target]).fetchall()
+    except duckdb.Error as exc:
+        raise DataContractError(f"parquet source {path}: cannot be read ({str(exc).splitlines()[0]})") from None
+    columns: dict[str, set[str]] = {}
+    for file_name, name in rows:
+        columns.setdefault(file_name, set()).add(name)
+    for file_name in sorted(columns):
+        missing = [c.name for c in contract if c.name not in columns[file_name]]
+        if missing:
+            raise DataContractError(f"parquet file {file_name}: column '{missing[0]}' is missing (the other files of "
+                                    f"{path} have it); add it to that file or remove the file")

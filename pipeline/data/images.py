@@ -23,9 +23,15 @@ class UnusableImage(Exception):
 
 
 def resolve_image_path(root: Path, relative: str) -> Path:
-    """Absolute path of a catalog image, refusing anything that escapes the image root."""
+    """Absolute path of a catalog image, refusing anything that escapes the image root, holds a NUL
+    byte or runs into a symbolic-link loop."""
+    if "\x00" in relative:
+        raise UnusableImage("bad_path", repr(relative))
     root = root.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symbolic-link loop
+        raise UnusableImage("bad_path", f"{relative}: {exc}") from None
     if not candidate.is_relative_to(root):
         raise UnusableImage("path_escapes_root", relative)
     return candidate
@@ -45,10 +51,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image fully (first frame) as RGB, or raise UnusableImage with a reason code."""
-    if not path.is_file():
-        raise UnusableImage("missing_file", str(path))
-    if path.stat().st_size == 0:
-        raise UnusableImage("empty_file", str(path))
+    try:
+        if not path.is_file():
+            raise UnusableImage("missing_file", str(path))
+        if path.stat().st_size == 0:
+            raise UnusableImage("empty_file", str(path))
+    except OSError as exc:  # a symbolic-link loop, a permission problem
+        raise UnusableImage("unreadable", f"{path}: {exc}") from None
     try:
         with warnings.catch_warnings():
             # over MAX_IMAGE_PIXELS is a bomb for us, not just a warning

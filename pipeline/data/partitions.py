@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import SourceConfig, WindowConfig
 from pipeline.errors import DataContractError
 
-PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
+PARTITION = re.compile(r"(?:^|/)date=([^/]*)(?:/|$)")
 
 
 def source_files(source: SourceConfig) -> list[Path]:
@@ -26,8 +26,19 @@ def source_files(source: SourceConfig) -> list[Path]:
 
 
 def partition_date(path: Path | str) -> date | None:
+    """The date of the `date=YYYY-MM-DD` folder a file sits in, None outside one; a `date=` folder
+    that does not hold a date is an error naming it."""
     match = PARTITION.search(Path(path).as_posix())
-    return date.fromisoformat(match.group(1)) if match else None
+    if not match:
+        return None
+    value = match.group(1)
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return date.fromisoformat(value)
+    except ValueError:
+        pass
+    raise DataContractError(f"partition folder 'date={value}' of {path} is not a date (YYYY-MM-DD): rename or "
+                            "remove it")
 
 
 def window_files(source: SourceConfig, window: WindowConfig) -> tuple[list[Path] | None, date | None, date | None]:
@@ -37,6 +48,8 @@ def window_files(source: SourceConfig, window: WindowConfig) -> tuple[list[Path]
     if source.format != "parquet" or window == WindowConfig():
         return None, window.since, window.until
     files = source_files(source)
+    if not files and not source.path.exists():
+        raise DataContractError(f"parquet source {source.path}: no such file or folder (data.events.path)")
     dated = [d for d in map(partition_date, files) if d is not None]
     until = window.until or (max(dated) if window.last_days and dated else None)
     since = window.since or (until - timedelta(days=window.last_days - 1) if window.last_days and until else None)

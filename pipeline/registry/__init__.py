@@ -123,9 +123,12 @@ def training_logger(cfg: PromoteConfig, run_name: str):
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = tracking_uri(cfg)
-    ensure_experiment(cfg.experiment, uri)
-    return MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri,
-                        tags={"clickclip.run_id": run_name})
+    with _store(cfg, "starting the training's MLflow run"):
+        ensure_experiment(cfg.experiment, uri)
+        logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri,
+                              tags={"clickclip.run_id": run_name})
+        _ = logger.experiment, logger.run_id  # created now, where a failure gets the store's name
+    return logger
 
 
 def champion_version(cfg: PromoteConfig) -> str | None:
@@ -229,6 +232,11 @@ def _log_and_register(cfg: RunConfig, mlflow_run_id: str | None, run_name: str, 
     pcfg = cfg.promote
     client = client_for(pcfg)
     experiment_id = ensure_experiment(pcfg.experiment, tracking_uri(pcfg))
+    if mlflow_run_id is not None and client.get_run(mlflow_run_id).data.params:
+        # an earlier promote of this training logged its settings there: MLflow never rewrites a
+        # param, so settings changed since go to a fresh run that names the training's
+        tags = tags | {"clickclip.training_mlflow_run_id": mlflow_run_id}
+        mlflow_run_id = None
     if mlflow_run_id is None:
         mlflow_run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     else:
@@ -338,25 +346,28 @@ def force_promote(cfg: PromoteConfig, version: str, reason: str) -> dict:
     """Move `champion` to `version` past failed gates; records who and why on the version."""
     if not reason.strip():
         raise ValueError("a forced promotion needs --reason")
-    client = client_for(cfg)
-    client.get_model_version(cfg.model_name, version)  # fails clearly if it does not exist
-    move_champion(client, cfg.model_name, version)
-    tags = {"clickclip.decision": "forced", "clickclip.forced_by": _who(), "clickclip.force_reason": reason}
-    for key, value in tags.items():
-        client.set_model_version_tag(cfg.model_name, version, key, value)
+    with _store(cfg, f"forcing version {version} to champion"):
+        client = client_for(cfg)
+        client.get_model_version(cfg.model_name, version)  # fails clearly if it does not exist
+        move_champion(client, cfg.model_name, version)
+        tags = {"clickclip.decision": "forced", "clickclip.forced_by": _who(), "clickclip.force_reason": reason}
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
     return {"model_name": cfg.model_name, "champion": version, **tags}
 
 
 def rollback(cfg: PromoteConfig, reason: str = "") -> dict:
     """Point `champion` back at `previous`; the rolled-back version keeps a tag saying so."""
-    client = client_for(cfg)
-    current_aliases = client.get_registered_model(cfg.model_name).aliases
+    with _store(cfg, "rolling back the champion"):
+        client = client_for(cfg)
+        current_aliases = client.get_registered_model(cfg.model_name).aliases
     if "previous" not in current_aliases:
         raise LookupError(f"model {cfg.model_name!r} has no 'previous' version to roll back to")
     current, previous = current_aliases.get("champion"), current_aliases["previous"]
-    client.set_registered_model_alias(cfg.model_name, "champion", previous)
-    client.delete_registered_model_alias(cfg.model_name, "previous")
-    if current is not None:
-        client.set_model_version_tag(cfg.model_name, current, "clickclip.rolled_back",
-                                     f"by {_who()}: {reason or 'no reason given'}")
+    with _store(cfg, "rolling back the champion"):
+        client.set_registered_model_alias(cfg.model_name, "champion", previous)
+        client.delete_registered_model_alias(cfg.model_name, "previous")
+        if current is not None:
+            client.set_model_version_tag(cfg.model_name, current, "clickclip.rolled_back",
+                                         f"by {_who()}: {reason or 'no reason given'}")
     return {"model_name": cfg.model_name, "champion": str(previous), "rolled_back": current}

@@ -204,6 +204,7 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
     rule = slice_rule(ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
     body = "".join([
         f"<h1>Recall report — run <code>{html.escape(summary['run_id'])}</code></h1>",
+        *[f'<p class="note"><b>Warning:</b> {html.escape(w)}</p>' for w in summary.get("warnings", [])],
         f"<p>{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}). "
         f"Baseline for promotion: <b>{summary['baseline']}</b>"
         + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else

@@ -14,6 +14,7 @@ def render_report(summary: dict) -> str:
     lines = [
         f"# Recall report — run `{summary['run_id']}`",
         "",
+        *[f"**Warning:** {warning}" for warning in summary.get("warnings", [])],
         f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}).",
         f"Baseline for promotion: **{summary['baseline']}**"
         + (f" (registry version {summary['champion_version']})" if summary["champion_version"] else

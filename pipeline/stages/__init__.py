@@ -29,6 +29,8 @@ class Stage:
     retry_minutes: int = 5  # first wait between retries
     backoff: bool = False  # exponential back-off between retries (transient I/O)
     timeout_minutes: int = 120  # a scheduler stops (and fails) the stage after this long
+    shareable: bool = False  # its outputs depend on nothing run-specific: another run's may be reused
+    writes_state: bool = False  # writes <state_dir>/<name>/ (shared by every run of the name): locked
     doc: str = field(default="", compare=False)
 
 
@@ -61,17 +63,19 @@ class StageOutput:
 STAGES: tuple[Stage, ...] = (
     # the starting model's tokenizer and text context decide which queries are too long
     Stage("extract", "pipeline.stages.extract:run", config=("data", "extract", "train.model", "train.checkpoint"),
-          inputs=("events", "images"),
+          inputs=("events", "images"), shareable=True, writes_state=True,
           outputs=("pairs", "quarantine", "propensity"), retries=3, backoff=True,
           doc="click logs -> debiased (query, image) pairs; unusable rows quarantined with a reason"),
     Stage("split", "pipeline.stages.split:run", config=("split",), inputs=("image_root",), upstream=("extract",),
           outputs=("images", "image_quarantine", "pairs", "pairs_excluded", "leak_audit", "groups_sheet"),
-          retries=3, backoff=True,
+          retries=3, backoff=True, shareable=True, writes_state=True,
           doc="near-duplicate and product groups, sticky leak-free train/val/test, held-out queries"),
-    Stage("train", "pipeline.stages.train:run", config=("train",), upstream=("split",),
+    Stage("train", "pipeline.stages.train:run", config=("train",), upstream=("split",), shareable=True,
           outputs=("weights", "metrics"), retries=1, retry_minutes=10, timeout_minutes=12 * 60,
           doc="fine-tune the open_clip model on the training pairs with Lightning"),
-    Stage("evaluate", "pipeline.stages.evaluate:run", config=("evaluate",), upstream=("extract", "split", "train"),
+    # promote.metric picks the gated slices and worst queries; model_name, the champion
+    Stage("evaluate", "pipeline.stages.evaluate:run", config=("evaluate", "promote.metric", "promote.model_name"),
+          upstream=("extract", "split", "train"),
           champion=True, outputs=("metrics", "report"), retries=1, timeout_minutes=4 * 60,
           doc="candidate vs champion vs start vs BM25 on held-out queries; the recall report"),
     # idempotent (a rerun finds the run's version), so errors are retried; a failed gate is a

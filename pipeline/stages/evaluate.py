@@ -22,6 +22,7 @@ from rich.progress import track
 
 from pipeline import registry
 from pipeline.config import EvaluateConfig, RunConfig
+from pipeline.data.images import UnusableImage, resolve_image_path
 from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_data_section, render_report, render_slices
@@ -68,6 +69,7 @@ class TestSet:
     seen_known: list[set[str]] = field(default_factory=list)
     item_of: dict[str, str] = field(default_factory=dict)  # image -> what relevance counts (image or product)
     clicked: list[list[str]] = field(default_factory=list)  # per query, its held-out clicked images, best first
+    missing: list[str] = field(default_factory=list)  # catalog images whose file disappeared after split
 
     @property
     def gallery_ids(self) -> list[str]:
@@ -130,12 +132,20 @@ def known_positives(queries: list[str], scored: pl.DataFrame, clicked: pl.DataFr
     return known
 
 
-def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig) -> TestSet:
-    pairs = pl.read_parquet(pairs_path).filter(pl.col("clicks") > 0)
+def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root: Path | None = None) -> TestSet:
+    """The held-out queries, their relevant items and the catalog. With `root`, catalog images whose
+    file is gone since split (deleted, moved) are left out of the catalog and of every query's
+    relevant set, and listed in `missing`."""
+    images = pl.read_parquet(images_path).sort("image_id")
+    missing: list[str] = []
+    if root is not None:
+        gone = [not _still_there(root, path) for path in images["path"].to_list()]
+        missing = images.filter(pl.Series(gone))["image_id"].to_list()
+        images = images.filter(~pl.Series(gone))
+    pairs = pl.read_parquet(pairs_path).filter((pl.col("clicks") > 0) & ~pl.col("image_id").is_in(missing))
     test_pairs = pairs.filter(pl.col("split") == "test")
     if test_pairs.is_empty():
         raise StageError(f"{pairs_path} has no clicked test pairs to evaluate on")
-    images = pl.read_parquet(images_path).sort("image_id")
     # product relevance: an image counts as its product (its near-duplicate group when it has none)
     item_of = {} if cfg.relevance == "image" else {
         image: f"product:{product}" if product is not None else f"group:{group}"
@@ -150,7 +160,15 @@ def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig) -> T
         known = known_positives(queries, test_pairs, pairs, images, item_of)
         seen_known = known_positives(seen_queries, seen_pairs, pairs, images, item_of)
     return TestSet(queries, relevant, seen_queries, seen_relevant, images["image_id"].to_list(),
-                   images["path"].to_list(), titles, in_gallery, cfg.gallery, known, seen_known, item_of, clicked)
+                   images["path"].to_list(), titles, in_gallery, cfg.gallery, known, seen_known, item_of, clicked,
+                   missing)
+
+
+def _still_there(root: Path, relative: str) -> bool:
+    try:
+        return resolve_image_path(root, relative).is_file()
+    except (UnusableImage, OSError):
+        return False
 
 
 @dataclass
@@ -247,8 +265,8 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
              report_dir: Path, run_id: str, data: dict | None = None) -> EvaluateResult:
     """Score candidate, champion, starting model and the BM25 baseline on the same held-out
     queries; `data` (extract and split summaries and their figures) adds the input-data section."""
-    test = load_test_set(pairs_path, images_path, cfg.evaluate)
     root = cfg.data.image_root
+    test = load_test_set(pairs_path, images_path, cfg.evaluate, root)
     scores = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
     with tempfile.TemporaryDirectory() as workdir:
         champion = champion_model(cfg, Path(workdir), run_id)
@@ -276,6 +294,10 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         "run_id": run_id, "queries": len(test.queries), "gallery": int(test.in_gallery.sum()),
         "catalog": len(test.catalog_ids), "gallery_kind": test.gallery_kind, "ks": list(cfg.evaluate.ks),
         "relevance": cfg.evaluate.relevance, "filtered": cfg.evaluate.filtered,
+        "images_missing": test.missing[:100], "images_missing_count": len(test.missing),
+        "warnings": [f"{len(test.missing)} catalog images kept by split are gone from {root} (deleted or moved "
+                     f"since): left out of the catalog and of every query's relevant images, e.g. "
+                     f"{', '.join(test.missing[:5])}"] if test.missing else [],
         "filtered_per_query": round(float(np.mean([len(drop) for drop in test.known])), 2) if test.known else 0.0,
         "champion_version": champion[1] if champion else None, "baseline": baseline,
         "models": {name: mean_metrics(values) for name, values in per_query.items()},

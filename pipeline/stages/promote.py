@@ -40,18 +40,24 @@ def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> 
     delta = evaluation["delta_vs_baseline"][cfg.metric]
     statistic = delta["low"] if cfg.gates.use_lower_bound else delta["mean"]
     label = "95% CI lower bound" if cfg.gates.use_lower_bound else "mean"
+    floor, beats = candidate >= cfg.gates.min_candidate, statistic > cfg.margin
+    rate_ok = inputs.quarantine_rate <= cfg.gates.max_quarantine_rate
+    # each detail prints the relation that holds, so a failed gate never reads like a passed one
     return [
-        {"gate": "min_candidate", "passed": candidate >= cfg.gates.min_candidate,
-         "detail": f"candidate {cfg.metric} {candidate:.4f} >= {cfg.gates.min_candidate}"},
-        {"gate": "beats_baseline", "passed": statistic > cfg.margin,
-         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} > margin {cfg.margin} "
-                   f"(mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
+        {"gate": "min_candidate", "passed": floor,
+         "detail": f"candidate {cfg.metric} {candidate:.4f} {'≥' if floor else '<'} {cfg.gates.min_candidate}"},
+        {"gate": "beats_baseline", "passed": beats,
+         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} {'>' if beats else '≤'} margin "
+                   f"{cfg.margin} (mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
         {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
          "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
-        {"gate": "leak_audit", "passed": inputs.leak_audit_passed, "detail": "no group straddles splits"},
-        {"gate": "quarantine_rate", "passed": inputs.quarantine_rate <= cfg.gates.max_quarantine_rate,
-         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined <= {cfg.gates.max_quarantine_rate}"},
-        {"gate": "no_nan", "passed": inputs.finished_without_nan, "detail": "training finished without NaN"},
+        {"gate": "leak_audit", "passed": inputs.leak_audit_passed,
+         "detail": "no group straddles splits" if inputs.leak_audit_passed else "groups straddle splits"},
+        {"gate": "quarantine_rate", "passed": rate_ok,
+         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined {'≤' if rate_ok else '>'} "
+                   f"{cfg.gates.max_quarantine_rate}"},
+        {"gate": "no_nan", "passed": inputs.finished_without_nan,
+         "detail": "training finished without NaN" if inputs.finished_without_nan else "training stopped on a NaN"},
     ]
 
 
@@ -62,6 +68,12 @@ def decide(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> tuple[bo
     if failed:
         return False, "failed: " + "; ".join(f"{g['gate']} ({g['detail']})" for g in failed), gates
     return True, "all gates passed; " + gates[1]["detail"], gates
+
+
+def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, str]:
+    """The decision as registry tags on the version: verdict, reason, and every gate with its numbers."""
+    return {"clickclip.decision": "promoted" if promoted else "rejected", "clickclip.reason": reason,
+            **{f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}" for g in gates}}
 
 
 def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
@@ -78,19 +90,24 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
     promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
     onnx = None
     if existing:
+        # registered by an earlier attempt of this run: re-decide under the current gates (a changed
+        # margin or gate decides again), never register twice
         version = existing[0]
         tags = registry.version_tags(pcfg, str(version.version))
-        promoted = tags.get("clickclip.decision") == "promoted"
-        reason = tags.get("clickclip.reason", "") + " (already registered; nothing new)"
-        if promoted and registry.champion_version(pcfg) != str(version.version):
-            if "clickclip.rolled_back" in tags:
-                promoted = False
-                reason += f"; not promoted again: it was rolled back ({tags['clickclip.rolled_back']})"
-            else:
-                # an earlier attempt registered the version and stopped before moving the alias
-                # (this stage never completed, or it would have been reused): finish the promotion
-                registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
-                reason += "; the interrupted alias move was completed"
+        champion = registry.champion_version(pcfg)
+        if "clickclip.rolled_back" in tags:
+            promoted = False
+            reason += f"; not promoted again: it was rolled back ({tags['clickclip.rolled_back']})"
+        elif promoted and champion != str(version.version):
+            registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
+            reason += ("; the interrupted alias move was completed" if tags.get("clickclip.decision") == "promoted"
+                       else "; promoted now under the current gates")
+        elif not promoted and champion == str(version.version):
+            promoted = True  # it stays champion: an earlier decision promoted it
+            reason += ("; it is champion by an earlier decision, which these gates would not make: roll back with "
+                       "`clickclip rollback` if that is meant")
+        reason += f" (version {version.version} was already registered for this run; nothing new registered)"
+        registry.set_version_tags(pcfg, str(version.version), decision_tags(promoted, reason, gates))
     else:
         current = registry.champion_version(pcfg)
         if current != baseline:
@@ -99,10 +116,8 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
                 f"the registry's champion is now {current or '(none)'}. Rerun the pipeline (clickclip run) so "
                 "evaluate compares against the new champion")
         onnx = export_onnx(model_dir, out_dir / "onnx")
-        gate_tags = {f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}"
-                     for g in gates}
-        tags = {"clickclip.run_id": run_id, "clickclip.decision": "promoted" if promoted else "rejected",
-                "clickclip.reason": reason, **{f"clickclip.{k}": v for k, v in lineage.items()}, **gate_tags}
+        tags = {"clickclip.run_id": run_id, **decision_tags(promoted, reason, gates),
+                **{f"clickclip.{k}": v for k, v in lineage.items()}}
         metrics = {f"eval.{model}.{k.replace('@', '_at_')}": v
                    for model, values in evaluation["models"].items() for k, v in values.items()}
         metrics |= {f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()}
@@ -118,6 +133,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         "onnx_parity_max_abs_diff": onnx["parity_max_abs_diff"] if onnx else None,
         "tracking_uri": registry.redact_uri(registry.tracking_uri(pcfg)),
         "champion_uri": f"models:/{pcfg.model_name}@champion",
+        "champion_version": registry.champion_version(pcfg),  # after this decision; None: no champion yet
     }
     decision = out_dir / "promotion.json"
     decision.write_text(json.dumps(summary, indent=2))

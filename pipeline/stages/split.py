@@ -31,7 +31,7 @@ from pipeline.data.groups import (
 from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
 from pipeline.data.leak_audit import leak_audit
 from pipeline.data.near_duplicates import hash_catalog
-from pipeline.errors import LeakError, StageError
+from pipeline.errors import DataContractError, LeakError, StageError
 from pipeline.stages import StageInputs, StageOutput
 
 
@@ -151,7 +151,15 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
     """Hash, group and split the catalog, then tag extract's pairs with their image's split."""
     scfg = cfg.split
     state = cfg.state_dir / cfg.name
+    root = cfg.data.image_root
+    if not root.is_dir():
+        raise DataContractError(f"data.image_root {root} is not a folder: the catalog's image paths are relative "
+                                "to it; point data.image_root at the folder that holds the images")
     good, quarantine, cache_stats = _hash_and_quarantine(cfg, read_catalog(cfg), state)
+    if good.is_empty() and quarantine.height and (quarantine["reason"] == "missing_file").all():
+        raise DataContractError(f"none of the {quarantine.height} catalog paths exists under data.image_root {root} "
+                                f"(e.g. {quarantine['path'][0]!r}): is data.image_root the folder they are "
+                                "relative to?")
 
     check_registry_settings(state, scfg)
     labels, hash_edges, cut = catalog_groups(good["hash"].to_list(), good["digest"].to_list(),

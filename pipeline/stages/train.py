@@ -7,7 +7,10 @@ best epoch by validation recall@10), Lightning checkpoints for resuming, and `me
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +19,11 @@ import lightning as L
 import open_clip
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pipeline import registry
 from pipeline.config import RunConfig, TrainConfig
-from pipeline.errors import StageError
+from pipeline.errors import StageError, Stopped
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.datasets import PairDataset, make_loader, training_pairs
 from pipeline.training.finetuner import ClipFineTuner, lock_towers
@@ -45,6 +49,45 @@ def prepare_model(bundle: ClipBundle, cfg: TrainConfig) -> None:
         bundle.model.transformer.compile()
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through a temporary file renamed into place: a full disk or a
+    kill mid-write leaves the previous checkpoint, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def resumable_checkpoint(ckpt_dir: Path, warnings: list[str]) -> Path | None:
+    """The checkpoint to resume from: last.ckpt, else best.ckpt, if it loads weights-only. A file
+    that asks to run code when loaded is refused; one that cannot be read (truncated, say) is set
+    aside with a warning, and the next is tried, then a fresh start."""
+    for name in ("last.ckpt", "best.ckpt"):
+        path = ckpt_dir / name
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except pickle.UnpicklingError as exc:
+            if "weights only load failed" in str(exc).lower():
+                raise StageError(f"{path} is not a safe weights-only checkpoint (loading it would run code it "
+                                 f"carries), so training will not resume from it. Delete {ckpt_dir.parent} to "
+                                 "train from the start") from None
+            problem = exc
+        except (EOFError, RuntimeError, OSError, ValueError) as exc:
+            problem = exc
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        warnings.append(f"{path} could not be read ({str(problem).splitlines()[0][:200]}); set aside as {aside.name}")
+    return None
+
+
 def build_trainer(cfg: TrainConfig, logger, callbacks: list[L.Callback], **overrides) -> L.Trainer:
     """The Lightning Trainer as train runs it (bench_train builds its trainer here too)."""
     settings = dict(
@@ -52,7 +95,7 @@ def build_trainer(cfg: TrainConfig, logger, callbacks: list[L.Callback], **overr
         # (grad_cache optimises manually and clips in its own step)
         gradient_clip_val=cfg.gradient_clip if cfg.negatives != "grad_cache" else None,
         strategy=cfg.strategy, use_distributed_sampler=False,  # our samplers shard themselves
-        precision=cfg.precision, logger=logger, callbacks=callbacks,
+        precision=cfg.precision, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         deterministic=True, log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     return L.Trainer(**(settings | overrides))
 
@@ -79,7 +122,10 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
                            save_last=True, save_weights_only=False)
     trainer = build_trainer(tcfg, logger, [best, LearningRateMonitor("step"), *(callbacks or [])])
     started = time.perf_counter()
-    resume = "last" if (ckpt_dir / "last.ckpt").is_file() else None
+    warnings: list[str] = []
+    resume = resumable_checkpoint(ckpt_dir, warnings)
+    if resume is None and warnings:
+        warnings.append("no checkpoint loads: training starts from the beginning")
     cache = None
     if tcfg.image_cache:
         size = open_clip.get_model_preprocess_cfg(bundle.model)["size"]
@@ -91,8 +137,10 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     trainer.fit(module, train_loader,
                 make_loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False,
                             bundle.tokenizer),
-                ckpt_path=resume, weights_only=True)  # resuming never unpickles arbitrary objects
+                ckpt_path=str(resume) if resume else None, weights_only=True)  # never unpickles code
     seconds = time.perf_counter() - started
+    if trainer.received_sigterm:  # Lightning ended the loop on SIGTERM: the stage did not finish
+        raise Stopped(signal.SIGTERM)
     if trainer.global_rank > 0:
         # Lightning's DDP re-runs our command line for ranks > 0; rank 0 alone writes the results
         # and goes on to evaluate and promote
@@ -109,7 +157,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         "samples_per_s": round(trainer.global_step * tcfg.batch_size * trainer.world_size / max(seconds, 1e-9), 1),
         "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
         "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
-        "mlflow_run_id": logger.run_id,
+        "mlflow_run_id": logger.run_id, "resumed_from": resume.name if resume else None, "warnings": warnings,
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))

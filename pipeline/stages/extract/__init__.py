@@ -53,11 +53,14 @@ def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: li
     nothing = files is not None and not files
     open_source(con, source, "events_source", EVENTS, source_files(source)[:1] if nothing else files)
     columns = {name for name, *_ in con.execute('DESCRIBE "events_source"').fetchall()}
+    # every timestamp precision (pandas writes nanoseconds) and zone becomes one TIMESTAMP, with zoned
+    # times in the connection's configured zone
+    timestamps = "SELECT * REPLACE (CAST(event_ts AS TIMESTAMP) AS event_ts) FROM events_source"
     if "file_row_number" in columns:  # Parquet: the reader numbers each file's rows
-        numbered = "SELECT *, file_row_number + 1 AS source_row FROM events_source"
+        numbered = f"SELECT *, file_row_number + 1 AS source_row FROM ({timestamps})"
     else:  # CSV and tables: rows arrive file by file in order, so each file's first row is row 1
         numbered = ("SELECT * EXCLUDE (scan_row), scan_row - min(scan_row) OVER (PARTITION BY filename) + 1 "
-                    "AS source_row FROM (SELECT *, row_number() OVER () AS scan_row FROM events_source)")
+                    f"AS source_row FROM (SELECT *, row_number() OVER () AS scan_row FROM ({timestamps}))")
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS {numbered}" + (" WHERE false" if nothing else ""))
 
 
@@ -217,6 +220,12 @@ def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> Extract
             f"(max_temp_directory_size {settings.max_temp_directory_size or 'unset'}). Raise "
             f"extract.duckdb.memory_limit, free disk space, or shorten the window. DuckDB said: "
             f"{str(exc).splitlines()[0]}") from None
+    except duckdb.InvalidInputException as exc:
+        if "utf8" not in str(exc).lower().replace("-", ""):
+            raise
+        # DuckDB's message names the file and the value
+        raise DataContractError(f"events source {cfg.data.events.path}: {str(exc).splitlines()[0]} Re-export it with "
+                                "text columns in UTF-8") from None
     except duckdb.IOException as exc:
         if "space" not in str(exc).lower():
             raise
@@ -238,7 +247,7 @@ class _Timings(dict):
 
 def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult:
     ecfg = cfg.extract
-    con = connect(ecfg.duckdb)
+    con = connect(ecfg.duckdb, ecfg.time_zone)
     timings = _Timings()
     files, since, until = window_files(cfg.data.events, ecfg.window)
     plan = incremental.plan(cfg, files, since, until, run_id or out_dir.parent.name) if ecfg.incremental else None

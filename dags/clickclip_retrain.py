@@ -77,7 +77,7 @@ def clickclip(stage: str) -> str:
     """The shell command of one stage, run in the project's environment by a Bash task: its output
     streams into the task log as it runs, and its last line (the stage's JSON summary) is the XCom."""
     context = get_current_context()
-    command = [BIN, stage, "--config", context["params"]["config"], "--run-id", run_id_for(context)]
+    command = [BIN, stage, "--config", context["params"]["config"], "--run-id", run_id_for(context), "--json"]
     for key, day in extract_window(context).items():
         command += ["--set", f"extract.window.{key}={day}"]
     return shlex.join(command)

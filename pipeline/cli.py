@@ -14,7 +14,10 @@ from rich.console import Console
 from pipeline.errors import ClickclipError, Stopped
 from pipeline.stages import STAGE_NAMES, stage_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# plain help (no type names such as `--help <bool>`); tracebacks never print local variables, which
+# can hold a tracking URI with its credentials
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_show_locals=False,
                   help="Retrain CLIP image-text search models on e-commerce click logs.")
 console = Console(stderr=True)
 
@@ -27,11 +30,13 @@ def _mask_credentials() -> None:
         sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
 
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config YAML (see configs/)")]
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="run config YAML (see configs/)")]
 RunIdOption = Annotated[str | None, typer.Option(
-    "--run-id", help="run folder name under runs_dir; default derives from config and input hashes")]
+    "--run-id", metavar="ID",
+    help="run folder name under runs_dir (a plain name); default: <name>-<hash of the inputs and the settings "
+         "that change a figure>")]
 SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="override a config key, e.g. --set train.epochs=2 (repeatable)")]
+    "--set", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=2 (repeatable)")]
 
 
 def _fail(exc: ClickclipError) -> None:
@@ -47,9 +52,17 @@ def _stopped(stop: Stopped) -> None:
     raise typer.Exit(code=stop.exit_code)
 
 
-def _emit(summary: dict) -> None:
-    """The stage's summary as one JSON line on stdout, for schedulers and scripts."""
-    print(json.dumps(summary, default=str))
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="print the summary as one JSON line (for schedulers and scripts) instead of a few lines of text")]
+
+
+def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
+    """The command's summary on stdout: one JSON line with --json, else a short text for people."""
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(text if text is not None else "\n".join(f"{key}: {value}" for key, value in summary.items()
+                                                      if not isinstance(value, dict | list)))
 
 
 def _open(config: Path, run_id: str | None, overrides: list[str] | None):
@@ -61,10 +74,10 @@ def _open(config: Path, run_id: str | None, overrides: list[str] | None):
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Option(help="folder to write the demo shop into")] = Path("data/demo"),
-    products: Annotated[int, typer.Option(min=10)] = 600,
-    sessions: Annotated[int, typer.Option(min=10)] = 20000,
-    seed: int = 0,
+    out: Annotated[Path, typer.Option(metavar="FOLDER", help="folder to write the demo shop into")] = Path("data/demo"),
+    products: Annotated[int, typer.Option(min=10, metavar="N", help="catalog products")] = 600,
+    sessions: Annotated[int, typer.Option(min=10, metavar="N", help="search sessions in the click log")] = 20000,
+    seed: Annotated[int, typer.Option(metavar="N", help="random seed: the same seed, the same shop")] = 0,
     force: Annotated[bool, typer.Option(help="regenerate even if the folder already holds demo data")] = False,
 ) -> None:
     """Generate a demo catalog and click log in the input data contract's format."""
@@ -79,8 +92,9 @@ def demo_data(
 
 
 def _stage_command(stage: str):
-    def command(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
-        from pipeline.runner import run_stage
+    def command(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
+                as_json: JsonOption = False) -> None:
+        from pipeline.runner import run_stage, stage_report
 
         try:
             run = _open(config, run_id, set_)
@@ -89,9 +103,11 @@ def _stage_command(stage: str):
             _fail(exc)
         except Stopped as stop:
             _stopped(stop)
-        _emit(summary)
+        _emit(summary, as_json, stage_report(run, stage, summary))
 
-    command.__doc__ = f"Run the {stage} stage of one run (earlier stages must have run): {stage_spec(stage).doc}."
+    spec = stage_spec(stage)
+    needs = f" ({', '.join(spec.upstream)} must have run)" if spec.upstream else ""
+    command.__doc__ = f"Run the {stage} stage of one run{needs}: {spec.doc}."
     return command
 
 
@@ -104,30 +120,35 @@ for _stage in STAGE_NAMES:
 def promote(
     config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
     force: Annotated[bool, typer.Option(help="make this run's version champion even if its gates failed")] = False,
-    reason: Annotated[str, typer.Option(help="why (required with --force; recorded on the version)")] = "",
+    reason: Annotated[str, typer.Option(metavar="TEXT",
+                                        help="why (required with --force; recorded on the version)")] = "",
+    as_json: JsonOption = False,
 ) -> None:
     """Register the run's model and move `champion` if it wins; --force promotes by hand."""
     from pipeline.registry import force_promote
-    from pipeline.runner import run_stage
+    from pipeline.runner import run_stage, stage_report
 
     try:
         run = _open(config, run_id, set_)
         summary = run_stage(run, "promote")
+        text = stage_report(run, "promote", summary)
         if force:
             if not reason.strip():
                 raise ClickclipError("--force needs --reason: say why the gates are overridden")
             summary = force_promote(run.config.promote, summary["version"], reason)
+            text = f"forced: {summary['model_name']} version {summary['champion']} is champion ({reason})"
     except ClickclipError as exc:
         _fail(exc)
     except Stopped as stop:
         _stopped(stop)
-    _emit(summary)
+    _emit(summary, as_json, text)
 
 
 @app.command("rollback")
 def rollback(
     config: ConfigOption, set_: SetOption = None,
-    reason: Annotated[str, typer.Option(help="why; recorded on the rolled-back version")] = "",
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="why; recorded on the rolled-back version")] = "",
+    as_json: JsonOption = False,
 ) -> None:
     """Move `champion` back to the `previous` version."""
     from pipeline.config import load_config
@@ -140,11 +161,12 @@ def rollback(
         _fail(exc)
     except LookupError as exc:
         _fail(ClickclipError(str(exc)))
-    _emit(summary)
+    _emit(summary, as_json, f"{summary['model_name']}: champion is version {summary['champion']} again "
+                            f"(version {summary['rolled_back']} rolled back)")
 
 
 @app.command("migrate-split-registry")
-def migrate_split_registry(config: ConfigOption, set_: SetOption = None) -> None:
+def migrate_split_registry(config: ConfigOption, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Adopt the config's near-duplicate settings (split.hash, hash_size, max_distance) for the sticky
     split registry. Every assignment is kept; groups that now link splits follow split.link_policy."""
     from pipeline.config import load_config
@@ -154,7 +176,38 @@ def migrate_split_registry(config: ConfigOption, set_: SetOption = None) -> None
         summary = migrate_registry(load_config(config, set_ or []))
     except ClickclipError as exc:
         _fail(exc)
-    _emit(summary)
+    _emit(summary, as_json, f"split registry {summary['registry']}: {summary['images']} assignments kept; near-"
+                            f"duplicate settings now {summary['settings_now']} (were {summary['settings_before']})")
+
+
+@app.command("init")
+def init(
+    out: Annotated[Path, typer.Option(metavar="FILE", help="where to write the config")] = Path("configs/myshop.yaml"),
+    name: Annotated[str, typer.Option(metavar="NAME", help="names the runs, the state and the model")] = "myshop",
+    events: Annotated[Path, typer.Option(metavar="PATH", help="the click log (Parquet, CSV or DuckDB file)")] = Path(
+        "data/events"),
+    images: Annotated[Path, typer.Option(metavar="PATH", help="the catalog table")] = Path("data/images.parquet"),
+    image_root: Annotated[Path, typer.Option(metavar="FOLDER", help="the folder catalog paths are relative to")] = Path(
+        "data/images"),
+    events_table: Annotated[str | None, typer.Option(metavar="TABLE", help="when --events is DuckDB")] = None,
+    images_table: Annotated[str | None, typer.Option(metavar="TABLE", help="when --images is DuckDB")] = None,
+    model: Annotated[str, typer.Option(metavar="MODEL", help="an open_clip model config")] = "ViT-B-32",
+    pretrained: Annotated[Path | None, typer.Option(metavar="FILE", help="its local pretrained weights")] = None,
+) -> None:
+    """Write a starting config for your own data, checked as clickclip will read it."""
+    from pipeline.config import load_config, starting_config
+
+    if out.exists():
+        _fail(ClickclipError(f"{out} already exists: choose another --out, or edit that file"))
+    try:
+        text = starting_config(name, events, images, image_root, events_table, images_table, model, pretrained)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        load_config(out)
+    except ClickclipError as exc:
+        out.unlink(missing_ok=True)
+        _fail(exc)
+    console.print(f"wrote {out}; check the data block, then: clickclip run --config {out}")
 
 
 @app.command("run")

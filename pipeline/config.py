@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import date
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -203,6 +204,9 @@ class TrainConfig(Strict):
     image_cache: bool = False
     compile: bool = False
     channels_last: bool = False
+    # when output is not a terminal (a scheduler's log), a progress line every this many steps and
+    # at every epoch's end (0: epochs only)
+    log_every_steps: int = Field(default=50, ge=0)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -303,7 +307,8 @@ def evaluated_metrics(ks: tuple[int, ...]) -> list[str]:
 
 
 # settings that change how fast or where a stage runs, never what it produces: not in any fingerprint
-RESOURCE_SETTINGS = {"extract": {"duckdb"}, "train": {"num_workers"}, "evaluate": {"decode_workers", "batch_size"}}
+RESOURCE_SETTINGS = {"extract": {"duckdb"}, "train": {"num_workers", "log_every_steps"},
+                     "evaluate": {"decode_workers", "batch_size"}}
 
 
 def result_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -365,3 +370,33 @@ def _did_you_mean(error: dict) -> str:
     known = list(getattr(model, "model_fields", {}))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f" (did you mean '{'.'.join([*parents, close[0]])}'?)" if close else ""
+
+
+def _source_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "csv" if suffix == ".csv" else "duckdb" if suffix in (".duckdb", ".db") else "parquet"
+
+
+def starting_config(name: str, events: Path, images: Path, image_root: Path, events_table: str | None,
+                    images_table: str | None, model: str, pretrained: Path | None) -> str:
+    """The text of a run config for a shop's own data, from the commented template shipped with
+    clickclip (the values that matter for a real catalog, not the demo's)."""
+    if not PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
+    template = resources.files("pipeline").joinpath("shop_config_template.yaml").read_text()
+    return template.format(
+        name=name, events=events, images=images, image_root=image_root,
+        events_format=_source_format(events), images_format=_source_format(images),
+        events_table=_table_line(events_table), images_table=_table_line(images_table),
+        model=model, pretrained=pretrained if pretrained else "null",
+        precision="bf16-mixed" if _gpu_visible() else "32-true")
+
+
+def _table_line(table: str | None) -> str:
+    return f"\n    table: {table}" if table else ""
+
+
+def _gpu_visible() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import signal
 import sys
 import time
@@ -91,8 +92,16 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def quiet_library_logs() -> None:
+    """Library chatter off by default: bm25s's debug lines, Lightning's advertising tips."""
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage())
+
+
 def run_stage(run: Run, stage: str) -> dict:
     """Run one stage (holding the run folder's lock) unless it can be reused; return its summary."""
+    quiet_library_logs()
     with run_lock(run.root), stop_on_signals(), redacted_output():
         return _run_stage(run, stage)
 
@@ -119,7 +128,7 @@ def _run_stage(run: Run, stage: str) -> dict:
             console.print(f"[green]✓ {stage}[/] reused from run {entry['summary']['reused_from_run']} "
                           "(same inputs, settings and code)")
             return entry["summary"]
-        console.rule(f"{stage} · run {run.run_id}")
+        console.rule(f"{stage} · run {run.run_id} · started {time.strftime('%H:%M:%S')}")
         started = time.perf_counter()
         function = stage_function(stage)
         run.begin(stage)
@@ -134,7 +143,7 @@ def _run_stage(run: Run, stage: str) -> dict:
         run.record(stage, run.publish(stage, result.outputs), result.summary, seconds)
     for warning in result.summary.get("warnings", []):
         console.print(f"[bold yellow]⚠ {stage}:[/] {warning}")
-    console.print(f"[green]✓ {stage}[/] finished in {seconds:.1f} s")
+    console.print(f"[green]✓ {stage}[/] finished at {time.strftime('%H:%M:%S')} in {seconds:.1f} s")
     return result.summary
 
 
@@ -160,8 +169,35 @@ def state_lock(cfg: RunConfig) -> Iterator[None]:
 
 
 def run_all(run: Run) -> dict[str, dict]:
+    quiet_library_logs()
     with run_lock(run.root), stop_on_signals(), redacted_output():
         return {stage: _run_stage(run, stage) for stage in STAGE_NAMES}
+
+
+def stage_report(run: Run, stage: str, summary: dict) -> str:
+    """A few lines for a person after a standalone stage command; the whole summary is in the
+    manifest (and on stdout with --json)."""
+    lines = [f"{stage} · run {run.run_id}"]
+    if stage == "extract":
+        lines.append(f"rows read {summary['rows_read']}: kept {summary['rows_kept']}, quarantined "
+                     f"{summary['rows_quarantined']}; {summary['pairs']} pairs over {summary['queries']} queries")
+    elif stage == "split":
+        lines.append(f"images kept {summary['images_kept']}, quarantined {summary['images_quarantined']}; "
+                     f"{summary['groups']} groups; " + leak_audit_sentence(summary.get("leak_audit")))
+    elif stage == "train":
+        lines.append(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; best "
+                     f"validation recall@10 {summary['best_val_recall@10']}; finished without NaN: "
+                     f"{summary['finished_without_nan']}")
+    elif stage == "evaluate":
+        metric = run.config.promote.metric
+        scores = "  ".join(f"{name} {values[metric]:.4f}" for name, values in summary["models"].items())
+        lines.append(f"{metric}: {scores}")
+        lines.append(f"report: {run.config.reports_dir / run.run_id / 'report.html'}")
+    elif stage == "promote":
+        lines += [f"{'PROMOTED to champion' if summary['promoted'] else 'not promoted'} — {summary['reason']}",
+                  f"registered: {summary['model_name']} version {summary['version']}", champion_line(summary)]
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
+    return "\n".join([*lines, f"summary: {run.manifest_path} (or rerun with --json)"])
 
 
 def champion_line(decision: dict) -> str:

@@ -95,3 +95,35 @@ def test_resource_settings_change_no_fingerprint_and_no_default_run_id(tiny_conf
 def test_an_unknown_key_suggests_the_closest_known_one(key, suggestion):
     with pytest.raises(ConfigError, match=rf"{key}: .*did you mean '{suggestion}'"):
         load_config(REPO / "configs" / "tiny.yaml", [f"{key}=3"])
+
+
+def test_help_texts_are_right_for_each_subcommand():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    extract = runner.invoke(app, ["extract", "--help"]).output
+    assert "must have run" not in extract  # extract has no earlier stage
+    assert "(extract must have run)" in runner.invoke(app, ["split", "--help"]).output
+    for command in ("extract", "train", "promote", "run", "rollback", "demo-data", "migrate-split-registry"):
+        text = runner.invoke(app, [command, "--help"]).output
+        assert "<bool>" not in text and "--help" in text, command
+
+
+def test_init_writes_a_config_for_a_shops_own_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "configs" / "acme.yaml"
+    args = ["init", "--out", str(out), "--name", "acme", "--events", str(tmp_path / "shop.duckdb"),
+            "--events-table", "clicks", "--images", str(tmp_path / "catalog.parquet"), "--image-root", "images"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    cfg = load_config(out)
+    assert cfg.name == "acme" and cfg.promote.model_name == "acme" and cfg.evaluate.gallery == "catalog"
+    assert cfg.data.events.format == "duckdb" and cfg.data.events.table == "clicks"
+    assert cfg.train.model == "ViT-B-32" and cfg.extract.window.last_days == 28
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output

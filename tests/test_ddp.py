@@ -90,7 +90,7 @@ def test_clickclip_train_runs_under_lightning_ddp_on_two_cpu_processes(tiny_shop
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     cli = Path(sys.executable).with_name("clickclip")
     for stage in ("extract", "split", "train"):
-        done = subprocess.run([str(cli), stage, "--config", str(config), "--run-id", "ddp"], cwd=tmp_path,
+        done = subprocess.run([str(cli), stage, "--config", str(config), "--run-id", "ddp", "--json"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

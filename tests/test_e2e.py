@@ -123,6 +123,13 @@ def test_html_report_renders_in_headless_chromium_without_broken_images(first_an
     page = report.read_text()
     assert not re.search(r'src="(?!data:)', page)  # self-contained: no file or network references
     assert page.count('class="query"') >= 1 and "Re-index notice" in page and "bm25" in page
+    # the report holds the decision, the keyword column per slice, training and the groups
+    for section in ("<h2>Promotion decision</h2>", "beats_baseline", "keyword (bm25)", "<h2>Training</h2>",
+                    'alt="training curves"', "<h3>Groups</h3>", 'alt="group size histogram"', "held-out click weight",
+                    "Leak audit: passed"):
+        assert section in page, section
+    markdown = (report.parent / "recall.md").read_text()
+    assert "## Promotion decision" in markdown and "## Training" in markdown and "keyword (bm25)" in markdown
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("CI"):

@@ -58,3 +58,23 @@ def test_an_image_deleted_after_split_is_left_out_not_a_crash(tmp_path):
     test = load_test_set(tmp_path / "pairs.parquet", tmp_path / "images.parquet", EvaluateConfig(), tmp_path)
     assert test.missing == ["t1"] and "t1" not in test.catalog_ids
     assert test.queries == ["red hat"]  # navy mug has no held-out image left to find
+
+
+def test_hubness_is_the_share_of_top_slots_the_most_frequent_results_fill():
+    from pipeline.stages.evaluate import hubness
+
+    hubs = [["h1", "h2", f"x{i}"] for i in range(10)]  # two images in every list
+    result = hubness(hubs, k=3, images=2)
+    assert result["top_share"] == round(20 / 30, 4) and result["most_frequent"] == ["h1", "h2"]
+    assert hubness([[f"a{i}", f"b{i}"] for i in range(10)], k=2, images=2)["top_share"] == 0.1
+
+
+def test_the_report_states_the_decision_gate_by_gate():
+    from pipeline.report.markdown import render_decision
+
+    summary = {"decision": {"promoted": False, "reason": "failed", "gates": [
+        {"gate": "beats_baseline", "passed": False, "detail": "95% CI lower bound -0.0100 ≤ margin 0.0"},
+        {"gate": "no_nan", "passed": True, "detail": "training finished without NaN"}]}}
+    text = render_decision(summary)
+    assert "**do not promote**" in text
+    assert "| beats_baseline | **FAIL** | 95% CI lower bound -0.0100 ≤ margin 0.0 |" in text

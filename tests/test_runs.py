@@ -151,3 +151,11 @@ def test_a_run_folder_that_cannot_be_written_is_a_clear_error(tiny_config, tmp_p
     with pytest.raises(ClickclipError, match=r"cannot write the state folder .*not-a-folder/state"):
         with state_lock(cfg):
             pass
+
+
+def test_the_promotion_metric_is_part_of_evaluates_fingerprint_and_of_the_run_id(tiny_config):
+    other = tiny_config.model_copy(update={"promote": tiny_config.promote.model_copy(update={"metric": "recall@5"})})
+    before, after = open_run(tiny_config, "m"), open_run(other, "m")
+    assert before.fingerprint("train") == after.fingerprint("train")
+    assert before.fingerprint("evaluate") != after.fingerprint("evaluate")  # it picks the gated slices
+    assert open_run(tiny_config).run_id != open_run(other).run_id

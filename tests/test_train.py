@@ -273,3 +273,21 @@ def test_weight_decay_spares_gains_biases_temperature_and_embeddings():
     assert all(p.ndim >= 2 and "embedding" not in names[id(p)] for p in decay["params"])
     assert {"text_projection", "visual.proj"} <= {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_training_in_a_log_prints_progress_lines(tiny_shop, tmp_path, capsys):
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
+    from pipeline.stages.train import train
+    from tests.conftest import shop_config
+
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 2, "log_every_steps": 10})
+    for stage in ("extract", "split", "train"):
+        (tmp_path / stage).mkdir()
+    split_result = split(cfg, extract(cfg, tmp_path / "extract").pairs, tmp_path / "split")
+    capsys.readouterr()
+    result = train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "logged")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: epoch")]
+    epochs = [line for line in lines if "val recall@10" in line]
+    assert len(epochs) == 2 and "epoch 2/2" in epochs[-1] and "samples/s" in epochs[-1] and "ETA" in epochs[-1]
+    assert len(lines) - len(epochs) >= result.summary["steps"] // 10 - 1  # the lines every 10 steps

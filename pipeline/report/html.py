@@ -138,12 +138,14 @@ def _metrics_table(summary: dict) -> str:
 def _slices_table(summary: dict) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r['family'])}</td><td>{html.escape(str(r['slice']))}</td><td>{r['queries']}</td>"
-        f"<td>{r['candidate']:.4f}</td><td>{r['baseline']:.4f}</td><td>{r['delta']:+.4f} "
+        f"<td>{r['candidate']:.4f}</td><td>{r['baseline']:.4f}</td>"
+        f"<td>{'–' if r.get('keyword') is None else format(r['keyword'], '.4f')}</td><td>{r['delta']:+.4f} "
         f"[{r['low']:+.4f}, {r['high']:+.4f}]</td><td>{r['p_value']:.3g}</td><td class='bad'>"
         f"{'regressed' if r['flagged'] else '' if r['gated'] else 'not gated (too few queries)'}</td></tr>"
         for r in summary["slices"])
     return ("<table><tr><th>family</th><th>slice</th><th>queries</th><th>candidate</th><th>baseline</th>"
-            f"<th>difference [95% CI]</th><th>p (one-sided)</th><th>flag</th></tr>{rows}</table>")
+            "<th>keyword (bm25)</th><th>difference [95% CI]</th><th>p (one-sided)</th><th>flag</th></tr>"
+            f"{rows}</table>")
 
 
 def _worst(summary: dict, thumbs: Thumbnails, metric: str) -> str:
@@ -159,10 +161,80 @@ def _worst(summary: dict, thumbs: Thumbnails, metric: str) -> str:
 
         blocks.append(
             f'<div class="query"><b>“{html.escape(item["query"])}”</b> — {metric}: candidate '
-            f'{item["candidate"]:.3f}, {summary["baseline"]} {item["baseline"]:.3f}'
+            f'{item["candidate"]:.3f}, {summary["baseline"]} {item["baseline"]:.3f} '
+            f'(held-out click weight {item.get("click_weight", 0):.2f})'
             + row("clicked (held out)", item["relevant"]) + row("candidate top 5", item["candidate_top"])
             + row(f"{summary['baseline']} top 5", item["baseline_top"]) + "</div>")
     return "".join(blocks)
+
+
+def _decision(summary: dict) -> str:
+    decision = summary.get("decision")
+    if decision is None:
+        return ""
+    verdict = ("<b class='good'>promote</b>: every gate passes" if decision["promoted"]
+               else "<b class='bad'>do not promote</b>")
+    rows = "".join(f"<tr><td>{html.escape(g['gate'])}</td><td class='{'good' if g['passed'] else 'bad'}'>"
+                   f"{'pass' if g['passed'] else 'FAIL'}</td><td>{html.escape(g['detail'])}</td></tr>"
+                   for g in decision["gates"])
+    return ("<h2>Promotion decision</h2>"
+            f"<p>{verdict} (promote moves <code>champion</code> only if the registry's champion is still the one "
+            "compared against).</p>"
+            f"<table><tr><th>gate</th><th>result</th><th>numbers</th></tr>{rows}</table>")
+
+
+def training_curves(history: list[dict]) -> str:
+    plt = _plt()
+    fig, left = plt.subplots(figsize=(6, 3.2))
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        if any(key in h for h in history):
+            left.plot(epochs, [h.get(key) for h in history], marker="o", label=label)
+    left.set(xlabel="epoch", ylabel="loss")
+    right = left.twinx()
+    right.plot(epochs, [h.get("val_recall_at_10") for h in history], marker="s", color="#2ca02c",
+               label="validation recall@10")
+    right.set(ylabel="validation recall@10", ylim=(0, 1))
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    return _png(fig)
+
+
+def _training(train: dict) -> str:
+    history = train.get("history", [])
+    text = (f"<h2>Training</h2><p>{train['epochs']} epochs, {train['steps']} steps in {train['seconds']} s "
+            f"({train['samples_per_s']} samples/s); best validation recall@10 {train['best_val_recall@10']}; "
+            f"started from {html.escape(str(train['start_weights']))}.</p>")
+    return text + (f'<img src="{training_curves(history)}" alt="training curves">' if history else "")
+
+
+def group_sizes(split: dict) -> str:
+    plt = _plt()
+    sizes = sorted(split["group_size_histogram"].items(), key=lambda kv: int(kv[0]))
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.bar([int(k) for k, _ in sizes], [n for _, n in sizes], color="#1f77b4")
+    ax.set(xlabel="images per group", ylabel="groups", yscale="log", title="Group sizes")
+    return _png(fig)
+
+
+def _groups(extract: dict, split: dict) -> str:
+    sticky = split["sticky"]
+    giant = split["giant_groups"]
+    bands = ", ".join(f"{name}: {band['queries']} queries, {band['impressions']} impressions"
+                      for name, band in extract["query_bands"].items())
+    return "".join([
+        "<h3>Groups</h3>",
+        f"<p>Near-duplicate pairs by hash: {split['near_duplicate_pairs']}; {split['groups']} groups, the largest "
+        f"{split['largest_group']} images.</p>",
+        f'<img src="{group_sizes(split)}" alt="group size histogram">',
+        (f"<p class='note'><b>Giant groups</b> above the configured size: {html.escape(', '.join(giant))}.</p>"
+         if giant else "<p>No giant groups.</p>"),
+        f"<p>Sticky splits: {sticky['new_groups']} new groups, {sticky['grown_groups']} grown, "
+        f"{sticky['linked_groups']} linked across splits ({sticky['images_excluded']} images excluded); "
+        f"{sticky.get('cross_product_links_cut', 0)} near-duplicate links between different products cut in giant "
+        f"groups ({sticky.get('images_excluded_by_cut_links', 0)} images excluded); split registry version "
+        f"{html.escape(str(split['registry_version']))}.</p>",
+        f"<p>Queries by traffic band: {html.escape(bands)}.</p>",
+    ])
 
 
 def _data_section(data: dict) -> str:
@@ -188,6 +260,7 @@ def _data_section(data: dict) -> str:
         f"<table><tr><th>image quarantine reason</th><th>images</th></tr>{images}</table>",
         f"<p><b>{html.escape(leak_audit_sentence(split.get('leak_audit')))}</b></p>",
         "<h3>Position bias</h3>" + (f'<img src="{propensity}" alt="propensity curve">' if propensity else ""),
+        _groups(extract, split),
         "<h3>Largest groups</h3>" + (f'<img src="{groups}" alt="largest groups" style="max-width:100%">'
                                      if groups else ""),
     ])
@@ -211,6 +284,7 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
            " (no champion yet: the starting model)") + ".</p>",
         _metrics_table(summary),
         f'<img src="{recall_curves(summary)}" alt="recall at k curves">',
+        _decision(summary),
         f'<p class="note">{html.escape(reindex_sentence(summary)).replace("**", "")}</p>',
         "<h2>Slices</h2>",
         f"<p>{metric} per slice. Flagged slices: {html.escape(', '.join(flagged)) if flagged else 'none'}. "
@@ -218,8 +292,10 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
         f'<img src="{slice_bars(summary, cfg.evaluate.slice_tolerance)}" alt="slice differences">',
         _slices_table(summary),
         f"<h2>Where the candidate lost most ({metric})</h2>",
-        "<p>Green frames mark held-out clicked images.</p>",
+        "<p>Ranked by the loss times the query's held-out click weight, so a query with a single click the "
+        "baseline found by luck does not lead the list. Green frames mark held-out clicked images.</p>",
         _worst(summary, thumbs, metric),
+        _training(data["train"]) if data and "train" in data else "",
         _data_section(data) if data else "",
         "<h2>Definitions</h2><ul>",
         *[f"<li>{html.escape(line)}</li>" for line in relevance_sentences(summary)],

@@ -108,6 +108,32 @@ def render_data_section(extract: dict, split: dict) -> str:
     ])
 
 
+def render_decision(summary: dict) -> str:
+    """The promotion decision as promote will take it, gate by gate with its numbers."""
+    decision = summary.get("decision")
+    if decision is None:
+        return ""
+    verdict = "**promote**: every gate passes" if decision["promoted"] else "**do not promote**"
+    lines = ["## Promotion decision", f"{verdict} (promote moves `champion` only if the registry's champion is still "
+             f"the one compared against).", "", "| gate | result | numbers |", "|---|---|---|"]
+    lines += [f"| {g['gate']} | {'pass' if g['passed'] else '**FAIL**'} | {g['detail']} |" for g in decision["gates"]]
+    return "\n".join(lines + [""])
+
+
+def render_training(train: dict) -> str:
+    """How the candidate was trained: epochs, steps, time, and the validation curve."""
+    history = train.get("history", [])
+    lines = ["## Training",
+             f"{train['epochs']} epochs, {train['steps']} steps, {train['seconds']} s ({train['samples_per_s']} "
+             f"samples/s); best validation recall@10 {train['best_val_recall@10']}; start: {train['start_weights']}.",
+             ""]
+    if history:
+        lines += ["| epoch | train loss | validation loss | validation recall@10 |", "|---|---|---|---|"]
+        lines += [f"| {h['epoch']} | {h.get('train_loss', '–')} | {h.get('val_loss', '–')} | "
+                  f"{h.get('val_recall_at_10', '–')} |" for h in history]
+    return "\n".join(lines + [""])
+
+
 def slice_rule(tolerance: float, min_queries: int, alpha: float) -> str:
     """How slices gate promotion, in one sentence (both reports print it)."""
     return (f"Slices of at least {min_queries} queries gate promotion: one is flagged **regressed** when a "
@@ -122,12 +148,14 @@ def render_slices(rows: list[dict], metric: str, baseline: str, tolerance: float
         "## Slices",
         f"{metric} per slice, candidate vs {baseline}. " + slice_rule(tolerance, min_queries, alpha),
         "",
-        "| family | slice | queries | candidate | baseline | difference [95% CI] | p (one-sided) | flag |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | slice | queries | candidate | baseline | keyword (bm25) | difference [95% CI] | p (one-sided) "
+        "| flag |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = "**regressed**" if row["flagged"] else "" if row["gated"] else f"not gated (< {min_queries} queries)"
+        keyword = f"{row['keyword']:.4f}" if row.get("keyword") is not None else "–"
         lines.append(f"| {row['family']} | {row['slice']} | {row['queries']} | {row['candidate']:.4f} | "
-                     f"{row['baseline']:.4f} | {row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | "
-                     f"{row['p_value']:.3g} | {flag} |")
+                     f"{row['baseline']:.4f} | {keyword} | {row['delta']:+.4f} [{row['low']:+.4f}, "
+                     f"{row['high']:+.4f}] | {row['p_value']:.3g} | {flag} |")
     return "\n".join(lines + [""])

@@ -47,8 +47,10 @@ def slice_table(per_query: dict[str, dict[str, np.ndarray]], baseline: str, fami
             mask = labels == value
             delta = candidate[mask] - base[mask]
             mean, low, high = paired_bootstrap(candidate[mask], base[mask])
+            keyword = float(per_query["bm25"][metric][mask].mean()) if "bm25" in per_query else None
             rows.append({"family": family, "slice": value, "queries": int(mask.sum()),
                          "candidate": float(candidate[mask].mean()), "baseline": float(base[mask].mean()),
+                         "keyword": keyword,
                          "delta": mean, "low": low, "high": high, "gated": bool(mask.sum() >= min_queries),
                          "p_value": regression_p_value(delta, tolerance)})
     rejected = holm_rejections([row["p_value"] for row in rows if row["gated"]], alpha)

@@ -25,8 +25,15 @@ from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.data.images import UnusableImage, resolve_image_path
 from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
-from pipeline.report.markdown import render_data_section, render_report, render_slices
+from pipeline.report.markdown import (
+    render_data_section,
+    render_decision,
+    render_report,
+    render_slices,
+    render_training,
+)
 from pipeline.retrieval.bm25 import bm25_rankings
+from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
 from pipeline.retrieval.search import approximate_recall, exact_search
 from pipeline.retrieval.slices import query_slices, slice_table
@@ -41,6 +48,7 @@ from pipeline.training.model import (
 )
 
 WORST_QUERIES = 20
+HUB_SHARE = 0.3  # warn when the 10 most frequent results fill more than this share of all top-10 slots
 
 
 @dataclass(frozen=True)
@@ -251,14 +259,28 @@ def champion_model(cfg: RunConfig, workdir: Path, run_id: str | None = None) -> 
 
 def worst_queries(test: TestSet, scores: dict[str, ModelScores], baseline: str, metric: str,
                   count: int = WORST_QUERIES) -> list[dict]:
-    """The queries where the candidate lost most against the baseline, with both top-5 lists."""
+    """The queries where the candidate lost most against the baseline, with both top-5 lists.
+
+    Ranked by the loss weighted by the query's held-out click weight: a query with one click where
+    the baseline scored 1.0 by luck weighs less than a query many clicks stand behind."""
     delta = scores["candidate"].per_query[metric] - scores[baseline].per_query[metric]
-    order = [int(i) for i in np.argsort(delta, kind="stable") if delta[i] < 0][:count]
+    support = np.array([sum(gains.values()) for gains in test.relevant])
+    order = [int(i) for i in np.argsort(delta * support, kind="stable") if delta[i] < 0][:count]
     return [{"query": test.queries[i], "candidate": float(scores["candidate"].per_query[metric][i]),
-             "baseline": float(scores[baseline].per_query[metric][i]),
+             "baseline": float(scores[baseline].per_query[metric][i]), "click_weight": round(float(support[i]), 3),
              "candidate_top": scores["candidate"].shown[i], "baseline_top": scores[baseline].shown[i],
              "relevant": test.clicked[i][:5]}
             for i in order]
+
+
+def hubness(ranked: list[list[str]], k: int, images: int = 10) -> dict:
+    """How concentrated the top-k lists are: the share of all top-k slots the `images` most frequent
+    results fill (a few "hub" images answering every query is a known failure of embedding search)."""
+    counts = Counter(item for row in ranked for item in row[:k])
+    slots = sum(counts.values())
+    top = sum(n for _, n in counts.most_common(images))
+    return {"images": images, "k": k, "top_share": round(top / slots, 4) if slots else 0.0,
+            "most_frequent": [item for item, _ in counts.most_common(images)]}
 
 
 def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Path, out_dir: Path,
@@ -312,16 +334,31 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         "reindex": {"images": len(test.catalog_ids), "images_per_s": round(candidate.images_per_s or 0, 1),
                     "estimated_seconds": round(len(test.catalog_ids) / max(candidate.images_per_s or 1e-9, 1e-9), 1)},
         "worst_queries": worst_queries(test, scores, baseline, metric),
+        "hubness": hubness(scores["candidate"].ranked, k=10),
     }
+    if metric in summary["models"].get("bm25", {}) and summary["models"]["bm25"][metric] > \
+            summary["models"]["candidate"][metric]:
+        summary["warnings"].append(
+            f"keyword search (BM25 over titles) beats the candidate on {metric}: "
+            f"{summary['models']['bm25'][metric]:.4f} against {summary['models']['candidate'][metric]:.4f}")
+    if summary["hubness"]["top_share"] > HUB_SHARE:
+        summary["warnings"].append(
+            f"hubness: the candidate's {summary['hubness']['images']} most frequent results fill "
+            f"{summary['hubness']['top_share']:.0%} of all top-10 slots (the same few images for many queries)")
+    if data is not None and "gate_inputs" in data:
+        promoted, reason, gates = decide(summary, cfg.promote, data["gate_inputs"])
+        summary["decision"] = {"promoted": promoted, "reason": reason, "gates": gates}
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
     shutil.copyfile(metrics_path, report_dir / "metrics.json")  # the report folder stands on its own
     report_path = report_dir / "recall.md"
-    text = render_report(summary) + render_slices(slices, metric, baseline, ecfg.slice_tolerance,
-                                                  ecfg.slice_min_queries, ecfg.slice_alpha)
+    text = render_report(summary) + render_decision(summary) + render_slices(
+        slices, metric, baseline, ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
     if data is not None:
         for figure in data["figures"]:
             shutil.copyfile(figure, report_dir / figure.name)
+        if "train" in data:
+            text += render_training(data["train"])
         text += render_data_section(data["extract"], data["split"])
     report_path.write_text(text)
     write_html_report(report_dir / "report.html", summary, cfg, data, root,
@@ -331,9 +368,15 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     inputs.report_dir.mkdir(parents=True, exist_ok=True)
-    data = {"extract": inputs.summary("extract"), "split": inputs.summary("split"),
+    extract, split, train = inputs.summary("extract"), inputs.summary("split"), inputs.summary("train")
+    data = {"extract": extract, "split": split, "train": train,
             "figures": [inputs.output("extract", "propensity").with_suffix(".png"),
-                        inputs.output("split", "groups_sheet")]}
+                        inputs.output("split", "groups_sheet")],
+            # what promote's gates need besides the figures: known now, so the report shows the decision
+            "gate_inputs": GateInputs(
+                quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
+                leak_audit_passed=bool(split.get("leak_audit", {}).get("passed")),
+                finished_without_nan=train["finished_without_nan"])}
     result = evaluate(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"),
                       inputs.output("train", "weights").parent, out_dir, inputs.report_dir, inputs.run_id, data)
     return StageOutput({"metrics": result.metrics, "report": result.report}, result.summary)

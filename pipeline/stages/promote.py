@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import registry
-from pipeline.config import PromoteConfig, RunConfig
+from pipeline.config import RunConfig
+from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.onnx_export import export_onnx
 
@@ -20,54 +21,6 @@ from pipeline.training.onnx_export import export_onnx
 class PromoteResult:
     decision: Path
     summary: dict
-
-
-@dataclass(frozen=True)
-class GateInputs:
-    """What the gates need from the earlier stages, besides the evaluation."""
-
-    quarantine_rate: float
-    leak_audit_passed: bool
-    finished_without_nan: bool
-
-
-def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
-    """Each gate with pass/fail and the numbers behind it."""
-    models, baseline = evaluation["models"], evaluation["baseline"]
-    if cfg.metric not in models["candidate"]:
-        raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models['candidate'])}")
-    candidate = models["candidate"][cfg.metric]
-    delta = evaluation["delta_vs_baseline"][cfg.metric]
-    statistic = delta["low"] if cfg.gates.use_lower_bound else delta["mean"]
-    label = "95% CI lower bound" if cfg.gates.use_lower_bound else "mean"
-    floor, beats = candidate >= cfg.gates.min_candidate, statistic > cfg.margin
-    rate_ok = inputs.quarantine_rate <= cfg.gates.max_quarantine_rate
-    # each detail prints the relation that holds, so a failed gate never reads like a passed one
-    return [
-        {"gate": "min_candidate", "passed": floor,
-         "detail": f"candidate {cfg.metric} {candidate:.4f} {'≥' if floor else '<'} {cfg.gates.min_candidate}"},
-        {"gate": "beats_baseline", "passed": beats,
-         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} {'>' if beats else '≤'} margin "
-                   f"{cfg.margin} (mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
-        {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
-         "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
-        {"gate": "leak_audit", "passed": inputs.leak_audit_passed,
-         "detail": "no group straddles splits" if inputs.leak_audit_passed else "groups straddle splits"},
-        {"gate": "quarantine_rate", "passed": rate_ok,
-         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined {'≤' if rate_ok else '>'} "
-                   f"{cfg.gates.max_quarantine_rate}"},
-        {"gate": "no_nan", "passed": inputs.finished_without_nan,
-         "detail": "training finished without NaN" if inputs.finished_without_nan else "training stopped on a NaN"},
-    ]
-
-
-def decide(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> tuple[bool, str, list[dict]]:
-    """Promote only when every gate passes; the reason lists the failed gates, or the decisive one."""
-    gates = evaluate_gates(evaluation, cfg, inputs)
-    failed = [g for g in gates if not g["passed"]]
-    if failed:
-        return False, "failed: " + "; ".join(f"{g['gate']} ({g['detail']})" for g in failed), gates
-    return True, "all gates passed; " + gates[1]["detail"], gates
 
 
 def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, str]:

@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline.training.datasets import PairDataset, make_loader, training_pairs
 from pipeline.training.finetuner import ClipFineTuner, lock_towers
 from pipeline.training.image_cache import ImageCache
 from pipeline.training.model import ClipBundle, save_checkpoint, starting_model
+from pipeline.training.progress import EpochHistory, ProgressLines
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,12 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     ckpt_dir = out_dir / "lightning"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/recall_at_10", mode="max",
                            save_last=True, save_weights_only=False)
-    trainer = build_trainer(tcfg, logger, [best, LearningRateMonitor("step"), *(callbacks or [])])
+    # on a terminal a progress bar; in a scheduler's log, plain lines (a bar there shows nothing)
+    terminal = sys.stderr.isatty()
+    progress = [] if terminal else [ProgressLines(tcfg.log_every_steps, tcfg.batch_size)]
+    history = EpochHistory()
+    trainer = build_trainer(tcfg, logger, [best, LearningRateMonitor("step"), history, *progress, *(callbacks or [])],
+                            enable_progress_bar=terminal)
     started = time.perf_counter()
     warnings: list[str] = []
     resume = resumable_checkpoint(ckpt_dir, warnings)
@@ -158,6 +165,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
         "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
         "mlflow_run_id": logger.run_id, "resumed_from": resume.name if resume else None, "warnings": warnings,
+        "history": history.epochs,
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))

@@ -25,13 +25,8 @@ from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.data.images import UnusableImage, resolve_image_path
 from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
-from pipeline.report.markdown import (
-    render_data_section,
-    render_decision,
-    render_report,
-    render_slices,
-    render_training,
-)
+from pipeline.report.markdown import render_report
+from pipeline.report.sections import SliceRule
 from pipeline.retrieval.bm25 import bm25_rankings
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
@@ -352,15 +347,11 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     metrics_path.write_text(json.dumps(summary, indent=2))
     shutil.copyfile(metrics_path, report_dir / "metrics.json")  # the report folder stands on its own
     report_path = report_dir / "recall.md"
-    text = render_report(summary) + render_decision(summary) + render_slices(
-        slices, metric, baseline, ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
     if data is not None:
         for figure in data["figures"]:
             shutil.copyfile(figure, report_dir / figure.name)
-        if "train" in data:
-            text += render_training(data["train"])
-        text += render_data_section(data["extract"], data["split"])
-    report_path.write_text(text)
+    rule = SliceRule(ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
+    report_path.write_text(render_report(summary, rule, metric, data))
     write_html_report(report_dir / "report.html", summary, cfg, data, root,
                       dict(zip(test.catalog_ids, test.catalog_paths, strict=True)))
     return EvaluateResult(metrics_path, report_path, summary)

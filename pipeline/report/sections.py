@@ -1,0 +1,199 @@
+"""The report's content, built once from evaluate's summary and the data summaries: every section's
+title, sentences and tables. `recall.md` and `report.html` both render this list, so the two
+cannot say different things; the HTML adds only pictures (charts, thumbnails, contact sheets).
+
+Sentences may hold `**bold**` and `` `code` `` (Markdown); the HTML renderer converts both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.report.sentences import leak_audit_sentence, reindex_sentence, relevance_sentences, search_sentence
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    tones: list[str] = field(default_factory=list)  # per row: "", "good" or "bad" (HTML colours)
+
+
+@dataclass
+class Section:
+    key: str  # where the HTML puts its pictures
+    title: str
+    level: int = 2
+    warnings: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file in the report folder, alt text)
+
+
+@dataclass(frozen=True)
+class SliceRule:
+    tolerance: float
+    min_queries: int
+    alpha: float
+
+    def sentence(self) -> str:
+        return (f"Slices of at least {self.min_queries} queries gate promotion: one is flagged **regressed** when a "
+                f"one-sided paired t-test finds the candidate worse than the baseline by more than {self.tolerance}, "
+                f"at family-wise error {self.alpha} over all gated slices (Holm's correction). Smaller slices are "
+                "shown, never gated. Intervals: 95% paired BCa bootstrap.")
+
+
+def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | None = None) -> list[Section]:
+    sections = [headline(summary), decision(summary), slices(summary, rule, metric), worst(summary, metric)]
+    if data is not None:
+        if "train" in data:
+            sections.append(training(data["train"]))
+        sections += [input_data(data["extract"], data["split"]), groups(data["extract"], data["split"]),
+                     position_bias()]
+    sections.append(definitions(summary))
+    return [section for section in sections if section is not None]
+
+
+def headline(summary: dict) -> Section:
+    models = summary["models"]
+    names = list(models)
+    gallery = ("the whole catalog, quarantined images excluded" if summary["gallery_kind"] == "catalog"
+               else "test-split images only")
+    baseline = (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
+                " (no champion registered yet, so the untrained starting model)")
+    rows, tones = [], []
+    for name in models["candidate"]:
+        delta = summary["delta_vs_baseline"][name]
+        rows.append([name, *(f"{models[n][name]:.4f}" for n in names), f"{delta['mean']:+.4f}",
+                     f"[{delta['low']:+.4f}, {delta['high']:+.4f}]"])
+        tones.append("bad" if delta["high"] < 0 else "good" if delta["low"] > 0 else "")
+    return Section(
+        "headline", f"Recall report — run `{summary['run_id']}`", level=1, warnings=list(summary.get("warnings", [])),
+        text=[f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}). "
+              f"Baseline for promotion: **{summary['baseline']}**{baseline}.", reindex_sentence(summary)],
+        tables=[Table(["metric", *names, f"candidate − {summary['baseline']}", "95% CI (paired BCa bootstrap)"],
+                      rows, tones)])
+
+
+def decision(summary: dict) -> Section | None:
+    decided = summary.get("decision")
+    if decided is None:
+        return None
+    verdict = "**promote**: every gate passes" if decided["promoted"] else "**do not promote**"
+    return Section(
+        "decision", "Promotion decision",
+        text=[f"{verdict} (promote moves `champion` only if the registry's champion is still the one compared "
+              "against)."],
+        tables=[Table(["gate", "result", "numbers"],
+                      [[g["gate"], "pass" if g["passed"] else "**FAIL**", g["detail"]] for g in decided["gates"]],
+                      ["good" if g["passed"] else "bad" for g in decided["gates"]])])
+
+
+def slices(summary: dict, rule: SliceRule, metric: str) -> Section:
+    rows, tones = [], []
+    for row in summary["slices"]:
+        small = f"not gated (< {rule.min_queries} queries)"
+        flag = "**regressed**" if row["flagged"] else "" if row["gated"] else small
+        keyword = "–" if row.get("keyword") is None else f"{row['keyword']:.4f}"
+        rows.append([row["family"], str(row["slice"]), str(row["queries"]), f"{row['candidate']:.4f}",
+                     f"{row['baseline']:.4f}", keyword,
+                     f"{row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]", f"{row['p_value']:.3g}", flag])
+        tones.append("bad" if row["flagged"] else "")
+    flagged = ", ".join(summary["flagged_slices"]) or "none"
+    return Section("slices", "Slices",
+                   text=[f"{metric} per slice, candidate vs {summary['baseline']}; flagged slices: {flagged}. "
+                         + rule.sentence()],
+                   tables=[Table(["family", "slice", "queries", "candidate", "baseline", "keyword (bm25)",
+                                  "difference [95% CI]", "p (one-sided)", "flag"], rows, tones)])
+
+
+def worst(summary: dict, metric: str) -> Section:
+    items = summary["worst_queries"]
+    text = ("Ranked by the loss times the query's held-out click weight, so a query with a single click the "
+            "baseline found by luck does not lead the list.")
+    if not items:
+        text = f"The candidate lost on no held-out query ({metric}) against the {summary['baseline']}."
+    return Section("worst", f"Where the candidate lost most ({metric})", text=[text], tables=[Table(
+        ["query", "candidate", summary["baseline"], "held-out click weight"],
+        [[item["query"], f"{item['candidate']:.3f}", f"{item['baseline']:.3f}", f"{item.get('click_weight', 0):.2f}"]
+         for item in items])] if items else [])
+
+
+def training(train: dict) -> Section:
+    history = train.get("history", [])
+    return Section(
+        "training", "Training", warnings=list(train.get("warnings", [])),
+        text=[f"{train['epochs']} epochs, {train['steps']} steps in {train['seconds']} s ({train['samples_per_s']} "
+              f"samples/s); best validation recall@10 {train['best_val_recall@10']}; started from "
+              f"{train['start_weights']}."],
+        tables=[Table(["epoch", "train loss", "validation loss", "validation recall@10"],
+                      [[str(h["epoch"]), str(h.get("train_loss", "–")), str(h.get("val_loss", "–")),
+                        str(h.get("val_recall_at_10", "–"))] for h in history])] if history else [])
+
+
+def input_data(extract: dict, split: dict) -> Section:
+    weighting = extract.get("weighting", {})
+    bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
+                      for name, band in extract["query_bands"].items())
+    images = [[reason, str(n)] for reason, n in split["images_quarantined_by_reason"].items()] or [["(none)", "0"]]
+    return Section(
+        "input", "Input data", warnings=list(extract.get("warnings", [])),
+        text=[f"Pair weighting: configured `{weighting.get('configured', '?')}`, applied "
+              f"`{weighting.get('effective', '?')}`.",
+              f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} + quarantined "
+              f"{extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; queries over the model's "
+              f"{extract.get('text_context', 77)}-token text context (kept, truncated): "
+              f"{extract['long_queries_truncated']}.",
+              f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images ({bands}).",
+              f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "
+              f"{split['images_quarantined']}; {split['pairs_excluded']} pairs excluded because their image was "
+              "quarantined.",
+              f"**{leak_audit_sentence(split.get('leak_audit'))}**"],
+        tables=[Table(["event quarantine reason", "rows"],
+                      [[reason, str(n)] for reason, n in extract["quarantined_by_reason"].items()]),
+                Table(["image quarantine reason", "images"], images)])
+
+
+def groups(extract: dict, split: dict) -> Section:
+    sticky = split["sticky"]
+    giant = split["giant_groups"]
+    return Section(
+        "groups", "Groups", level=3,
+        warnings=[f"giant groups above the configured size: {', '.join(giant)}"] if giant else [],
+        text=[f"Near-duplicate pairs by hash: {split['near_duplicate_pairs']}; {split['groups']} groups, the largest "
+              f"{split['largest_group']} images. Group sizes (size: groups): "
+              + ", ".join(f"{size}: {n}" for size, n in split["group_size_histogram"].items()) + ".",
+              f"Sticky splits: {sticky['new_groups']} new groups, {sticky['grown_groups']} grown, "
+              f"{sticky['linked_groups']} linked across splits ({sticky['images_excluded']} images excluded); "
+              f"{sticky.get('cross_product_links_cut', 0)} near-duplicate links between different products cut in "
+              f"giant groups ({sticky.get('images_excluded_by_cut_links', 0)} images on the later split's side "
+              f"excluded); split registry version {split['registry_version']}. Pairs with held-out queries: "
+              f"{split['pairs_heldout_queries']}."],
+        figures=[("groups.png", "the largest groups, one per row")])
+
+
+def position_bias() -> Section:
+    return Section("position", "Position bias", level=3,
+                   text=["Examination probability per position, estimated from the log by EM under the "
+                         "position-based model; training weights are clicks divided by it (clipped)."],
+                   figures=[("propensity.png", "propensity curve")])
+
+
+def definitions(summary: dict) -> Section:
+    return Section("definitions", "Definitions", bullets=[
+        "Held-out queries: normalised queries with at least one click on a test-split image.",
+        *relevance_sentences(summary),
+        "recall@k: share of a query's relevant images among its top k results, averaged over queries.",
+        "hit@k: share of queries with at least one relevant image in the top k.",
+        "MRR: mean of 1 / rank of the first relevant image (0 when none is retrieved).",
+        "nDCG@10: DCG@10 / ideal DCG@10 with DCG@10 = Σ gain / log2(rank + 1) over the top 10, the gain of an "
+        "image being its held-out click weight (position-debiased clicks).",
+        "Search: " + search_sentence(summary["search"]),
+        "bm25: the text-only baseline, queries matched to catalog titles by BM25 (no image model).",
+        "new query / seen image: held-out queries (never trained on) with their clicks on training images, "
+        "searched over the whole catalog; reported as a slice, not in the headline table.",
+        "CI: 95% bias-corrected and accelerated (BCa) bootstrap interval from 2,000 paired resamples of the "
+        "held-out queries; both models scored on the same queries.",
+        "Models: candidate = this run's best checkpoint; champion = the registry's `champion` alias; start = the "
+        "model training started from."])

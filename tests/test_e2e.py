@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny demo shop, through the CLI, twice."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -331,6 +332,23 @@ def test_a_changed_gate_re_decides_and_a_changed_model_name_logs_to_a_fresh_mlfl
     other = _promote_again(cfg.model_copy(update={"promote": renamed}), work, "week-1")(training_run, out)
     assert other.summary["mlflow_run_id"] != training_run
     assert client.get_run(other.summary["mlflow_run_id"]).data.tags["clickclip.training_mlflow_run_id"] == training_run
+
+
+def test_next_weeks_evaluate_loads_the_champion_in_a_fresh_process(first_and_second_run, tmp_path):
+    """What the second weekly run does first, in a process where nothing set MLflow's global URI."""
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    config = tmp_path / "c.json"
+    config.write_text(cfg.model_dump_json())
+    code = ("import sys, json; from pathlib import Path; from pipeline.config import RunConfig; "
+            "from pipeline.stages.evaluate import champion_model; "
+            "cfg = RunConfig.model_validate_json(Path(sys.argv[1]).read_text()); "
+            "bundle, version = champion_model(cfg, Path(sys.argv[2]), 'next-week'); print(json.dumps(version))")
+    clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "download")], capture_output=True,
+                         text=True, timeout=300, env=clean)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == "1"
 
 
 def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run, tmp_path):

@@ -161,8 +161,11 @@ def download_checkpoint(cfg: PromoteConfig, version: str, workdir: Path) -> Path
     import mlflow
 
     with _store(cfg, f"downloading version {version}"):
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{cfg.model_name}/{version}", dst_path=str(workdir), tracking_uri=tracking_uri(cfg)))
+        # the version's own artifact location, from this store's registry: a models:/ URI would be
+        # resolved through MLflow's process-wide registry URI, which clickclip never sets
+        source = client_for(cfg).get_model_version_download_uri(cfg.model_name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
+                                                         tracking_uri=tracking_uri(cfg)))
     return local / registered_artifact(local, CHECKPOINT_ARTIFACT)
 
 

@@ -207,6 +207,9 @@ def init(
     except ClickclipError as exc:
         out.unlink(missing_ok=True)
         _fail(exc)
+    if pretrained is None:
+        console.print(f"[bold yellow]warning:[/] no --pretrained: {model} will start from random weights, which is "
+                      "slow to train on a CPU and generalises poorly; set train.pretrained to a local weights file")
     console.print(f"wrote {out}; check the data block, then: clickclip run --config {out}")
 
 

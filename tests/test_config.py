@@ -127,3 +127,15 @@ def test_init_writes_a_config_for_a_shops_own_data(tmp_path):
     assert cfg.train.model == "ViT-B-32" and cfg.extract.window.last_days == 28
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_mistakes_are_named_by_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    typo = runner.invoke(app, ["run", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.epoch=3"])
+    assert typo.exit_code == 2 and "did you mean 'train.epochs'" in " ".join(typo.output.split())
+    missing = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "nope.yaml does not exist" in " ".join(missing.output.split())

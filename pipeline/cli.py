@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -23,11 +24,15 @@ console = Console(stderr=True)
 
 @app.callback()
 def _mask_credentials() -> None:
-    """Every command: credentials in URIs are masked in all this process prints, tracebacks included."""
+    """Every command: credentials in URIs are masked in all this process prints, tracebacks and
+    library logs included."""
     from pipeline.runner import RedactingStream
 
     if not isinstance(sys.stdout, RedactingStream):
         sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    # one plain handler for library logs, on the masked stderr, before any library installs its own
+    # (Lightning then logs through it instead of printing every line twice)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
 
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="run config YAML (see configs/)")]

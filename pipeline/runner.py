@@ -93,8 +93,9 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def quiet_library_logs() -> None:
-    """Library chatter off by default: bm25s's debug lines, Lightning's advertising tips."""
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    """Library chatter off by default: Lightning's advertising tips, and each Lightning line once
+    (its package logger has a handler of its own; passing lines on to the root's printed them twice)."""
+    logging.getLogger("lightning").propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "Tip:" not in record.getMessage())
 

@@ -3,12 +3,15 @@ adds over plain text search."""
 
 from __future__ import annotations
 
+import logging
+
 
 def bm25_rankings(queries: list[str], titles: list[str], ids: list[str], k: int) -> list[list[str]]:
     """Top-k ids per query by BM25 of the query against each title; titles sharing no term with
     the query are not retrieved (keyword search returns nothing for them)."""
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its import sets DEBUG: one line per index built
     if not ids or not queries:
         return [[] for _ in queries]
     retriever = bm25s.BM25()

@@ -92,12 +92,16 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _no_tips(record: logging.LogRecord) -> bool:
+    return "Tip:" not in record.getMessage()
+
+
 def quiet_library_logs() -> None:
     """Library chatter off by default: Lightning's advertising tips, and each Lightning line once
-    (its package logger has a handler of its own; passing lines on to the root's printed them twice)."""
+    (its package logger has a handler of its own; passing lines on to the root's printed them twice).
+    Safe to call once per stage: the same filter is added once."""
     logging.getLogger("lightning").propagate = False
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "Tip:" not in record.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
 
 def run_stage(run: Run, stage: str) -> dict:

@@ -16,6 +16,13 @@ class GateInputs:
     leak_audit_passed: bool
     finished_without_nan: bool
 
+    @classmethod
+    def from_summaries(cls, extract: dict, leak_audit: dict, train: dict) -> GateInputs:
+        """From extract's and train's summaries and the leak audit's result (leak_audit.json)."""
+        return cls(quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
+                   leak_audit_passed=bool(leak_audit["passed"]),
+                   finished_without_nan=train["finished_without_nan"])
+
 
 def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
     """Each gate with pass/fail and the numbers behind it."""

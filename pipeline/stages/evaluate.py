@@ -364,10 +364,8 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
             "figures": [inputs.output("extract", "propensity").with_suffix(".png"),
                         inputs.output("split", "groups_sheet")],
             # what promote's gates need besides the figures: known now, so the report shows the decision
-            "gate_inputs": GateInputs(
-                quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
-                leak_audit_passed=bool(split.get("leak_audit", {}).get("passed")),
-                finished_without_nan=train["finished_without_nan"])}
+            "gate_inputs": GateInputs.from_summaries(
+                extract, json.loads(inputs.output("split", "leak_audit").read_text()), train)}
     result = evaluate(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"),
                       inputs.output("train", "weights").parent, out_dir, inputs.report_dir, inputs.run_id, data)
     return StageOutput({"metrics": result.metrics, "report": result.report}, result.summary)

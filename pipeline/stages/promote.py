@@ -95,10 +95,8 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     extract, split, train, evaluation = (inputs.summary(s) for s in ("extract", "split", "train", "evaluate"))
-    gate_inputs = GateInputs(
-        quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
-        leak_audit_passed=json.loads(inputs.output("split", "leak_audit").read_text())["passed"],
-        finished_without_nan=train["finished_without_nan"])
+    gate_inputs = GateInputs.from_summaries(
+        extract, json.loads(inputs.output("split", "leak_audit").read_text()), train)
     lineage = {"git_commit": train.get("git_commit", inputs.git_commit),
                "source_sha256": train.get("source_sha256", inputs.code_digest),
                "input_events_sha256": inputs.digests["events"], "input_images_sha256": inputs.digests["images"],

@@ -150,6 +150,7 @@ class SplitConfig(Strict):
     # 16x16 pHash (256 bits) at t=24: planted duplicates found 98.3% (600-product demo) and 99.4%
     # (180,000 products), groups mixing products by hash alone 0.00% and 0.41%; t=40 mixed 2.6% at
     # 180,000 products, 8x8 at t=6 found 98% but mixed 3.4% (bench_split.py --sweep, RESULTS.md)
+    # (measured with plain transitive grouping, before giant groups were regrouped by product)
     hash_size: int = Field(default=16, ge=4, le=32)
     max_distance: int = Field(default=24, ge=0, le=1024)
     fractions: SplitFractions = SplitFractions()

@@ -208,6 +208,25 @@ class TrainConfig(Strict):
     # when output is not a terminal (a scheduler's log), a progress line every this many steps and
     # at every epoch's end (0: epochs only)
     log_every_steps: int = Field(default=50, ge=0)
+    # cold start: first train contrastively on the catalog's own (image, title) pairs of the train
+    # split for this many epochs, then on clicks
+    warm_start: Literal["none", "titles"] = "none"
+    warm_start_epochs: int = Field(default=1, ge=1)
+    # WiSE-FT: after training, score θ(α) = (1 − α) θ_start + α θ_trained on the validation pairs for
+    # each α here and keep the best (the first of equals); (1.0,) keeps the trained weights as they are
+    wise_ft_alphas: tuple[float, ...] = (1.0,)
+    # hard negatives mined once, before training, from the starting model's nearest training images
+    # of each query (never a known positive nor the same product or group as one); packed into the
+    # query's batch. 0 = off
+    hard_negatives: int = Field(default=0, ge=0)
+    hard_negative_pool: int = Field(default=50, ge=1)
+
+    @field_validator("wise_ft_alphas")
+    @classmethod
+    def _alphas(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0.0 <= a <= 1.0 for a in value):
+            raise ValueError("must be a non-empty list of interpolation weights in [0, 1]")
+        return value
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -248,6 +267,21 @@ class EvaluateConfig(Strict):
     # from this gallery size on, an HNSW index is also built and its recall vs exact search reported
     # (the metrics, and so the gates, always come from exact search)
     ann_min_gallery: int = Field(default=200_000, ge=1)
+    # hybrid retrieval: the dense list fused with BM25 over titles; the weight on the dense list
+    # is tuned on validation queries over this grid (0 = keyword search's order, listed first so a
+    # tie keeps it), and reciprocal rank fusion is reported beside it with this constant
+    hybrid_weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    rrf_k: int = Field(default=60, ge=1)
+    # products as image + title: vector = normalise((1 − β) image + β title text), β tuned on
+    # validation over this grid (0 = image only)
+    title_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+
+    @field_validator("hybrid_weights", "title_weights")
+    @classmethod
+    def _unit_grid(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0.0 <= w <= 1.0 for w in value):
+            raise ValueError("must be a non-empty list of weights in [0, 1]")
+        return value
 
     @field_validator("ks")
     @classmethod
@@ -263,6 +297,9 @@ class GatesConfig(Strict):
     min_candidate: float = Field(default=0.0, ge=0, le=1)  # floor on the candidate's promote.metric
     use_lower_bound: bool = True  # compare the 95% CI's lower bound of candidate − baseline, not its mean
     max_quarantine_rate: float = Field(default=0.2, ge=0, le=1)  # share of event rows quarantined
+    # against a champion: the served candidate may not lose more than this on promote.metric over the
+    # held-out queries whose test images earlier runs had already registered (the sticky held-out set)
+    max_earlier_heldout_regression: float = Field(default=0.02, ge=0)
 
 
 class PromoteConfig(Strict):
@@ -271,6 +308,9 @@ class PromoteConfig(Strict):
     tracking_uri: str | None = None
     metric: str = "recall@10"
     margin: float = 0.0
+    # what the gate measures: the dense model alone, or the hybrid (dense + keyword) search that
+    # production serves; the candidate's and the baseline's configuration of that kind are compared
+    serve_as: Literal["dense", "hybrid"] = "dense"
     gates: GatesConfig = GatesConfig()
 
 
@@ -303,8 +343,10 @@ class RunConfig(Strict):
 
 
 def evaluated_metrics(ks: tuple[int, ...]) -> list[str]:
-    """The metric names evaluate reports for each model (see pipeline.retrieval.metrics)."""
-    return [f"recall@{k}" for k in ks] + [f"hit@{k}" for k in ks] + ["mrr", "ndcg@10"]
+    """The metric names evaluate reports for each model (see pipeline.retrieval.metrics and
+    pipeline.retrieval.debiased for the position-debiased snips_ ones)."""
+    return ([f"recall@{k}" for k in ks] + [f"hit@{k}" for k in ks] + ["mrr", "ndcg@10"]
+            + [f"snips_recall@{k}" for k in ks] + ["snips_ndcg@10"])
 
 
 # settings that change how fast or where a stage runs, never what it produces: not in any fingerprint

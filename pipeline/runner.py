@@ -16,6 +16,7 @@ from rich.console import Console
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.errors import StageError, Stopped
+from pipeline.report.sections import headline_names
 from pipeline.report.sentences import leak_audit_sentence
 from pipeline.runs import Run, run_lock
 from pipeline.stages import STAGE_NAMES, StageOutput, stage_spec
@@ -227,8 +228,8 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
         f"images kept {summaries['split']['images_kept']}, quarantined {summaries['split']['images_quarantined']}; "
         + leak_audit_sentence(summaries["split"].get("leak_audit")).replace("Leak audit", "leak audit", 1),
     ]
-    for k in cfg.evaluate.ks:
-        row = "  ".join(f"{name} {values[f'recall@{k}']:.4f}" for name, values in models.items())
+    for k in cfg.evaluate.ks:  # each model dense and hybrid, and keyword search; the report has every configuration
+        row = "  ".join(f"{name} {models[name][f'recall@{k}']:.4f}" for name in headline_names(evaluation))
         lines.append(f"recall@{k}: {row}")
     verdict = "PROMOTED to champion" if decision["promoted"] else "not promoted"
     lines += [

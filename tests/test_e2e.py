@@ -63,6 +63,23 @@ def test_trained_model_beats_untrained_on_test_split(first_and_second_run):
     assert json.loads((report.parent / "metrics.json").read_text())["models"] == metrics
 
 
+def test_hybrid_and_title_configurations_are_tuned_on_validation_and_reported(first_and_second_run):
+    _, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    summary = json.loads((_run_dir(work) / "evaluate" / "metrics.json").read_text())
+    models = summary["models"]
+    for name in ("hybrid(candidate)", "hybrid_rrf(candidate)", "candidate+title", "hybrid(start)"):
+        assert {"recall@10", "ndcg@10", "snips_recall@10", "snips_ndcg@10"} <= set(models[name]), name
+    tuning = summary["tuning"]["candidate"]
+    assert tuning["tuned_on_queries"] > 0
+    # weight 0 is keyword search's own order, so the tuned fusion is never below BM25 on validation
+    assert max(score for _, score in tuning["hybrid_curve"]) >= tuning["keyword_on_val"]
+    assert tuning["hybrid_weight"] in [w for w, _ in tuning["hybrid_curve"]]
+    assert summary["served"] == {"as": "dense", "candidate": "candidate", "baseline": "start"}
+    assert summary["debiased"]["effective_sample_size"] > 0
+    assert any(row["family"] == "query kind" for row in summary["slices"])
+
+
 def test_nothing_is_lost_and_nothing_leaks(first_and_second_run):
     _, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output
@@ -127,7 +144,8 @@ def test_html_report_renders_in_headless_chromium_without_broken_images(first_an
     # the report holds the decision, the keyword column per slice, training and the groups
     for section in ("<h2>Promotion decision</h2>", "beats_baseline", "keyword (bm25)", "<h2>Training</h2>",
                     'alt="training curves"', "<h3>Groups</h3>", 'alt="group size histogram"', "held-out click weight",
-                    "Leak audit: passed"):
+                    "Leak audit: passed", "<h2>Served configurations</h2>", 'alt="tuning curves"',
+                    "hybrid(candidate)", "snips_recall@10"):
         assert section in page, section
     markdown = (report.parent / "recall.md").read_text()
     assert "## Promotion decision" in markdown and "## Training" in markdown and "keyword (bm25)" in markdown

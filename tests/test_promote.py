@@ -236,3 +236,38 @@ def test_the_decision_line_prints_the_relation_that_holds():
                "champion_version": None}
     assert champion_line(refused).startswith("champion: none yet") and "models:/" not in champion_line(refused)
     assert champion_line(refused | {"champion_version": "2"}) == "champion: models:/m@champion = version 2"
+
+
+@pytest.mark.parametrize("model", ["candidate", "hybrid(candidate)", "candidate+title", "hybrid_rrf(champion)"])
+def test_every_configuration_logs_under_a_name_mlflow_accepts(model):
+    """Regression: `eval.candidate+title.recall_at_1` made MLflow refuse the whole log batch."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from pipeline.stages.promote import metric_key
+
+    key = metric_key(model, "snips_recall@10")
+    _validate_metric_name(key)
+    assert key.endswith(".snips_recall_at_10")
+
+
+def test_serve_as_hybrid_gates_on_the_hybrid_configurations():
+    evaluation = _evaluation(0.10, 0.10) | {"served": {"as": "hybrid", "candidate": "hybrid(candidate)",
+                                                       "baseline": "hybrid(champion)"}}
+    evaluation["models"] |= {"hybrid(candidate)": {"recall@10": 0.40}, "hybrid(champion)": {"recall@10": 0.30}}
+    # evaluate computes delta_vs_baseline for the served pair; the floor gate reads the served candidate
+    evaluation["delta_vs_baseline"] = {"recall@10": {"mean": 0.10, "low": 0.05, "high": 0.15}}
+    promoted, _, gates = decide(evaluation, PromoteConfig(serve_as="hybrid", gates={"min_candidate": 0.35}), FINE)
+    assert promoted
+    floor = next(g for g in gates if g["gate"] == "min_candidate")
+    assert floor["detail"].startswith("hybrid(candidate) recall@10 0.4000")
+    assert "hybrid(candidate) − hybrid(champion)" in next(g for g in gates if g["gate"] == "beats_baseline")["detail"]
+
+
+def test_a_regression_on_earlier_runs_held_out_queries_blocks_promotion():
+    evaluation = _evaluation(0.35, 0.30) | {"earlier_heldout": {"queries": 40, "delta": -0.05, "low": -0.09,
+                                                                "high": -0.01}}
+    promoted, reason, _ = decide(evaluation, PromoteConfig(), FINE)
+    assert not promoted and "earlier_heldout" in reason and "-0.0500 < −0.02" in reason
+    evaluation["earlier_heldout"]["delta"] = -0.01
+    assert decide(evaluation, PromoteConfig(), FINE)[0]
+    assert decide(evaluation | {"earlier_heldout": {"queries": 0}}, PromoteConfig(), FINE)[0]

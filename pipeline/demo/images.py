@@ -112,13 +112,21 @@ def _backdrop(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def render_photo(look: ProductLook, rng: np.random.Generator) -> Image.Image:
-    """One photo of a product: its own backdrop and a slightly different framing."""
-    shift = (float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05)))
-    zoom = float(rng.uniform(0.9, 1.1))
+def render_photo(look: ProductLook, rng: np.random.Generator, lifestyle: bool = False) -> Image.Image:
+    """One photo of a product: its own backdrop and a slightly different framing. A lifestyle
+    photo shows the product smaller, off-centre, among other objects."""
+    spread = 0.15 if lifestyle else 0.05
+    shift = (float(rng.uniform(-spread, spread)), float(rng.uniform(-spread, spread)))
+    zoom = float(rng.uniform(0.6, 0.75)) if lifestyle else float(rng.uniform(0.9, 1.1))
     mask = Image.new("L", (SIZE, SIZE), 0)
     ImageDraw.Draw(mask).polygon(_outline(look, shift, zoom), fill=255)
     photo = _backdrop(rng)
+    if lifestyle:  # a room around the product: furniture-sized blocks in other colours
+        draw = ImageDraw.Draw(photo)
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = rng.uniform(0, 0.8, 2) * SIZE
+            w, h = rng.uniform(0.15, 0.4, 2) * SIZE
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     product = _pattern_layer(look)
     bx, by, br, grey = look.badge
     ImageDraw.Draw(product).ellipse([(bx - br) * SIZE, (by - br) * SIZE, (bx + br) * SIZE, (by + br) * SIZE],

@@ -2,7 +2,12 @@
 
 Writes `<out>/images/*.png|jpg`, `<out>/images.parquet` (the catalog), `<out>/events/date=*/`
 (the click log, hive-partitioned Parquet) and `<out>/truth/` (what was planted: duplicates,
-true examination propensities, the relevance of every (query, image) shown).
+true examination propensities, the relevance of every (query, image) shown, each query's kind:
+descriptive or a model number).
+
+Each retrieval method has something to win: titles use merchants' words, not shoppers' ("Drk Blu
+Jkt" for "navy rain shell"); some products have an untitled lifestyle photo; some sessions type a
+model number that only titles carry.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ TITLE_PATTERN = {"plain": ["", "Solid"], "striped": ["Strp", "Striped"], "dotted
 QUERY_PATTERN = {"plain": ["plain"], "striped": ["striped", "stripes"], "dotted": ["polka dot"],
                  "checked": ["plaid", "checked"]}
 BRANDS = ["ACME", "Nordvik", "Lumo", "Hanako", "Basics&Co", "Verde", "Tallis", "Ozu"]
+BRAND_CODES = {"ACME": "AC", "Nordvik": "NV", "Lumo": "LM", "Hanako": "HN", "Basics&Co": "BC", "Verde": "VD",
+               "Tallis": "TL", "Ozu": "OZ"}
+IDENTIFIER_SHARE = 0.08  # sessions searching a model number: keyword search's home ground
+LIFESTYLE_SHARE = 0.2  # products with an extra untitled lifestyle photo (the product in a room)
 PATTERN_NAMES = list(PATTERNS)
 CATEGORIES = list(SILHOUETTES)
 COLOUR_NAMES = list(COLOURS)
@@ -70,10 +79,18 @@ def true_propensities(positions: int = RESULTS_PER_QUERY) -> list[float]:
     return [round(1.0 / (1 + 0.35 * (p - 1)), 6) for p in range(1, positions + 1)]
 
 
-def _title(rng: np.random.Generator, category: str, colour: str, pattern: str) -> str | None:
+def model_number(brand: str, index: int) -> str:
+    """A product's model number as merchants print it in titles, e.g. NV-1042."""
+    return f"{BRAND_CODES[brand]}-{1000 + index}"
+
+
+def _title(rng: np.random.Generator, category: str, colour: str, pattern: str, brand: str,
+           number: str) -> str | None:
     if rng.random() < 0.03:
         return None
-    parts = [str(rng.choice(BRANDS)), str(rng.choice(TITLE_CATEGORY[category]))]
+    parts = [brand, str(rng.choice(TITLE_CATEGORY[category]))]
+    if rng.random() < 0.85:
+        parts.append(number)
     if rng.random() < 0.75:  # merchants often leave attributes out
         parts.append(str(rng.choice(TITLE_COLOUR[colour])))
     if rng.random() < 0.6:
@@ -83,7 +100,8 @@ def _title(rng: np.random.Generator, category: str, colour: str, pattern: str) -
     return " ".join(w for w in words if w)
 
 
-def _catalog(rng: np.random.Generator, n_products: int, root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _catalog(rng: np.random.Generator, n_products: int, root: Path, lifestyle_share: float = LIFESTYLE_SHARE
+             ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Draw products and their photos; plant near-duplicate re-uploads under new product ids."""
     root.mkdir(parents=True, exist_ok=True)
     rows, dups = [], []
@@ -93,19 +111,26 @@ def _catalog(rng: np.random.Generator, n_products: int, root: Path) -> tuple[pl.
         pattern = PATTERN_NAMES[int(rng.integers(len(PATTERN_NAMES)))]
         look = draw_look(rng, category, colour, pattern)
         product_id = f"P{index:06d}"
-        title = _title(rng, category, colour, pattern)
-        for photo_index in range(int(rng.integers(1, 4))):
+        brand = str(rng.choice(BRANDS))
+        number = model_number(brand, index)
+        title = _title(rng, category, colour, pattern, brand, number)
+        photos = int(rng.integers(1, 4))
+        lifestyle = rng.random() < lifestyle_share
+        for photo_index in range(photos + lifestyle):
             image_id = f"I{index:06d}{photo_index}"
-            photo = render_photo(look, rng)
+            in_room = photo_index == photos  # the last photo of a product with a lifestyle shot
+            photo = render_photo(look, rng, lifestyle=in_room)
             photo.save(root / f"{image_id}.png")
-            rows.append((image_id, f"{image_id}.png", product_id, title, category, colour, pattern))
-            if rng.random() < 0.05:
+            # lifestyle photos come from a content team's feed, without the merchant's title
+            rows.append((image_id, f"{image_id}.png", product_id, None if in_room else title, category, colour,
+                         pattern, number))
+            if not in_room and rng.random() < 0.05:
                 dup_id, dup_product = f"D{index:06d}{photo_index}", f"R{index:06d}"
                 near_duplicate(photo, rng).save(root / f"{dup_id}.jpg", quality=int(rng.integers(80, 96)))
-                dup_title = _title(rng, category, colour, pattern)
-                rows.append((dup_id, f"{dup_id}.jpg", dup_product, dup_title, category, colour, pattern))
+                dup_title = _title(rng, category, colour, pattern, brand, number)
+                rows.append((dup_id, f"{dup_id}.jpg", dup_product, dup_title, category, colour, pattern, number))
                 dups.append((dup_id, image_id))
-    columns = ["image_id", "path", "product_id", "title", "category", "colour", "pattern"]
+    columns = ["image_id", "path", "product_id", "title", "category", "colour", "pattern", "model_number"]
     catalog = pl.DataFrame(rows, schema=columns, orient="row")
     duplicates = pl.DataFrame(dups, schema=["image_id", "duplicate_of"], orient="row")
     return catalog, duplicates
@@ -145,28 +170,56 @@ def relevance(intent: tuple[str, str | None, str | None], attrs: tuple[str, str,
     return 0.2
 
 
-def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int) -> pl.DataFrame:
-    """Sessions under a position-based model: click = examined(position) and attracted(relevance)."""
+def _identifier_query(rng: np.random.Generator, number: str, brand_of: dict[str, str]) -> str:
+    """How shoppers type a model number: as printed, the digits after the brand, or the digits."""
+    code, digits = number.split("-")
+    return str(rng.choice([number.lower(), f"{brand_of[code].lower()} {digits}", digits]))
+
+
+def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int,
+               identifier_share: float = IDENTIFIER_SHARE) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Sessions under a position-based model: click = examined(position) and attracted(relevance).
+
+    Most sessions describe what they want (category, colour, pattern); IDENTIFIER_SHARE of them
+    type a product's model number. Returns the events and, per query, its kind and target."""
     propensity = np.array(true_propensities())
     ids = catalog["image_id"].to_numpy()
     attrs = list(zip(catalog["category"], catalog["colour"], catalog["pattern"], strict=True))
-    by_category = {c: np.flatnonzero(catalog["category"].to_numpy() == c) for c in CATEGORIES}
+    categories = catalog["category"].to_numpy()
+    numbers = catalog["model_number"].to_numpy()
+    products = np.unique(numbers)
+    product_order = rng.permutation(len(products))
+    product_zipf = 1.0 / np.arange(1, len(products) + 1) ** 1.05
+    product_zipf /= product_zipf.sum()
+    brand_of = {code: brand for brand, code in BRAND_CODES.items()}
+    by_category = {c: np.flatnonzero(categories == c) for c in CATEGORIES}
     intents = _intents(rng)
     zipf = 1.0 / np.arange(1, len(intents) + 1) ** 1.1
     zipf /= zipf.sum()
-    pools: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    rows = []
+    pools: dict[object, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    rows, kinds = [], {}
     for session in range(n_sessions):
-        which = int(rng.choice(len(intents), p=zipf))
-        intent = intents[which]
-        query = _surface_form(rng, intent)
-        if which not in pools:
-            # the production ranker's candidates and its (noisy) idea of their relevance, per intent
-            pool = np.unique(np.concatenate([rng.choice(by_category[intent[0]], 40),
-                                             rng.integers(0, len(ids), 20)]))
-            rel = np.array([relevance(intent, attrs[i]) for i in pool])
-            pools[which] = (pool, rel, rel + rng.normal(0, 0.6, len(pool)))
-        pool, rel, score = pools[which]
+        if rng.random() < identifier_share:
+            number = str(products[product_order[int(rng.choice(len(products), p=product_zipf))]])
+            key, query = ("number", number), _identifier_query(rng, number, brand_of)
+            kinds.setdefault(query, ("identifier", number))
+            if key not in pools:
+                own = np.flatnonzero(numbers == number)
+                pool = np.unique(np.concatenate([own, rng.choice(by_category[categories[own[0]]], 30)]))
+                rel = (numbers[pool] == number).astype(float)
+                pools[key] = (pool, rel, rel + rng.normal(0, 0.8, len(pool)))
+        else:
+            which = int(rng.choice(len(intents), p=zipf))
+            intent = intents[which]
+            key, query = which, _surface_form(rng, intent)
+            kinds.setdefault(query, ("descriptive", "/".join(str(part) for part in intent)))
+            if key not in pools:
+                # the production ranker's candidates and its (noisy) idea of their relevance, per intent
+                pool = np.unique(np.concatenate([rng.choice(by_category[intent[0]], 40),
+                                                 rng.integers(0, len(ids), 20)]))
+                rel = np.array([relevance(intent, attrs[i]) for i in pool])
+                pools[key] = (pool, rel, rel + rng.normal(0, 0.6, len(pool)))
+        pool, rel, score = pools[key]
         # per-session jitter moves the same image across positions, which makes position bias estimable
         order = np.argsort(-(score + rng.normal(0, 0.4, len(pool))))[:RESULTS_PER_QUERY]
         start = START + timedelta(seconds=int(rng.integers(0, DAYS * 86400)))
@@ -176,14 +229,16 @@ def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int)
             clicked = bool(rng.random() < propensity[position - 1] * attract)
             dwell = int(rng.lognormal(8.5 + 1.5 * rel[pick], 0.5)) if clicked else None
             ts = start + timedelta(milliseconds=int(position * 150 + rng.integers(0, 100)))
-            rows.append((ts, session_id, query, str(ids[pool[pick]]), position, clicked, dwell,
-                         float(rel[pick]), intent))
-    return pl.DataFrame(
-        [r[:8] for r in rows], orient="row",
+            rows.append((ts, session_id, query, str(ids[pool[pick]]), position, clicked, dwell, float(rel[pick])))
+    events = pl.DataFrame(
+        rows, orient="row",
         schema={"event_ts": pl.Datetime("us"), "session_id": pl.Utf8, "query": pl.Utf8,
                 "image_id": pl.Utf8, "position": pl.Int32, "clicked": pl.Boolean,
                 "dwell_ms": pl.Int32, "relevance": pl.Float64},
     )
+    queries = pl.DataFrame([(q, kind, target) for q, (kind, target) in sorted(kinds.items())], orient="row",
+                           schema=["query", "kind", "target"])
+    return events, queries
 
 
 def _bad_rows(rng: np.random.Generator, events: pl.DataFrame) -> pl.DataFrame:
@@ -215,12 +270,15 @@ def _bot_session(rng: np.random.Generator, events: pl.DataFrame, impressions: in
     }, schema=events.schema)
 
 
-def generate(out: Path, products: int = 600, sessions: int = 20000, seed: int = 0) -> DemoSummary:
-    """Write the demo shop to `out`; the same seed and sizes give the same bytes in the tables."""
+def generate(out: Path, products: int = 600, sessions: int = 20000, seed: int = 0,
+             identifier_share: float = IDENTIFIER_SHARE, lifestyle_share: float = LIFESTYLE_SHARE) -> DemoSummary:
+    """Write the demo shop to `out`; the same seed and sizes give the same bytes in the tables.
+    `identifier_share` of sessions search a model number; `lifestyle_share` of products get an
+    untitled lifestyle photo."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    catalog, duplicates = _catalog(rng, products, out / "images")
-    events = _click_log(rng, catalog, sessions)
+    catalog, duplicates = _catalog(rng, products, out / "images", lifestyle_share)
+    events, queries = _click_log(rng, catalog, sessions, identifier_share)
     events = pl.concat([events, _bad_rows(rng, events)]).sort("event_ts", "session_id", "position")
 
     # a catalog row whose file is missing, and one whose file is not an image
@@ -233,8 +291,10 @@ def generate(out: Path, products: int = 600, sessions: int = 20000, seed: int = 
     duplicates.write_parquet(truth / "duplicates.parquet")
     events.select("query", "image_id", "relevance").unique().sort("query", "image_id").write_parquet(
         truth / "relevance.parquet")
-    catalog.select("image_id", "product_id", "category", "colour", "pattern").write_parquet(
-        truth / "products.parquet")
+    catalog.select("image_id", "product_id", "category", "colour", "pattern", "model_number",
+                   pl.col("title").is_null().alias("untitled")).write_parquet(truth / "products.parquet")
+    # which raw queries describe a product and which name its model number (and which one)
+    queries.write_parquet(truth / "queries.parquet")
     (truth / "propensities.json").write_text(json.dumps(
         {"positions": list(range(1, RESULTS_PER_QUERY + 1)), "examination": true_propensities()}, indent=2))
     (truth / "planted.json").write_text(json.dumps(

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
-from pipeline.report.sections import Section, SliceRule, Table, report_sections
+from pipeline.report.sections import Section, SliceRule, Table, headline_names, report_sections, served
 
 THUMB = 96
-COLOURS = {"candidate": "#1f77b4", "champion": "#d62728", "start": "#7f7f7f", "bm25": "#2ca02c"}
+COLOURS = {"candidate": "#1f77b4", "champion": "#d62728", "start": "#7f7f7f", "bm25": "#2ca02c",
+           "hybrid(candidate)": "#17becf", "hybrid(champion)": "#ff7f0e", "hybrid(start)": "#bcbd22"}
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
 color:#222;line-height:1.45}
@@ -60,8 +61,10 @@ def recall_curves(summary: dict) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ks = summary["ks"]
-    for name, values in summary["models"].items():
-        ax.plot(ks, [values[f"recall@{k}"] for k in ks], marker="o", label=name, color=COLOURS.get(name))
+    for name in headline_names(summary):
+        values = summary["models"][name]
+        ax.plot(ks, [values[f"recall@{k}"] for k in ks], marker="o", label=name, color=COLOURS.get(name),
+                ls="--" if name.startswith("hybrid") else "-")
     ax.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="k", ylabel="recall@k",
            title="recall@k on the held-out queries", ylim=(0, 1))
     ax.grid(alpha=0.3)
@@ -82,7 +85,7 @@ def slice_bars(summary: dict, tolerance: float) -> str:
     ax.axvline(-tolerance, color="#b00020", lw=0.8, ls="--", label=f"-tolerance ({tolerance})")
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set(xlabel=f"candidate − {summary['baseline']} (95% CI)", title="Slices")
+    ax.set(xlabel=f"{served(summary)['candidate']} − {served(summary)['baseline']} (95% CI)", title="Slices")
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
@@ -135,6 +138,34 @@ def _worst(summary: dict, thumbs: Thumbnails, metric: str) -> str:
     if blocks:
         blocks.insert(0, "<p>Green frames mark held-out clicked images.</p>")
     return "".join(blocks)
+
+
+def tuning_curves(summary: dict, wise: dict | None) -> str:
+    """Validation score against each tuned weight: fusion weight and title weight per model, and
+    the WiSE-FT interpolation α of the candidate."""
+    plt = _plt()
+    panels = 3 if wise else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), sharey=False)
+    metric = next(iter(summary["tuning"].values()))["metric"]
+    for label, tuning in summary["tuning"].items():
+        for ax, key, weight in ((axes[0], "hybrid_curve", "hybrid_weight"), (axes[1], "title_curve", "title_weight")):
+            if tuning[key]:
+                xs, ys = zip(*tuning[key], strict=True)
+                ax.plot(xs, ys, marker="o", label=f"{label} (chosen {tuning[weight]})", color=COLOURS.get(label))
+    axes[0].set(xlabel="fusion weight on the dense list (0 = BM25 order)", ylabel=f"validation {metric}",
+                title="Hybrid fusion")
+    axes[1].set(xlabel="title weight β (0 = image only)", ylabel=f"validation {metric}", title="Image + title")
+    if wise:
+        xs, ys = zip(*wise["curve"], strict=True)
+        axes[2].plot(xs, ys, marker="o", color=COLOURS["candidate"])
+        axes[2].axvline(wise["alpha"], color="black", lw=0.8, ls="--", label=f"chosen α {wise['alpha']}")
+        axes[2].set(xlabel="α (0 = start, 1 = fine-tuned)", ylabel="validation recall@10",
+                    title="WiSE-FT interpolation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def training_curves(history: list[dict]) -> str:
@@ -205,6 +236,9 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
         "slices:before": [f'<img src="{slice_bars(summary, ecfg.slice_tolerance)}" alt="slice differences">'],
         "worst": [_worst(summary, Thumbnails(root, image_paths), metric)],
     }
+    if summary.get("tuning"):
+        wise = (data or {}).get("train", {}).get("wise_ft")
+        pictures["configurations"] = [f'<img src="{tuning_curves(summary, wise)}" alt="tuning curves">']
     if data is not None and data.get("train", {}).get("history"):
         pictures["training"] = [f'<img src="{training_curves(data["train"]["history"])}" alt="training curves">']
     if data is not None:

@@ -44,8 +44,20 @@ class SliceRule:
                 "shown, never gated. Intervals: 95% paired BCa bootstrap.")
 
 
+def headline_names(summary: dict) -> list[str]:
+    """The headline table's columns: each model dense and hybrid, and keyword search; every other
+    configuration is in the served-configurations table."""
+    names = [n for base in ("candidate", "champion", "start") for n in (base, f"hybrid({base})")] + ["bm25"]
+    return [n for n in names if n in summary["models"]]
+
+
+def served(summary: dict) -> dict:
+    return summary.get("served", {"as": "dense", "candidate": "candidate", "baseline": summary["baseline"]})
+
+
 def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | None = None) -> list[Section]:
-    sections = [headline(summary), decision(summary), slices(summary, rule, metric), worst(summary, metric)]
+    sections = [headline(summary), decision(summary), configurations(summary, metric, (data or {}).get("train")),
+                slices(summary, rule, metric), worst(summary, metric)]
     if data is not None:
         if "train" in data:
             sections.append(training(data["train"]))
@@ -57,13 +69,14 @@ def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | No
 
 def headline(summary: dict) -> Section:
     models = summary["models"]
-    names = list(models)
+    names = headline_names(summary)
+    gate = served(summary)
     gallery = ("the whole catalog, quarantined images excluded" if summary["gallery_kind"] == "catalog"
                else "test-split images only")
     baseline = (f" (registry version {summary['champion_version']})" if summary["champion_version"] else
                 " (no champion registered yet, so the untrained starting model)")
     rows, tones = [], []
-    for name in models["candidate"]:
+    for name in models[gate["candidate"]]:
         delta = summary["delta_vs_baseline"][name]
         rows.append([name, *(f"{models[n][name]:.4f}" for n in names), f"{delta['mean']:+.4f}",
                      f"[{delta['low']:+.4f}, {delta['high']:+.4f}]"])
@@ -71,8 +84,12 @@ def headline(summary: dict) -> Section:
     return Section(
         "headline", f"Recall report — run `{summary['run_id']}`", level=1, warnings=list(summary.get("warnings", [])),
         text=[f"{summary['queries']} held-out queries searched over {summary['gallery']} images ({gallery}). "
-              f"Baseline for promotion: **{summary['baseline']}**{baseline}.", reindex_sentence(summary)],
-        tables=[Table(["metric", *names, f"candidate − {summary['baseline']}", "95% CI (paired BCa bootstrap)"],
+              f"Baseline for promotion: **{summary['baseline']}**{baseline}. Served as **{gate['as']}** "
+              f"(promote.serve_as), so the gate compares **{gate['candidate']}** with **{gate['baseline']}** "
+              "on promote.metric.",
+              reindex_sentence(summary)],
+        tables=[Table(["metric", *names, f"{gate['candidate']} − {gate['baseline']}",
+                       "95% CI (paired BCa bootstrap)"],
                       rows, tones)])
 
 
@@ -90,6 +107,48 @@ def decision(summary: dict) -> Section | None:
                       ["good" if g["passed"] else "bad" for g in decided["gates"]])])
 
 
+CONFIGURATION_METRICS = ("recall@10", "ndcg@10", "snips_recall@10", "snips_ndcg@10")
+
+
+def configurations(summary: dict, metric: str, train: dict | None) -> Section | None:
+    """Every served configuration on the held-out queries, and the weights tuned on validation."""
+    tuning = summary.get("tuning")
+    if not tuning:
+        return None
+    models = summary["models"]
+    shown = [m for m in CONFIGURATION_METRICS if m in models["candidate"]]
+    versus = summary.get("vs_keyword", {})
+
+    def keyword_delta(name: str) -> str:
+        d = versus.get(name)
+        return "–" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+    rows = [[name, *(f"{models[name][m]:.4f}" for m in shown), keyword_delta(name)] for name in models]
+    best = max(models, key=lambda name: models[name].get(metric, 0.0))
+    text = [f"Weights tuned on {next(iter(tuning.values()))['tuned_on_queries']} validation queries "
+            f"({next(iter(tuning.values()))['metric']}), never on the test queries. X+title: catalog vectors "
+            "normalise((1 − β) image + β title); hybrid(X): weighted fusion of min-max normalised scores, weight "
+            "w on the dense list (X's vectors with its tuned β) and 1 − w on BM25; hybrid_rrf(X): reciprocal rank "
+            "fusion of the same two lists.",
+            f"Best configuration on the test queries by {metric}: **{best}** ({models[best].get(metric, 0.0):.4f}; "
+            f"bm25 {models.get('bm25', {}).get(metric, 0.0):.4f})."]
+    debiased = summary.get("debiased")
+    if debiased:
+        text.append(f"snips_ metrics: clicks weighted by 1 / examination probability of the position they were "
+                    f"logged at (extract's weights, {debiased['weighting']}), self-normalised; effective sample "
+                    f"size {debiased['effective_sample_size']} of {debiased['pairs']} held-out clicked pairs.")
+    wise = (train or {}).get("wise_ft")
+    if wise:
+        text.append(f"Weight interpolation (WiSE-FT): θ(α) = (1 − α) θ_start + α θ_trained, best α = "
+                    f"**{wise['alpha']}** by validation recall@10 ("
+                    + ", ".join(f"α {a}: {v:.4f}" for a, v in wise["curve"]) + ").")
+    tuned = [[label, f"{t['title_weight']}", f"{t['hybrid_weight']}"] for label, t in tuning.items()]
+    return Section("configurations", "Served configurations", text=text, tables=[
+        Table(["configuration", *shown, f"{metric} − bm25 [95% CI]"], rows,
+              ["good" if name == best else "" for name in models]),
+        Table(["model", "title weight β", "fusion weight w (dense)"], tuned)])
+
+
 def slices(summary: dict, rule: SliceRule, metric: str) -> Section:
     rows, tones = [], []
     for row in summary["slices"]:
@@ -102,7 +161,8 @@ def slices(summary: dict, rule: SliceRule, metric: str) -> Section:
         tones.append("bad" if row["flagged"] else "")
     flagged = ", ".join(summary["flagged_slices"]) or "none"
     return Section("slices", "Slices",
-                   text=[f"{metric} per slice, candidate vs {summary['baseline']}; flagged slices: {flagged}. "
+                   text=[f"{metric} per slice, {served(summary)['candidate']} vs {served(summary)['baseline']}; "
+                         f"flagged slices: {flagged}. "
                          + rule.sentence()],
                    tables=[Table(["family", "slice", "queries", "candidate", "baseline", "keyword (bm25)",
                                   "difference [95% CI]", "p (one-sided)", "flag"], rows, tones)])
@@ -191,6 +251,14 @@ def definitions(summary: dict) -> Section:
         "image being its held-out click weight (position-debiased clicks).",
         "Search: " + search_sentence(summary["search"]),
         "bm25: the text-only baseline, queries matched to catalog titles by BM25 (no image model).",
+        "hybrid(X): model X's dense list fused with the BM25 list (weighted sum of min-max normalised scores, the "
+        "weight tuned on validation queries; weight 0 is keyword search's own order). X+title: catalog vectors "
+        "from image and title together.",
+        "snips_recall@k / snips_ndcg@10: the same metrics over held-out clicks weighted by inverse examination "
+        "propensity and self-normalised (Σ weight of found clicks / Σ weight of all), so the logging ranker's "
+        "position bias does not favour what it showed on top.",
+        "query kind = identifier: queries with a SKU or model number (a token of 3+ characters holding a digit) or "
+        "a brand from the catalog's optional brand column.",
         "new query / seen image: held-out queries (never trained on) with their clicks on training images, "
         "searched over the whole catalog; reported as a slice, not in the headline table.",
         "CI: 95% bias-corrected and accelerated (BCa) bootstrap interval from 2,000 paired resamples of the "

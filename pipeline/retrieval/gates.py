@@ -26,24 +26,34 @@ class GateInputs:
 
 def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
     """Each gate with pass/fail and the numbers behind it."""
-    models, baseline = evaluation["models"], evaluation["baseline"]
-    if cfg.metric not in models["candidate"]:
-        raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models['candidate'])}")
-    candidate = models["candidate"][cfg.metric]
+    models = evaluation["models"]
+    # the configurations production serves (promote.serve_as): dense models, or hybrid search
+    served = evaluation.get("served", {"candidate": "candidate", "baseline": evaluation["baseline"]})
+    name, baseline = served["candidate"], served["baseline"]
+    if cfg.metric not in models[name]:
+        raise KeyError(f"promote.metric {cfg.metric!r} is not one of {sorted(models[name])}")
+    candidate = models[name][cfg.metric]
     delta = evaluation["delta_vs_baseline"][cfg.metric]
     statistic = delta["low"] if cfg.gates.use_lower_bound else delta["mean"]
     label = "95% CI lower bound" if cfg.gates.use_lower_bound else "mean"
     floor, beats = candidate >= cfg.gates.min_candidate, statistic > cfg.margin
     rate_ok = inputs.quarantine_rate <= cfg.gates.max_quarantine_rate
+    earlier = evaluation.get("earlier_heldout") or {"queries": 0}
+    tolerance = cfg.gates.max_earlier_heldout_regression
+    earlier_ok = not earlier["queries"] or earlier["delta"] >= -tolerance
     # each detail prints the relation that holds, so a failed gate never reads like a passed one
     return [
         {"gate": "min_candidate", "passed": floor,
-         "detail": f"candidate {cfg.metric} {candidate:.4f} {'≥' if floor else '<'} {cfg.gates.min_candidate}"},
+         "detail": f"{name} {cfg.metric} {candidate:.4f} {'≥' if floor else '<'} {cfg.gates.min_candidate}"},
         {"gate": "beats_baseline", "passed": beats,
-         "detail": f"{label} of candidate − {baseline} {cfg.metric} {statistic:+.4f} {'>' if beats else '≤'} margin "
+         "detail": f"{label} of {name} − {baseline} {cfg.metric} {statistic:+.4f} {'>' if beats else '≤'} margin "
                    f"{cfg.margin} (mean {delta['mean']:+.4f}, CI [{delta['low']:+.4f}, {delta['high']:+.4f}])"},
         {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
          "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
+        {"gate": "earlier_heldout", "passed": earlier_ok,
+         "detail": (f"{name} − {baseline} {cfg.metric} on {earlier['queries']} queries held out by earlier runs "
+                    f"{earlier['delta']:+.4f} {'≥' if earlier_ok else '<'} −{tolerance}") if earlier["queries"] else
+                   "no champion, or no held-out queries from earlier runs: nothing to compare"},
         {"gate": "leak_audit", "passed": inputs.leak_audit_passed,
          "detail": "no group straddles splits" if inputs.leak_audit_passed else "groups straddle splits"},
         {"gate": "quarantine_rate", "passed": rate_ok,

@@ -86,26 +86,36 @@ def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int,
     """Exact top-k gallery indices per query by cosine similarity, shape (Q, min(k, G)).
 
     `device`: "cuda" or "cpu"; default a visible GPU, else the CPU."""
+    _, top, info = exact_search_scored(queries, gallery, k, device)
+    return top, info
+
+
+def exact_search_scored(queries: np.ndarray, gallery: np.ndarray, k: int,
+                        device: str | None = None) -> tuple[np.ndarray, np.ndarray, SearchInfo]:
+    """As exact_search, with the cosine similarities of the returned indices first."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     queries, gallery = normalise(queries), normalise(gallery)
     k = min(k, gallery.shape[0])
     started = time.perf_counter()
+    scores, tops = [], []
     if device == "cuda":
         items = torch.from_numpy(gallery).to("cuda")
         chunk = max(1, min(EXACT_CHUNK, GPU_SCORE_ELEMENTS // max(1, len(gallery))))
-        parts = []
         for start in range(0, len(queries), chunk):
-            scores = torch.from_numpy(queries[start:start + chunk]).to("cuda") @ items.T
-            parts.append(scores.topk(k, dim=1).indices.cpu().numpy())
-        top = np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
+            best = (torch.from_numpy(queries[start:start + chunk]).to("cuda") @ items.T).topk(k, dim=1)
+            scores.append(best.values.cpu().numpy())
+            tops.append(best.indices.cpu().numpy())
     else:
         index = flat_index(gallery, use_gpu=False)
-        parts = [index.search(queries[start:start + EXACT_CHUNK], k)[1]
-                 for start in range(0, len(queries), EXACT_CHUNK)]
-        top = np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
-    return top, SearchInfo("exact", device, time.perf_counter() - started, 0.0, None)
+        for start in range(0, len(queries), EXACT_CHUNK):
+            values, indices = index.search(queries[start:start + EXACT_CHUNK], k)
+            scores.append(values)
+            tops.append(indices)
+    top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
+    score = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
+    return score, top, SearchInfo("exact", device, time.perf_counter() - started, 0.0, None)
 
 
 def approximate_recall(queries: np.ndarray, gallery: np.ndarray, k: int, exact_top: np.ndarray) -> SearchInfo:

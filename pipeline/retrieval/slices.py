@@ -4,6 +4,7 @@ trained on, and by product category; a slice is flagged when the candidate is co
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -13,16 +14,31 @@ from scipy.stats import ttest_1samp
 from pipeline.data.queries import frequency_bands
 from pipeline.retrieval.metrics import paired_bootstrap
 
+IDENTIFIER_TOKEN = re.compile(r"[a-z]*\d[a-z\d]*", re.IGNORECASE)  # a token holding a digit: SKU, model number
+
+
+def query_kind(query: str, brands: frozenset[str] = frozenset()) -> str:
+    """"identifier" for a query naming a SKU or model number (a token of 3+ characters with a digit) or a
+    brand of the catalog's optional `brand` column; "descriptive" otherwise. Keyword search should win
+    the first kind: the words are in the title, and an image model cannot read them off a photo."""
+    tokens = re.split(r"[^\w]+", query.lower())
+    if any(len(t) >= 3 and IDENTIFIER_TOKEN.fullmatch(t) for t in tokens) or brands & set(tokens):
+        return "identifier"
+    return "descriptive"
+
 
 def query_slices(queries: list[str], relevant: list[dict[str, float]], pairs: pl.DataFrame,
                  images: pl.DataFrame) -> dict[str, list[str]]:
     """Slice family -> the slice value of each query, in order."""
+    brands = frozenset(b.lower() for b in images["brand"].drop_nulls().unique().to_list()) \
+        if "brand" in images.columns else frozenset()
     bands = frequency_bands(pairs)
     heldout = dict(pairs.group_by("query").agg(pl.col("query_heldout").first()).iter_rows())
     category = dict(zip(images["image_id"], images["category"], strict=True))
     families = {
         "frequency": [bands.get(q, "tail") for q in queries],
         "query": ["new query / new image" if heldout.get(q) else "seen query / new image" for q in queries],
+        "query kind": [query_kind(q, brands) for q in queries],
     }
     categories = [Counter(category.get(i) for i in rel).most_common(1)[0][0] for rel in relevant]
     if any(c is not None for c in categories):

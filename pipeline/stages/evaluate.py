@@ -27,10 +27,12 @@ from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_report
 from pipeline.report.sections import SliceRule
-from pipeline.retrieval.bm25 import bm25_rankings
+from pipeline.retrieval.bm25 import bm25_search
+from pipeline.retrieval.debiased import effective_sample_size, snips_per_query
+from pipeline.retrieval.fusion import Ranked, reciprocal_rank_fusion, tune, weighted_fusion
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
-from pipeline.retrieval.search import approximate_recall, exact_search
+from pipeline.retrieval.search import approximate_recall, exact_search_scored, normalise
 from pipeline.retrieval.slices import query_slices, slice_table
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
@@ -57,10 +59,12 @@ class EvaluateResult:
 class TestSet:
     queries: list[str]
     relevant: list[dict[str, float]]  # relevant item (image or product) -> graded gain (its click weight)
+    weights: list[dict[str, float]]  # relevant item -> summed click weight of its held-out pairs (SNIPS)
     # held-out queries' clicks on train-split images: the "new query / seen image" slice, searched
     # over the whole catalog (its relevant images are not test images)
     seen_queries: list[str]
     seen_relevant: list[dict[str, float]]
+    seen_weights: list[dict[str, float]]
     catalog_ids: list[str]  # every kept image
     catalog_paths: list[str]
     catalog_titles: list[str]
@@ -93,19 +97,23 @@ class TestSet:
         return items
 
 
-def _grouped(pairs: pl.DataFrame, item_of: dict[str, str]) -> tuple[list[str], list[dict[str, float]], list[list[str]]]:
-    """Queries; per query, relevant item -> gain (the largest click weight among its images); and
-    per query its clicked images, heaviest first."""
+def _grouped(pairs: pl.DataFrame, item_of: dict[str, str]
+             ) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]], list[list[str]]]:
+    """Queries; per query, relevant item -> gain (the largest click weight among its images) and
+    relevant item -> summed click weight; and per query its clicked images, heaviest first."""
     grouped = pairs.group_by("query").agg(pl.col("image_id"), pl.col("weight")).sort("query")
-    relevant, clicked = [], []
+    relevant, summed, clicked = [], [], []
     for ids, weights in zip(grouped["image_id"].to_list(), grouped["weight"].to_list(), strict=True):
         gains: dict[str, float] = {}
+        total: dict[str, float] = {}
         for image, weight in zip(ids, weights, strict=True):
             item = item_of.get(image, image)
             gains[item] = max(gains.get(item, weight), weight)
+            total[item] = total.get(item, 0.0) + weight
         relevant.append(gains)
+        summed.append(total)
         clicked.append([image for _, image in sorted(zip(weights, ids, strict=True), key=lambda wi: (-wi[0], wi[1]))])
-    return grouped["query"].to_list(), relevant, clicked
+    return grouped["query"].to_list(), relevant, summed, clicked
 
 
 def known_positives(queries: list[str], scored: pl.DataFrame, clicked: pl.DataFrame, images: pl.DataFrame,
@@ -135,10 +143,13 @@ def known_positives(queries: list[str], scored: pl.DataFrame, clicked: pl.DataFr
     return known
 
 
-def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root: Path | None = None) -> TestSet:
+def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root: Path | None = None,
+                  split: str = "test") -> TestSet:
     """The held-out queries, their relevant items and the catalog. With `root`, catalog images whose
     file is gone since split (deleted, moved) are left out of the catalog and of every query's
-    relevant set, and listed in `missing`."""
+    relevant set, and listed in `missing`. `split="val"` gives the validation queries that tune
+    fusion and title weights (without the new query / seen image set); an empty set is allowed
+    there, never for test."""
     images = pl.read_parquet(images_path).sort("image_id")
     missing: list[str] = []
     if root is not None:
@@ -146,23 +157,24 @@ def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root
         missing = images.filter(pl.Series(gone))["image_id"].to_list()
         images = images.filter(~pl.Series(gone))
     pairs = pl.read_parquet(pairs_path).filter((pl.col("clicks") > 0) & ~pl.col("image_id").is_in(missing))
-    test_pairs = pairs.filter(pl.col("split") == "test")
-    if test_pairs.is_empty():
+    test_pairs = pairs.filter(pl.col("split") == split)
+    if test_pairs.is_empty() and split == "test":
         raise StageError(f"{pairs_path} has no clicked test pairs to evaluate on")
     # product relevance: an image counts as its product (its near-duplicate group when it has none)
     item_of = {} if cfg.relevance == "image" else {
         image: f"product:{product}" if product is not None else f"group:{group}"
         for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"], strict=True)}
-    queries, relevant, clicked = _grouped(test_pairs, item_of)
-    seen_pairs = pairs.filter((pl.col("split") == "train") & pl.col("query_heldout"))
-    seen_queries, seen_relevant, _ = _grouped(seen_pairs, item_of)
+    queries, relevant, weights, clicked = _grouped(test_pairs, item_of)
+    seen_pairs = pairs.filter((pl.col("split") == "train") & pl.col("query_heldout")) if split == "test" else \
+        pairs.clear()
+    seen_queries, seen_relevant, seen_weights, _ = _grouped(seen_pairs, item_of)
     titles = images["title"].fill_null("").to_list() if "title" in images.columns else [""] * images.height
-    in_gallery = (images["split"] == "test").to_numpy() if cfg.gallery == "test" else np.ones(images.height, bool)
+    in_gallery = (images["split"] == split).to_numpy() if cfg.gallery == "test" else np.ones(images.height, bool)
     known, seen_known = [set() for _ in queries], [set() for _ in seen_queries]
     if cfg.filtered:
         known = known_positives(queries, test_pairs, pairs, images, item_of)
         seen_known = known_positives(seen_queries, seen_pairs, pairs, images, item_of)
-    return TestSet(queries, relevant, seen_queries, seen_relevant, images["image_id"].to_list(),
+    return TestSet(queries, relevant, weights, seen_queries, seen_relevant, seen_weights, images["image_id"].to_list(),
                    images["path"].to_list(), titles, in_gallery, cfg.gallery, known, seen_known, item_of, clicked,
                    missing)
 
@@ -176,6 +188,8 @@ def _still_there(root: Path, relative: str) -> bool:
 
 @dataclass
 class ModelScores:
+    """One served configuration's results on the held-out queries."""
+
     per_query: dict[str, np.ndarray]  # headline metrics per held-out query
     per_query_seen: dict[str, np.ndarray]  # the new query / seen image queries
     ranked: list[list[str]]  # headline top-k items per query, as scored
@@ -184,62 +198,172 @@ class ModelScores:
     shown: list[list[str]] = field(default_factory=list)  # top 5 images per query after filtering, for the report
 
 
+@dataclass(frozen=True)
+class Side:
+    """One set of queries searched over one part of the catalog."""
+
+    queries: list[str]
+    relevant: list[dict[str, float]]
+    weights: list[dict[str, float]]
+    known: list[set[str]]
+    mask: np.ndarray  # bool per catalog image: searched
+
+    @classmethod
+    def headline(cls, test: TestSet) -> Side:
+        return cls(test.queries, test.relevant, test.weights, test.known, test.in_gallery)
+
+    @classmethod
+    def seen(cls, test: TestSet) -> Side:
+        return cls(test.seen_queries, test.seen_relevant, test.seen_weights, test.seen_known,
+                   np.ones(len(test.catalog_ids), bool))
+
+
+@dataclass
+class Embedded:
+    """One model's embeddings of the catalog (images and titles) and of every query set."""
+
+    catalog: np.ndarray
+    titles: np.ndarray  # text embedding of each catalog image's title (zeros where it has none)
+    has_title: np.ndarray
+    queries: dict[str, np.ndarray]  # "test", "seen", "val"
+    images_per_s: float
+
+
+def embed_model(bundle: ClipBundle, test: TestSet, val: TestSet, root: Path, cfg: EvaluateConfig,
+                label: str) -> Embedded:
+    to_best_device(bundle)
+    started = time.perf_counter()
+    catalog = embed_image_files(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
+                                partial(track, description=f"embedding catalog ({label})"))
+    images_per_s = len(test.catalog_paths) / max(time.perf_counter() - started, 1e-9)
+    has_title = np.array([bool(t.strip()) for t in test.catalog_titles])
+    titles = np.zeros_like(catalog)
+    if has_title.any():
+        titles[has_title] = embed_texts(bundle, [t for t, keep in zip(test.catalog_titles, has_title, strict=True)
+                                                 if keep], cfg.batch_size)
+    queries = {"test": embed_texts(bundle, test.queries, cfg.batch_size),
+               "seen": embed_texts(bundle, test.seen_queries, cfg.batch_size),
+               "val": embed_texts(bundle, val.queries, cfg.batch_size)}
+    return Embedded(catalog, titles, has_title, queries, images_per_s)
+
+
+def item_vectors(embedded: Embedded, title_weight: float) -> np.ndarray:
+    """Catalog vectors: normalise((1 − β) image + β title) for images with a title, the image
+    embedding alone for the rest (β = title_weight)."""
+    if title_weight == 0:
+        return embedded.catalog
+    mixed = (1 - title_weight) * embedded.catalog + title_weight * embedded.titles
+    mixed[~embedded.has_title] = embedded.catalog[~embedded.has_title]
+    return normalise(mixed)
+
+
+def dense_lists(queries: np.ndarray, items: np.ndarray, side: Side, ids: list[str],
+                depth: int) -> tuple[list[Ranked], dict]:
+    """Exact top-`depth` (image, cosine) per query over the side's part of the catalog."""
+    if not len(queries):
+        return [], {}
+    scores, top, info = exact_search_scored(queries, items[side.mask], depth)
+    searched = [ids[i] for i in np.flatnonzero(side.mask)]
+    return [[(searched[j], float(v)) for j, v in zip(row, values, strict=True) if j >= 0]
+            for row, values in zip(top.tolist(), scores.tolist(), strict=True)], info.as_dict()
+
+
+def side_metrics(test: TestSet, side: Side, lists: list[Ranked], ks: tuple[int, ...]
+                 ) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+    """Per-query metrics (click-weighted and SNIPS) of ranked lists, as scored: filtered, mapped to
+    the relevance unit, cut at max(ks)."""
+    ranked = [test.ranked_items([item for item, _ in row], drop, max(ks)) for row, drop in
+              zip(lists, side.known, strict=True)]
+    if not ranked:
+        return {}, []
+    return per_query_metrics(ranked, side.relevant, ks) | snips_per_query(ranked, side.weights, ks), ranked
+
+
+def _shown(lists: list[Ranked], known: list[set[str]]) -> list[list[str]]:
+    return [[image for image, _ in row if image not in drop][:5] for row, drop in zip(lists, known, strict=True)]
+
+
 def search_depth(test: TestSet, k: int, known: list[set[str]]) -> int:
     """How many images to retrieve so that k items remain after filtering and per-product dedup."""
     per_item = max(Counter(test.item_of.values()).values(), default=1)
     return k * per_item + max((len(drop) for drop in known), default=0)
 
 
-def _scored(test: TestSet, top: np.ndarray, ids: list[str], known: list[set[str]], k: int) -> list[list[str]]:
-    return [test.ranked_items([ids[j] for j in row if j >= 0], drop, k) for row, drop in zip(top, known, strict=True)]
+def tuning_metric(metric: str) -> str:
+    """The metric the fusion and title weights are tuned on: the promotion metric, on plain clicks."""
+    return metric.removeprefix("snips_")
 
 
-def _shown(top: list[list[str]], known: list[set[str]]) -> list[list[str]]:
-    return [[image for image in images if image not in drop][:5] for images, drop in zip(top, known, strict=True)]
-
-
-def score_model(bundle: ClipBundle, test: TestSet, root: Path, cfg: EvaluateConfig, label: str) -> ModelScores:
-    """Embed the catalog and the queries with one model and score its retrieval."""
-    to_best_device(bundle)
-    started = time.perf_counter()
-    catalog = embed_image_files(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
-                                partial(track, description=f"embedding catalog ({label})"))
-    images_per_s = len(test.catalog_paths) / max(time.perf_counter() - started, 1e-9)
+def score_configurations(label: str, embedded: Embedded, test: TestSet, val: TestSet,
+                         keyword: dict[str, list[Ranked]], cfg: EvaluateConfig, metric: str,
+                         ) -> tuple[dict[str, ModelScores], dict]:
+    """A model's served configurations: dense (image vectors), `+title` (image + title vectors),
+    `hybrid` (the better dense vectors fused with BM25, weight tuned on validation) and
+    `hybrid_rrf` (the same lists by reciprocal rank fusion). Returns them and the tuning."""
     k = max(cfg.ks)
-    queries = embed_texts(bundle, test.queries, cfg.batch_size)
-    gallery = catalog[test.in_gallery]
-    top, info = exact_search(queries, gallery, search_depth(test, k, test.known))  # gates: exact search only
-    info = info.as_dict()
-    if len(gallery) >= cfg.ann_min_gallery:  # what an approximate serving index would lose, measured here
-        info["hnsw"] = approximate_recall(queries, gallery, k, top).as_dict()
-    ranked = _scored(test, top, test.gallery_ids, test.known, k)
-    shown = _shown([[test.gallery_ids[j] for j in row[:5 + len(drop)] if j >= 0] for row, drop in
-                    zip(top, test.known, strict=True)], test.known)
-    seen = {}
-    if test.seen_queries:
-        seen_top, _ = exact_search(embed_texts(bundle, test.seen_queries, cfg.batch_size), catalog,
-                                   search_depth(test, k, test.seen_known))
-        seen = per_query_metrics(_scored(test, seen_top, test.catalog_ids, test.seen_known, k), test.seen_relevant,
-                                 cfg.ks)
-    return ModelScores(per_query_metrics(ranked, test.relevant, cfg.ks), seen, ranked, info, images_per_s, shown)
+    head, seen, tune_on = Side.headline(test), Side.seen(test), Side.headline(val)
+    depth = {"test": search_depth(test, k, head.known), "seen": search_depth(test, k, seen.known),
+             "val": search_depth(val, k, tune_on.known)}
+    sides = {"test": (test, head), "seen": (test, seen), "val": (val, tune_on)}
+
+    def lists(items: np.ndarray, which: str) -> list[Ranked]:
+        return dense_lists(embedded.queries[which], items, sides[which][1], test.catalog_ids, depth[which])[0]
+
+    def on_val(ranked: list[Ranked]) -> float:
+        return float(side_metrics(val, tune_on, ranked, cfg.ks)[0][metric].mean())
+
+    tuned = bool(val.queries)
+    title_weight, title_curve = tune(cfg.title_weights, lambda b: on_val(lists(item_vectors(embedded, b), "val"))) \
+        if tuned else (0.0, [])
+    items = item_vectors(embedded, title_weight)
+    dense_val = lists(items, "val")
+    hybrid_weight, hybrid_curve = tune(cfg.hybrid_weights, lambda w: on_val(
+        [weighted_fusion(d, kw, w) for d, kw in zip(dense_val, keyword["val"], strict=True)])) \
+        if tuned else (0.5, [])
+
+    def scores(test_lists: list[Ranked], seen_lists: list[Ranked], search: dict) -> ModelScores:
+        per_query, ranked = side_metrics(test, head, test_lists, cfg.ks)
+        return ModelScores(per_query, side_metrics(test, seen, seen_lists, cfg.ks)[0], ranked, search,
+                           embedded.images_per_s, _shown(test_lists, head.known))
+
+    out: dict[str, ModelScores] = {}
+    for name, weight in ((label, 0.0), (f"{label}+title", title_weight)):
+        vectors = item_vectors(embedded, weight)
+        test_lists, search = dense_lists(embedded.queries["test"], vectors, head, test.catalog_ids, depth["test"])
+        if len(head.queries) and int(head.mask.sum()) >= cfg.ann_min_gallery:  # what serving from HNSW would lose
+            position = {image: n for n, image in enumerate(np.asarray(test.catalog_ids)[head.mask])}
+            exact = np.array([[position[i] for i, _ in row[:k]] for row in test_lists])
+            search["hnsw"] = approximate_recall(embedded.queries["test"], vectors[head.mask], k, exact).as_dict()
+        out[name] = scores(test_lists, lists(vectors, "seen"), search)
+    dense = {which: lists(items, which) for which in ("test", "seen")}
+    for name, fuse in ((f"hybrid({label})", partial(weighted_fusion, weight=hybrid_weight)),
+                       (f"hybrid_rrf({label})", partial(reciprocal_rank_fusion, k=cfg.rrf_k))):
+        fused = {which: [fuse(d, kw) for d, kw in zip(dense[which], keyword[which], strict=True)]
+                 for which in ("test", "seen")}
+        out[name] = scores(fused["test"], fused["seen"], {"index": "fusion"})
+    tuning = {"tuned_on_queries": len(val.queries), "metric": metric,
+              "keyword_on_val": on_val(keyword["val"]) if tuned else None, "title_weight": title_weight,
+              "title_curve": title_curve, "hybrid_weight": hybrid_weight, "hybrid_curve": hybrid_curve}
+    return out, tuning
 
 
-def score_bm25(test: TestSet, cfg: EvaluateConfig) -> ModelScores:
+def keyword_lists(test: TestSet, val: TestSet, k: int) -> dict[str, list[Ranked]]:
+    """BM25 over titles for every query set, to the same depth as the dense lists."""
+    head, seen, tune_on = Side.headline(test), Side.seen(test), Side.headline(val)
+    out = {}
+    for which, source, side in (("test", test, head), ("seen", test, seen), ("val", val, tune_on)):
+        titles = [t for t, keep in zip(source.catalog_titles, side.mask, strict=True) if keep]
+        ids = [i for i, keep in zip(source.catalog_ids, side.mask, strict=True) if keep]
+        out[which] = bm25_search(side.queries, titles, ids, search_depth(source, k, side.known))
+    return out
+
+
+def score_bm25(test: TestSet, keyword: dict[str, list[Ranked]], cfg: EvaluateConfig) -> ModelScores:
     """The text-only baseline: queries matched to catalog titles by BM25."""
-    k = max(cfg.ks)
-    gallery_titles = [t for t, keep in zip(test.catalog_titles, test.in_gallery, strict=True) if keep]
-    depth = search_depth(test, k, test.known)
-    top = bm25_rankings(test.queries, gallery_titles, test.gallery_ids, depth)
-    ranked = [test.ranked_items(images, drop, k) for images, drop in zip(top, test.known, strict=True)]
-    seen = {}
-    if test.seen_queries:
-        depth = search_depth(test, k, test.seen_known)
-        seen_ranked = [test.ranked_items(images, drop, k) for images, drop in zip(
-            bm25_rankings(test.seen_queries, test.catalog_titles, test.catalog_ids, depth), test.seen_known,
-            strict=True)]
-        seen = per_query_metrics(seen_ranked, test.seen_relevant, cfg.ks)
-    return ModelScores(per_query_metrics(ranked, test.relevant, cfg.ks), seen, ranked, {"index": "bm25"},
-                       shown=_shown(top, test.known))
+    head, seen = Side.headline(test), Side.seen(test)
+    per_query, ranked = side_metrics(test, head, keyword["test"], cfg.ks)
+    return ModelScores(per_query, side_metrics(test, seen, keyword["seen"], cfg.ks)[0], ranked, {"index": "bm25"},
+                       shown=_shown(keyword["test"], head.known))
 
 
 def champion_model(cfg: RunConfig, workdir: Path, run_id: str | None = None) -> tuple[ClipBundle, str] | None:
@@ -253,17 +377,17 @@ def champion_model(cfg: RunConfig, workdir: Path, run_id: str | None = None) -> 
 
 
 def worst_queries(test: TestSet, scores: dict[str, ModelScores], baseline: str, metric: str,
-                  count: int = WORST_QUERIES) -> list[dict]:
+                  count: int = WORST_QUERIES, candidate: str = "candidate") -> list[dict]:
     """The queries where the candidate lost most against the baseline, with both top-5 lists.
 
     Ranked by the loss weighted by the query's held-out click weight: a query with one click where
     the baseline scored 1.0 by luck weighs less than a query many clicks stand behind."""
-    delta = scores["candidate"].per_query[metric] - scores[baseline].per_query[metric]
+    delta = scores[candidate].per_query[metric] - scores[baseline].per_query[metric]
     support = np.array([sum(gains.values()) for gains in test.relevant])
     order = [int(i) for i in np.argsort(delta * support, kind="stable") if delta[i] < 0][:count]
-    return [{"query": test.queries[i], "candidate": float(scores["candidate"].per_query[metric][i]),
+    return [{"query": test.queries[i], "candidate": float(scores[candidate].per_query[metric][i]),
              "baseline": float(scores[baseline].per_query[metric][i]), "click_weight": round(float(support[i]), 3),
-             "candidate_top": scores["candidate"].shown[i], "baseline_top": scores[baseline].shown[i],
+             "candidate_top": scores[candidate].shown[i], "baseline_top": scores[baseline].shown[i],
              "relevant": test.clicked[i][:5]}
             for i in order]
 
@@ -278,64 +402,116 @@ def hubness(ranked: list[list[str]], k: int, images: int = 10) -> dict:
             "most_frequent": [item for item, _ in counts.most_common(images)]}
 
 
+def earlier_heldout(test: TestSet, images_path: Path, candidate: np.ndarray, baseline: np.ndarray) -> dict:
+    """candidate − baseline over the held-out queries whose relevant test images were all registered
+    by earlier runs (split's `registered_earlier`): the queries the champion was judged on."""
+    images = pl.read_parquet(images_path)
+    earlier = set(images.filter(pl.col("registered_earlier"))["image_id"].to_list()) \
+        if "registered_earlier" in images.columns else set()
+    mask = np.array([bool(clicked) and set(clicked) <= earlier for clicked in test.clicked])
+    if not mask.any():
+        return {"queries": 0}
+    mean, low, high = paired_bootstrap(candidate[mask], baseline[mask])
+    return {"queries": int(mask.sum()), "delta": mean, "low": low, "high": high}
+
+
+def served_names(serve_as: str, baseline: str) -> tuple[str, str]:
+    """The configurations the gate compares: what production serves, for candidate and baseline."""
+    return ("hybrid(candidate)", f"hybrid({baseline})") if serve_as == "hybrid" else ("candidate", baseline)
+
+
 def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Path, out_dir: Path,
              report_dir: Path, run_id: str, data: dict | None = None) -> EvaluateResult:
-    """Score candidate, champion, starting model and the BM25 baseline on the same held-out
-    queries; `data` (extract and split summaries and their figures) adds the input-data section."""
+    """Score candidate, champion and starting model (each dense, image + title, and hybrid with
+    keyword search) and the BM25 baseline on the same held-out queries; `data` (extract and split
+    summaries and their figures) adds the input-data section."""
     root = cfg.data.image_root
-    test = load_test_set(pairs_path, images_path, cfg.evaluate, root)
-    scores = {"candidate": score_model(load_checkpoint(model_dir), test, root, cfg.evaluate, "candidate")}
+    ecfg = cfg.evaluate
+    test = load_test_set(pairs_path, images_path, ecfg, root)
+    val = load_test_set(pairs_path, images_path, ecfg, root, split="val")
+    k = max(ecfg.ks)
+    metric = cfg.promote.metric
+    keyword = keyword_lists(test, val, k)
+    bundles = {"candidate": load_checkpoint(model_dir)}
     with tempfile.TemporaryDirectory() as workdir:
         champion = champion_model(cfg, Path(workdir), run_id)
         if champion is not None:
-            scores["champion"] = score_model(champion[0], test, root, cfg.evaluate, "champion")
-    scores["start"] = score_model(starting_model(cfg.train), test, root, cfg.evaluate, "start")
-    scores["bm25"] = score_bm25(test, cfg.evaluate)
+            bundles["champion"] = champion[0]
+        bundles["start"] = starting_model(cfg.train)
+        scores: dict[str, ModelScores] = {}
+        tuning: dict[str, dict] = {}
+        images_per_s = {}
+        for label, bundle in bundles.items():
+            embedded = embed_model(bundle, test, val, root, ecfg, label)
+            images_per_s[label] = embedded.images_per_s
+            configurations, tuning[label] = score_configurations(label, embedded, test, val, keyword, ecfg,
+                                                                 tuning_metric(metric))
+            scores.update(configurations)
+    scores["bm25"] = score_bm25(test, keyword, ecfg)
     per_query = {name: s.per_query for name, s in scores.items()}
     baseline = "champion" if champion else "start"
-    metric = cfg.promote.metric
+    served, served_baseline = served_names(cfg.promote.serve_as, baseline)
     families = query_slices(test.queries, test.relevant, pl.read_parquet(pairs_path), pl.read_parquet(images_path))
+    gated = {"candidate": scores[served], "baseline": scores[served_baseline], "bm25": scores["bm25"]}
     if test.seen_queries:  # one family of slices over both query sets, so Holm's correction spans them all
         per_query_all = {name: {m: np.concatenate([s.per_query[m], s.per_query_seen[m]]) for m in s.per_query}
-                         for name, s in scores.items()}
+                         for name, s in gated.items()}
         seen = [None] * len(test.seen_queries)
         families = {family: values + seen for family, values in families.items()}
         families["query"][len(test.queries):] = ["new query / seen image"] * len(test.seen_queries)
     else:
-        per_query_all = per_query
-    ecfg = cfg.evaluate
-    slices = slice_table(per_query_all, baseline, families, metric, ecfg.slice_tolerance, ecfg.slice_min_queries,
+        per_query_all = {name: s.per_query for name, s in gated.items()}
+    earlier = earlier_heldout(test, images_path, per_query[served][metric], per_query[served_baseline][metric]) \
+        if champion else None
+    slices = slice_table(per_query_all, "baseline", families, metric, ecfg.slice_tolerance, ecfg.slice_min_queries,
                          ecfg.slice_alpha)
-    candidate = scores["candidate"]
+    weighting = ((data or {}).get("extract") or {}).get("weighting", {}).get("effective")
     summary = {
         "run_id": run_id, "queries": len(test.queries), "gallery": int(test.in_gallery.sum()),
-        "catalog": len(test.catalog_ids), "gallery_kind": test.gallery_kind, "ks": list(cfg.evaluate.ks),
-        "relevance": cfg.evaluate.relevance, "filtered": cfg.evaluate.filtered,
+        "catalog": len(test.catalog_ids), "gallery_kind": test.gallery_kind, "ks": list(ecfg.ks),
+        "relevance": ecfg.relevance, "filtered": ecfg.filtered,
         "images_missing": test.missing[:100], "images_missing_count": len(test.missing),
         "warnings": [f"{len(test.missing)} catalog images kept by split are gone from {root} (deleted or moved "
                      f"since): left out of the catalog and of every query's relevant images, e.g. "
                      f"{', '.join(test.missing[:5])}"] if test.missing else [],
         "filtered_per_query": round(float(np.mean([len(drop) for drop in test.known])), 2) if test.known else 0.0,
         "champion_version": champion[1] if champion else None, "baseline": baseline,
+        "served": {"as": cfg.promote.serve_as, "candidate": served, "baseline": served_baseline},
         "models": {name: mean_metrics(values) for name, values in per_query.items()},
         "delta_vs_baseline": {
-            name: dict(zip(("mean", "low", "high"), paired_bootstrap(values, per_query[baseline][name]),
+            name: dict(zip(("mean", "low", "high"), paired_bootstrap(values, per_query[served_baseline][name]),
                            strict=True))
-            for name, values in per_query["candidate"].items()},
+            for name, values in per_query[served].items()},
+        "tuning": tuning,
+        # does what we would serve beat plain keyword search? every configuration against bm25, paired
+        "vs_keyword": {name: dict(zip(("mean", "low", "high"),
+                                      paired_bootstrap(values[metric], per_query["bm25"][metric]), strict=True))
+                       for name, values in per_query.items() if name != "bm25"},
+        "earlier_heldout": earlier,
+        "debiased": {"weighting": weighting, "pairs": sum(len(w) for w in test.weights),
+                     "effective_sample_size": round(effective_sample_size(test.weights), 1)},
         "slices": slices,
         "flagged_slices": [f"{row['family']}={row['slice']}" for row in slices if row["flagged"]],
-        "search": candidate.search,
+        "search": scores["candidate"].search,
         # re-embedding the catalog is the price of promoting: measured here, on this machine
-        "reindex": {"images": len(test.catalog_ids), "images_per_s": round(candidate.images_per_s or 0, 1),
-                    "estimated_seconds": round(len(test.catalog_ids) / max(candidate.images_per_s or 1e-9, 1e-9), 1)},
-        "worst_queries": worst_queries(test, scores, baseline, metric),
-        "hubness": hubness(scores["candidate"].ranked, k=10),
+        "reindex": {"images": len(test.catalog_ids), "images_per_s": round(images_per_s["candidate"], 1),
+                    "estimated_seconds": round(len(test.catalog_ids) / max(images_per_s["candidate"], 1e-9), 1)},
+        "worst_queries": worst_queries(test, scores, served_baseline, metric, candidate=served),
+        "hubness": hubness(scores[served].ranked, k=10),
     }
-    if metric in summary["models"].get("bm25", {}) and summary["models"]["bm25"][metric] > \
-            summary["models"]["candidate"][metric]:
+    if not val.queries:
         summary["warnings"].append(
-            f"keyword search (BM25 over titles) beats the candidate on {metric}: "
-            f"{summary['models']['bm25'][metric]:.4f} against {summary['models']['candidate'][metric]:.4f}")
+            "no clicked validation pairs: the title and fusion weights could not be tuned (title weight 0, "
+            "fusion weight 0.5 used untuned)")
+    if weighting == "raw" and metric.startswith("snips_"):
+        summary["warnings"].append(
+            f"promote.metric {metric} is a debiased metric, but extract applied raw click weights (no usable "
+            "propensities), so it equals the raw click metric")
+    models = summary["models"]
+    if metric in models.get("bm25", {}) and models["bm25"][metric] > models[served][metric]:
+        summary["warnings"].append(
+            f"keyword search (BM25 over titles) beats the served candidate ({served}) on {metric}: "
+            f"{models['bm25'][metric]:.4f} against {models[served][metric]:.4f}")
     if summary["hubness"]["top_share"] > HUB_SHARE:
         summary["warnings"].append(
             f"hubness: the candidate's {summary['hubness']['images']} most frequent results fill "

@@ -7,6 +7,7 @@ MLflow run id) and registers nothing new. Writes `runs/<id>/promote/promotion.js
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         onnx = export_onnx(model_dir, out_dir / "onnx")
         tags = {"clickclip.run_id": run_id, **decision_tags(promoted, reason, gates),
                 **{f"clickclip.{k}": v for k, v in lineage.items()}}
-        metrics = {f"eval.{model}.{k.replace('@', '_at_')}": v
+        metrics = {metric_key(model, k): v
                    for model, values in evaluation["models"].items() for k, v in values.items()}
         metrics |= {f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()}
         mlflow_run_id = registry.existing_run(pcfg, mlflow_run_id)  # a reset store: log into a fresh run
@@ -91,6 +92,13 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
     decision = out_dir / "promotion.json"
     decision.write_text(json.dumps(summary, indent=2))
     return PromoteResult(decision, summary)
+
+
+def metric_key(model: str, metric: str) -> str:
+    """An MLflow metric name for a configuration's metric: `hybrid(candidate)` and `candidate+title`
+    hold characters MLflow refuses, so `eval.hybrid_candidate.recall_at_10`."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", model).strip("_")
+    return f"eval.{name}.{metric.replace('@', '_at_')}"
 
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:

@@ -171,7 +171,9 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
                "images_excluded_by_cut_links": exclude_crossing_links(splits, cut)}
     group_ids = pl.DataFrame({"label": labels, "image_id": good["image_id"]}).group_by("label").agg(
         pl.col("image_id").min().alias("group_id"))
-    good = good.with_columns(pl.Series("label", labels), pl.Series("split", splits)).join(
+    good = good.with_columns(pl.Series("label", labels), pl.Series("split", splits),
+                             # in the split registry before this run: the sticky held-out set of earlier runs
+                             pl.col("image_id").is_in(list(registry)).alias("registered_earlier")).join(
         group_ids, on="label").drop("label").sort("image_id")
 
     audit = leak_audit(good, scfg.max_distance)

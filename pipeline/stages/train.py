@@ -26,10 +26,11 @@ from pipeline import registry
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import StageError, Stopped
 from pipeline.stages import StageInputs, StageOutput
-from pipeline.training.datasets import PairDataset, make_loader, training_pairs
-from pipeline.training.finetuner import ClipFineTuner, lock_towers
+from pipeline.training.datasets import PairDataset, make_loader, title_pairs, training_pairs
+from pipeline.training.finetuner import ClipFineTuner, lock_towers, validation_recall
+from pipeline.training.hard_negatives import buddy_pairs, mine_hard_negatives
 from pipeline.training.image_cache import ImageCache
-from pipeline.training.model import ClipBundle, save_checkpoint, starting_model
+from pipeline.training.model import ClipBundle, embed_image_files, embed_texts, save_checkpoint, starting_model
 from pipeline.training.progress import EpochHistory, ProgressLines
 
 
@@ -90,6 +91,92 @@ def resumable_checkpoint(ckpt_dir: Path, warnings: list[str]) -> Path | None:
     return None
 
 
+def interpolate(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float
+                ) -> dict[str, torch.Tensor]:
+    """WiSE-FT: (1 − α) start + α trained for every floating-point tensor; others (integer
+    buffers) from the trained state."""
+    return {name: torch.lerp(start[name].to(value.dtype), value, alpha) if value.is_floating_point() else value
+            for name, value in trained.items()}
+
+
+@torch.no_grad()
+def validation_score(module: ClipFineTuner, loader) -> float:
+    """Validation recall@10 as the epochs score it (finetuner.validation_recall), outside Lightning."""
+    module.model.eval()
+    batches = []
+    for images, texts, image_ids, _, _, tokens in loader:
+        image_features, text_features = module.embed(images, tokens)
+        batches.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(), list(texts),
+                        list(image_ids)))
+    return validation_recall(batches, k=10) if batches else 0.0
+
+
+def wise_ft(module: ClipFineTuner, start: dict[str, torch.Tensor], alphas: tuple[float, ...], loader
+            ) -> dict | None:
+    """Score each interpolation on validation, load the best (the first of equals) into the
+    model; the curve and the choice, or None when only the trained weights are asked for."""
+    if tuple(alphas) == (1.0,):
+        return None
+    trained = {name: value.detach().clone() for name, value in module.model.state_dict().items()}
+    curve = []
+    for alpha in alphas:
+        module.model.load_state_dict(interpolate(start, trained, alpha))
+        curve.append((float(alpha), round(validation_score(module, loader), 4)))
+    best = max(curve, key=lambda point: point[1])[0]
+    module.model.load_state_dict(interpolate(start, trained, best))
+    return {"alpha": best, "curve": curve}
+
+
+def hard_negative_buddies(bundle: ClipBundle, pairs, all_pairs_path: Path, images_path: Path, root: Path,
+                          cfg: TrainConfig) -> tuple[dict[int, list[int]], dict]:
+    """Mine each training query's hard negatives with the starting model (see hard_negatives)."""
+    import polars as pl
+
+    everything = pl.read_parquet(all_pairs_path).filter(pl.col("clicks") > 0)
+    known: dict[str, set[str]] = {}
+    for query, image in zip(everything["query"], everything["image_id"], strict=True):
+        known.setdefault(query, set()).add(image)
+    images = pl.read_parquet(images_path)
+    members: dict[str, set[str]] = {}
+    for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"], strict=True):
+        for key in (f"g:{group}", f"p:{product}" if product is not None else None):
+            if key:
+                members.setdefault(key, set()).add(image)
+    same = {image: members[f"g:{group}"] | (members[f"p:{product}"] if product is not None else set())
+            for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"],
+                                             strict=True)}
+    image_ids = pairs["image_id"].unique().sort().to_list()
+    paths = dict(zip(pairs["image_id"], pairs["path"], strict=True))
+    queries = pairs["query"].unique().sort().to_list()
+    started = time.perf_counter()
+    negatives = mine_hard_negatives(embed_texts(bundle, queries), embed_image_files(bundle, root, [paths[i] for i in
+                                    image_ids], num_workers=0), queries, image_ids, known, same,
+                                    cfg.hard_negatives, cfg.hard_negative_pool)
+    buddies = buddy_pairs(pairs["query"].to_list(), pairs["image_id"].to_list(), negatives)
+    return buddies, {"queries": len(queries), "mined": sum(len(v) for v in negatives.values()),
+                     "pairs_with_a_buddy": sum(1 for v in buddies.values() if v),
+                     "seconds": round(time.perf_counter() - started, 1)}
+
+
+def warm_start(bundle: ClipBundle, cfg: TrainConfig, images_path: Path, root: Path, terminal: bool) -> dict:
+    """The cold-start recipe: contrastive epochs on the catalog's own (image, title) pairs of the
+    train split, in place on the model, before the click epochs (which then resume from
+    their own checkpoints, so a resumed run does not repeat this)."""
+    pairs = title_pairs(images_path)
+    if pairs.height < cfg.batch_size:
+        raise StageError(f"train.warm_start: titles needs at least one batch of titled training images; "
+                         f"{pairs.height} found, train.batch_size={cfg.batch_size}")
+    started = time.perf_counter()
+    loader = make_loader(PairDataset(pairs, root, bundle, True, cfg.seed), pairs, cfg, True, bundle.tokenizer)
+    module = ClipFineTuner(bundle, cfg)
+    module.samplers = [s for s in (loader.batch_sampler, loader.sampler) if hasattr(s, "shard")]
+    trainer = build_trainer(cfg, False, [], max_epochs=cfg.warm_start_epochs, enable_checkpointing=False,
+                            enable_progress_bar=terminal)
+    trainer.fit(module, loader)
+    return {"pairs": pairs.height, "epochs": cfg.warm_start_epochs, "seconds": round(time.perf_counter() - started, 1),
+            "finished_without_nan": not module.saw_nan}
+
+
 def build_trainer(cfg: TrainConfig, logger, callbacks: list[L.Callback], **overrides) -> L.Trainer:
     """The Lightning Trainer as train runs it (bench_train builds its trainer here too)."""
     settings = dict(
@@ -116,6 +203,10 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         raise StageError(f"only {train_pairs.height} clicked training pairs, fewer than one batch "
                          f"(train.batch_size={tcfg.batch_size}); lower the batch size or add data")
     root = cfg.data.image_root
+    start_state = {name: value.detach().clone() for name, value in bundle.model.state_dict().items()} \
+        if tuple(tcfg.wise_ft_alphas) != (1.0,) else {}
+    buddies, mined = (hard_negative_buddies(bundle, train_pairs, pairs_path, images_path, root, tcfg)
+                      if tcfg.hard_negatives else (None, None))
     prepare_model(bundle, tcfg)
     module = ClipFineTuner(bundle, tcfg)
     logger = registry.training_logger(cfg.promote, run_name)
@@ -138,12 +229,14 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         size = open_clip.get_model_preprocess_cfg(bundle.model)["size"]
         cache = ImageCache(out_dir / "image_cache", train_pairs["path"].to_list() + val_pairs["path"].to_list(),
                            root, size[0] if isinstance(size, tuple | list) else size)
+    warm = warm_start(bundle, tcfg, images_path, root, terminal) if tcfg.warm_start == "titles" and resume is None \
+        else None
     train_loader = make_loader(PairDataset(train_pairs, root, bundle, True, tcfg.seed, cache), train_pairs, tcfg,
-                               True, bundle.tokenizer)
+                               True, bundle.tokenizer, buddies)
     module.samplers = [s for s in (train_loader.batch_sampler, train_loader.sampler) if hasattr(s, "shard")]
-    trainer.fit(module, train_loader,
-                make_loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False,
-                            bundle.tokenizer),
+    val_loader = make_loader(PairDataset(val_pairs, root, bundle, False, cache=cache), val_pairs, tcfg, False,
+                             bundle.tokenizer)
+    trainer.fit(module, train_loader, val_loader,
                 ckpt_path=str(resume) if resume else None, weights_only=True)  # never unpickles code
     seconds = time.perf_counter() - started
     if trainer.received_sigterm:  # Lightning ended the loop on SIGTERM: the stage did not finish
@@ -156,6 +249,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
+    interpolation = wise_ft(module, start_state, tcfg.wise_ft_alphas, val_loader) if start_state else None
     model_dir = save_checkpoint(bundle, out_dir / "model")
     shutil.rmtree(out_dir / "image_cache", ignore_errors=True)  # it served the epochs; the run keeps the model
     summary = {
@@ -165,7 +259,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
         "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
         "mlflow_run_id": logger.run_id, "resumed_from": resume.name if resume else None, "warnings": warnings,
-        "history": history.epochs,
+        "history": history.epochs, "wise_ft": interpolation, "warm_start": warm, "hard_negatives": mined,
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))

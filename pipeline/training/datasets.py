@@ -67,6 +67,18 @@ class TokenizingCollate:
         return [images, list(texts), list(image_ids), list(product_ids), weights, self.tokenizer(list(texts))]
 
 
+def title_pairs(images_path: Path, split: str = "train") -> pl.DataFrame:
+    """The catalog's own (title, image) pairs of one split, shaped like training_pairs: the warm
+    start's data (train.warm_start: titles)."""
+    images = pl.read_parquet(images_path)
+    if "title" not in images.columns:
+        return pl.DataFrame(schema={"query": pl.Utf8, "image_id": pl.Utf8, "product_id": pl.Utf8, "weight": pl.Float64,
+                                    "path": pl.Utf8})
+    return images.filter((pl.col("split") == split) & pl.col("title").str.strip_chars().str.len_chars().gt(0)).select(
+        pl.col("title").alias("query"), "image_id", "product_id", pl.lit(1.0).alias("weight"), "path").sort(
+        "query", "image_id")
+
+
 def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: int) -> pl.DataFrame:
     images = pl.read_parquet(images_path).select("image_id", "path")
     # held-out queries are never trained on: evaluation measures them as unseen queries
@@ -75,12 +87,15 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
     return pairs.join(images, on="image_id").sort("query", "image_id")
 
 
-def make_loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool, tokenizer) -> DataLoader:
+def make_loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool, tokenizer,
+                buddies: dict[int, list[int]] | None = None) -> DataLoader:
+    """The loader; with `buddies` (mined hard negatives), unique batches that pack each pair next
+    to one holding a hard negative of its query."""
     workers = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
                "pin_memory": torch.cuda.is_available(), "collate_fn": TokenizingCollate(tokenizer)}
-    if train and cfg.unique_batches:
+    if train and (cfg.unique_batches or buddies is not None):
         sampler = UniqueBatchSampler(pairs["query"].to_list(), pairs["image_id"].to_list(),
-                                     pairs["product_id"].to_list(), cfg.batch_size, cfg.seed)
+                                     pairs["product_id"].to_list(), cfg.batch_size, cfg.seed, buddies)
         return DataLoader(dataset, batch_sampler=sampler, **workers)
     if train:
         return DataLoader(dataset, batch_size=cfg.batch_size, sampler=EpochShuffleSampler(len(dataset), cfg.seed),

@@ -7,17 +7,40 @@ Lightning nor open_clip samples under such constraints.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 
+def with_buddies(order: Sequence[int], buddies: Mapping[int, Sequence[int]], seed: int) -> list[int]:
+    """The shuffle with each item followed by one unused buddy (a pair holding a mined hard
+    negative of its query), so packing puts them in one batch; every item still comes once."""
+    rng = np.random.default_rng([seed, 1])
+    used: set[int] = set()
+    out: list[int] = []
+    for index in order:
+        if index in used:
+            continue
+        used.add(index)
+        out.append(index)
+        free = [j for j in buddies.get(index, ()) if j not in used]
+        if free:
+            buddy = free[int(rng.integers(len(free)))]
+            used.add(buddy)
+            out.append(buddy)
+    return out
+
+
 def unique_batches(queries: Sequence[str], image_ids: Sequence[str], product_ids: Sequence[str | None],
-                   batch_size: int, seed: int, open_batches: int = 16) -> list[list[int]]:
+                   batch_size: int, seed: int, open_batches: int = 16,
+                   buddies: Mapping[int, Sequence[int]] | None = None) -> list[list[int]]:
     """Greedy packing of a seeded shuffle: each item goes into the first open batch it does not
-    clash with. Full batches only; items that never fit are left for the next epoch's shuffle."""
+    clash with. Full batches only; items that never fit are left for the next epoch's shuffle.
+    With `buddies`, each item is offered right after one of its buddies (see with_buddies)."""
     order = np.random.default_rng(seed).permutation(len(queries))
+    if buddies:
+        order = np.array(with_buddies(order.tolist(), buddies, seed), dtype=np.int64)
     pending: list[tuple[list[int], set[str]]] = []
     full: list[list[int]] = []
     for index in order.tolist():
@@ -46,15 +69,17 @@ class UniqueBatchSampler(Sampler[list[int]]):
     """A batch sampler over `unique_batches`, reshuffled every epoch."""
 
     def __init__(self, queries: Sequence[str], image_ids: Sequence[str], product_ids: Sequence[str | None],
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, buddies: Mapping[int, Sequence[int]] | None = None):
         self.queries, self.image_ids, self.product_ids = list(queries), list(image_ids), list(product_ids)
+        self.buddies = buddies
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world = 0, 1
         self._all = len(self._batches(0))
         self._length = self._all
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch)
+        return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch,
+                              buddies=self.buddies)
 
     def start_at_epoch(self, epoch: int) -> None:
         """The next iteration is epoch `epoch`: the trainer calls it when training (re)starts."""

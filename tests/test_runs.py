@@ -159,3 +159,12 @@ def test_the_promotion_metric_is_part_of_evaluates_fingerprint_and_of_the_run_id
     assert before.fingerprint("train") == after.fingerprint("train")
     assert before.fingerprint("evaluate") != after.fingerprint("evaluate")  # it picks the gated slices
     assert open_run(tiny_config).run_id != open_run(other).run_id
+
+
+def test_serve_as_is_part_of_evaluates_fingerprint(tiny_config):
+    """Regression: evaluate's summary holds the gated pair and its interval, both picked by
+    promote.serve_as; a changed serve_as reused the old evaluation, and promote gated the wrong pair."""
+    other = tiny_config.model_copy(update={"promote": tiny_config.promote.model_copy(update={"serve_as": "hybrid"})})
+    before, after = open_run(tiny_config, "m"), open_run(other, "m")
+    assert before.fingerprint("train") == after.fingerprint("train")
+    assert before.fingerprint("evaluate") != after.fingerprint("evaluate")

@@ -1,5 +1,5 @@
 """Weekly clickclip retraining: one task per stage of clickclip's stage list (extract >> split >>
-train >> evaluate >> promote), then a branch on the promotion decision.
+train >> evaluate >> publish >> promote), then a branch on the promotion decision.
 
 Deploy by copying this file into Airflow's dags folder. Airflow's own environment needs nothing
 of clickclip: every task runs the `clickclip` command of the project's virtualenv, so torch,

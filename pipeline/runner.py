@@ -236,6 +236,12 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
         f"decision on {metric}: {verdict} — {decision['reason']}",
         f"registered: {decision['model_name']} version {decision['version']}",
         champion_line(decision),
-        f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)",
     ]
+    index = summaries.get("publish") or {}
+    if index.get("published"):
+        lines.append(f"index: {index['table']} ({index['rows']} images, HNSW recall@10 against exact search "
+                     f"{index['recall_at_10_vs_exact']}); `clickclip search` queries what serves")
+    elif index:
+        lines.append(f"index: not published ({index['reason']})")
+    lines.append(f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)")
     return "\n".join(lines)

@@ -44,16 +44,17 @@ def test_dag_parses_with_the_documented_shape(airflow_env):
     assert report["import_errors"] == {}
     assert report["dag_ids"] == ["clickclip_retrain"]
     down = report["downstream"]
-    assert [down[s] for s in ("extract", "split", "train", "evaluate")] == [["split"], ["train"], ["evaluate"],
-                                                                            ["promote"]]
+    # publish builds and validates the index between evaluate and the alias move (in promote)
+    assert [down[s] for s in ("extract", "split", "train", "evaluate", "publish")] == [
+        ["split"], ["train"], ["evaluate"], ["publish"], ["promote"]]
     assert down["decide"] == ["announce_champion", "record_refusal"]
     assert report["schedule"] == "AssetOrTimeSchedule" and report["cron"] == "0 3 * * 1"
     assert report["catchup"] is False and report["max_active_runs"] == 1
     assert report["params"] == ["config", "since", "until"]
     assert report["retries"]["extract"] == report["retries"]["split"] == 3
     # promote is idempotent, so an error is retried; a failed gate is not an error
-    assert report["retries"]["promote"] == 2
-    stages = ("extract", "split", "train", "evaluate", "promote")
+    assert report["retries"]["promote"] == report["retries"]["publish"] == 2
+    stages = ("extract", "split", "train", "evaluate", "publish", "promote")
     assert all(report["execution_timeout"][s] != "None" for s in stages)
     assert {report["operators"][s] for s in stages} == {"_BashDecoratedOperator"}  # logs stream as they run
 

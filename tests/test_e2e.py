@@ -99,7 +99,7 @@ def test_nothing_is_lost_and_nothing_leaks(first_and_second_run):
 def test_second_run_reuses_everything_and_registers_nothing_new(first_and_second_run):
     cfg, work, first, second = first_and_second_run
     assert second.exit_code == 0, second.output
-    for stage in ("extract", "split", "train", "evaluate", "promote"):
+    for stage in ("extract", "split", "train", "evaluate", "publish", "promote"):
         assert f"✓ {stage} reused" in second.output
     client = MlflowClient(tracking_uri=cfg.promote.tracking_uri)
     assert len(client.search_model_versions("name='clickclip-tiny'")) == 1
@@ -241,7 +241,7 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
     np.testing.assert_allclose(served, local, atol=1e-5)
 
 
-def _promote_again(cfg, work, run_id=None, champion=None):
+def _promote_again(cfg, work, run_id=None, champion=None, index=None):
     """promote() of the first run's model under another clickclip run id, as if evaluated against `champion`."""
     from pipeline.stages.promote import GateInputs, promote
 
@@ -251,7 +251,7 @@ def _promote_again(cfg, work, run_id=None, champion=None):
                "split_registry_version": "1", "parent_champion_version": str(champion or "none")}
     return lambda mlflow_run_id, out: promote(
         cfg, run_id or run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
-        run_dir / "train" / "model", [], out)
+        run_dir / "train" / "model", [], out, index)
 
 
 def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(first_and_second_run, tmp_path,
@@ -406,3 +406,99 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
     finally:
         _stop(server)
     assert list((tmp_path / "server-artifacts").rglob("text.onnx"))  # artifacts went through the server
+
+
+def test_search_answers_from_the_champions_index(first_and_second_run):
+    from pipeline.search import Searcher
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    run_dir = _run_dir(work)
+    index = json.loads((run_dir / "publish" / "index.json").read_text())
+    kept = pl.read_parquet(run_dir / "split" / "images.parquet").height
+    assert index["published"] and index["rows"] == kept and index["recall_at_10_vs_exact"] >= 0.95
+    assert f"index: {index['table']}" in first.output
+    # the command: JSON with the version that serves
+    result = CliRunner().invoke(app, ["search", "--config", str(work / "tiny.yaml"), "navy rain shell", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert answer["version"] == "1" and answer["table"] == index["table"] and len(answer["results"]) == 5
+    # held-out queries find images clicked for them, served as the demo and `clickclip init` serve (hybrid)
+    test = pl.read_parquet(run_dir / "split" / "pairs.parquet").filter(
+        (pl.col("split") == "test") & (pl.col("clicks") > 0))
+    clicked = test.group_by("query").agg(pl.col("image_id")).sort("query")
+    searcher = Searcher(cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"serve_as": "hybrid"})}))
+    try:
+        hits = sum(bool(set(images) & {r["image_id"] for r in searcher(query, 10)["results"]})
+                   for query, images in clicked.iter_rows())
+    finally:
+        searcher.close()
+    assert hits >= 1
+
+
+def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_index(first_and_second_run, tmp_path,
+                                                                                  monkeypatch):
+    import pipeline.stages.promote as promote_module
+    from pipeline.registry import rollback
+    from pipeline.search import follow_champion
+    from pipeline.serving.pgvector import open_store
+    from pipeline.stages.publish import publish
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    fresh = cfg.model_copy(update={"promote": cfg.promote.model_copy(update={
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}), "state_dir": tmp_path / "state"})
+    run_dir = _run_dir(work)
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+
+    def index_for(run_id):
+        return publish(fresh, run_id, run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
+                       run_dir / "train" / "model", evaluation, True, tmp_path)
+
+    def serving():
+        store = open_store(None, fresh.state_dir / fresh.name)
+        try:
+            current = store.serving("clickclip-tiny")
+            return current.version, current.table
+        finally:
+            store.close()
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    week1 = index_for("week-1")
+    assert _promote_again(fresh, work, "week-1", index=week1)(None, tmp_path / "a").summary["promoted"]
+    assert serving() == ("1", week1["table"])
+    week2 = index_for("week-2")
+
+    def crash(*args, **kwargs):
+        raise SystemExit("killed between the alias move and the index flip")
+
+    monkeypatch.setattr(promote_module, "serve_index", crash)
+    with pytest.raises(SystemExit):
+        _promote_again(fresh, work, "week-2", champion="1", index=week2)(None, tmp_path / "b")
+    monkeypatch.undo()
+    assert serving() == ("1", week1["table"])  # the old version still serves, with its own index
+    rerun = _promote_again(fresh, work, "week-2", champion="1", index=week2)(None, tmp_path / "c")
+    assert "interrupted index flip was completed" in rerun.summary["reason"]
+    assert serving() == ("2", week2["table"])
+    rollback(fresh.promote, reason="bad in production")
+    assert "serves version 1 again" in follow_champion(fresh, "1")
+    assert serving() == ("1", week1["table"])
+
+
+def test_serve_answers_over_http_on_loopback(first_and_second_run):
+    import urllib.request
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", "serve", "--config",
+                                str(work / "tiny.yaml"), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/search?q=red%20dress&k=3", timeout=30) as response:
+            answer = json.loads(response.read())
+        assert answer["version"] == "1" and len(answer["results"]) == 3
+    finally:
+        _stop(process)

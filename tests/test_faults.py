@@ -184,14 +184,18 @@ KILL_POINTS = {
 @pytest.mark.e2e
 def test_sigkill_at_named_points_of_each_stage_then_rerun_gives_the_same_artifacts(tiny_shop, tmp_path):
     reference = _pipeline_dir(tiny_shop, tmp_path / "reference")
-    for stage in ("extract", "split", "train", "evaluate", "promote"):
+    for stage in ("extract", "split", "train", "evaluate", "publish", "promote"):
         assert _cli(reference, stage, tmp_path / "reference") == 0
     expected = _manifest(tmp_path / "reference")
 
     crashed = _pipeline_dir(tiny_shop, tmp_path / "crashed")
     run_dir = tmp_path / "crashed" / "runs" / "x"
     kills = {}
-    for stage, point in KILL_POINTS.items():
+    for stage in ("extract", "split", "train", "evaluate", "publish", "promote"):
+        if stage not in KILL_POINTS:  # publish writes its one file last: no point inside it to kill at
+            assert _cli(crashed, stage, tmp_path / "crashed") == 0
+            continue
+        point = KILL_POINTS[stage]
         kills[stage] = _cli(crashed, stage, tmp_path / "crashed", kill_when=run_dir / f".{stage}.partial" / point)
         assert (run_dir / f".{stage}.partial").is_dir()  # killed mid-stage: the partial folder is what is left
         assert not (run_dir / stage).exists()

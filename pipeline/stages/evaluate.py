@@ -32,7 +32,7 @@ from pipeline.retrieval.debiased import effective_sample_size, snips_per_query
 from pipeline.retrieval.fusion import Ranked, reciprocal_rank_fusion, tune, weighted_fusion
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
-from pipeline.retrieval.search import approximate_recall, exact_search_scored, normalise
+from pipeline.retrieval.search import approximate_recall, exact_search_scored, product_vectors
 from pipeline.retrieval.slices import query_slices, slice_table
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
@@ -248,13 +248,8 @@ def embed_model(bundle: ClipBundle, test: TestSet, val: TestSet, root: Path, cfg
 
 
 def item_vectors(embedded: Embedded, title_weight: float) -> np.ndarray:
-    """Catalog vectors: normalise((1 − β) image + β title) for images with a title, the image
-    embedding alone for the rest (β = title_weight)."""
-    if title_weight == 0:
-        return embedded.catalog
-    mixed = (1 - title_weight) * embedded.catalog + title_weight * embedded.titles
-    mixed[~embedded.has_title] = embedded.catalog[~embedded.has_title]
-    return normalise(mixed)
+    """Catalog vectors with title weight β (see search.product_vectors)."""
+    return product_vectors(embedded.catalog, embedded.titles, embedded.has_title, title_weight)
 
 
 def dense_lists(queries: np.ndarray, items: np.ndarray, side: Side, ids: list[str],

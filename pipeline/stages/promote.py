@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.retrieval.gates import GateInputs, decide
+from pipeline.serving.pgvector import open_store
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.onnx_export import export_onnx
 
@@ -30,8 +31,29 @@ def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, s
             **{f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}" for g in gates}}
 
 
+def serve_index(cfg: RunConfig, version: str, index: dict | None) -> str:
+    """Point search at the champion's index (publish's table) in one transaction, right after the
+    alias moved; a no-op when it already does or nothing was published. Old tables are dropped
+    (the newest publish.keep_versions and the serving one stay). Returns a note for the reason."""
+    if not index or not index.get("published"):
+        return ""
+    model = cfg.promote.model_name
+    store = open_store(cfg.publish.dsn, cfg.state_dir / cfg.name)
+    try:
+        current = store.serving(model)
+        if current is not None and (current.version, current.table) == (str(version), index["table"]):
+            return ""
+        store.flip(model, str(version), index["table"])
+        store.drop_old(model, cfg.publish.keep_versions)
+    finally:
+        store.close()
+    registry.set_version_tags(cfg.promote, str(version), {"clickclip.index_table": index["table"]})
+    return f"; search now serves version {version} from index {index['table']}"
+
+
 def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
-            lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path) -> PromoteResult:
+            lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path,
+            index: dict | None = None) -> PromoteResult:
     """Decide by the gates, log the run and its lineage tags, register, and move the alias.
 
     The alias moves only while it still points at the champion evaluate compared against
@@ -56,10 +78,15 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
             registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
             reason += ("; the interrupted alias move was completed" if tags.get("clickclip.decision") == "promoted"
                        else "; promoted now under the current gates")
+            reason += serve_index(cfg, str(version.version), index)
         elif not promoted and champion == str(version.version):
             promoted = True  # it stays champion: an earlier decision promoted it
             reason += ("; it is champion by an earlier decision, which these gates would not make: roll back with "
                        "`clickclip rollback` if that is meant")
+        elif promoted:  # champion already: a crash between the alias move and the index flip is repaired here
+            repaired = serve_index(cfg, str(version.version), index)
+            reason += repaired.replace("; search now serves", "; the interrupted index flip was completed: search "
+                                                                "serves") if repaired else ""
         reason += f" (version {version.version} was already registered for this run; nothing new registered)"
         registry.set_version_tags(pcfg, str(version.version), decision_tags(promoted, reason, gates))
     else:
@@ -80,6 +107,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
                                                            model_dir, out_dir / "onnx")
         if promoted:
             registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
+            reason += serve_index(cfg, str(version.version), index)
 
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
@@ -88,6 +116,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         "tracking_uri": registry.redact_uri(registry.tracking_uri(pcfg)),
         "champion_uri": f"models:/{pcfg.model_name}@champion",
         "champion_version": registry.champion_version(pcfg),  # after this decision; None: no champion yet
+        "index": index,
     }
     decision = out_dir / "promotion.json"
     decision.write_text(json.dumps(summary, indent=2))
@@ -113,5 +142,5 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     artifacts = [inputs.report_dir, inputs.manifest, inputs.output("split", "leak_audit"),
                  inputs.output("extract", "quarantine"), inputs.output("split", "image_quarantine")]
     result = promote(cfg, inputs.run_id, train.get("mlflow_run_id"), evaluation, gate_inputs, lineage,
-                     inputs.output("train", "weights").parent, artifacts, out_dir)
+                     inputs.output("train", "weights").parent, artifacts, out_dir, inputs.summary("publish"))
     return StageOutput({"decision": result.decision}, result.summary)

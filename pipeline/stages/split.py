@@ -87,15 +87,26 @@ def read_registry(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             dict(zip(frame["image_id"], [s or "" for s in stamps], strict=True)))
 
 
+def read_registered_by(path: Path) -> dict[str, str]:
+    """image -> the run that registered it ("" for registries written before runs were recorded)."""
+    if not path.is_file():
+        return {}
+    frame = pl.read_parquet(path)
+    runs = frame["registered_by"].to_list() if "registered_by" in frame.columns else [""] * frame.height
+    return dict(zip(frame["image_id"], [r or "" for r in runs], strict=True))
+
+
 def write_registry(path: Path, registry: dict[str, str], registered_at: dict[str, str], images: pl.DataFrame,
-                   stamp: str) -> str:
+                   stamp: str, run_id: str = "") -> str:
     """Add this run's assignments (never changing an old one); return the registry's version."""
     fresh = {k: v for k, v in zip(images["image_id"], images["split"], strict=True)
              if v != EXCLUDED and k not in registry}
     merged = registry | fresh
     stamps = registered_at | dict.fromkeys(fresh, stamp)
+    by = read_registered_by(path) | dict.fromkeys(fresh, run_id)
     frame = pl.DataFrame({"image_id": list(merged), "split": list(merged.values()),
-                          "registered_at": [stamps.get(k, "") for k in merged]}).sort("image_id")
+                          "registered_at": [stamps.get(k, "") for k in merged],
+                          "registered_by": [by.get(k, "") for k in merged]}).sort("image_id")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     frame.write_parquet(tmp)
@@ -147,7 +158,7 @@ def _hash_and_quarantine(cfg: RunConfig, catalog: pl.DataFrame, state: Path) -> 
     return good, quarantine, cache_stats
 
 
-def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
+def split(cfg: RunConfig, pairs_path: Path, out_dir: Path, run_id: str = "") -> SplitResult:
     """Hash, group and split the catalog, then tag extract's pairs with their image's split."""
     scfg = cfg.split
     state = cfg.state_dir / cfg.name
@@ -166,6 +177,9 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
                                              good["product_id"].to_list(), scfg.max_distance, scfg.giant_group_size)
     registry_path = state / "split_registry.parquet"
     registry, registered_at = read_registry(registry_path)
+    # registered by an earlier run (not by an interrupted attempt of this one): the sticky held-out set
+    registered_by = read_registered_by(registry_path)
+    earlier = [image for image in registry if registered_by.get(image, "") != run_id or not run_id]
     splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg, registered_at)
     sticky |= {"cross_product_links_cut": int(len(cut)),
                "images_excluded_by_cut_links": exclude_crossing_links(splits, cut)}
@@ -173,7 +187,7 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
         pl.col("image_id").min().alias("group_id"))
     good = good.with_columns(pl.Series("label", labels), pl.Series("split", splits),
                              # in the split registry before this run: the sticky held-out set of earlier runs
-                             pl.col("image_id").is_in(list(registry)).alias("registered_earlier")).join(
+                             pl.col("image_id").is_in(earlier).alias("registered_earlier")).join(
         group_ids, on="label").drop("label").sort("image_id")
 
     audit = leak_audit(good, scfg.max_distance)
@@ -184,7 +198,7 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path) -> SplitResult:
                         f"{audit['identical_files_crossing']} identical files and {audit['products_crossing']} "
                         f"products cross splits; see {audit_path}")
     registry_version = write_registry(registry_path, registry, registered_at, good,
-                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run_id)
     (state / "split_registry.json").write_text(json.dumps(registry_settings(scfg), indent=2))
 
     paths = {name: out_dir / f"{name}.parquet" for name in ("images", "image_quarantine", "pairs", "pairs_excluded")}
@@ -254,7 +268,7 @@ def _summary(good, quarantine, hash_edges, tagged, excluded, scfg: SplitConfig) 
 
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
-    result = split(cfg, inputs.output("extract", "pairs"), out_dir)
+    result = split(cfg, inputs.output("extract", "pairs"), out_dir, inputs.run_id)
     outputs = {"images": result.images, "image_quarantine": result.image_quarantine, "pairs": result.pairs,
                "pairs_excluded": result.pairs_excluded, "leak_audit": result.leak_audit,
                "groups_sheet": result.groups_sheet}

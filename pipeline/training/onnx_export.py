@@ -97,3 +97,21 @@ def export_onnx(checkpoint: Path, out_dir: Path) -> dict:
     }
     (out_dir / "onnx.json").write_text(json.dumps(description, indent=2))
     return description
+
+
+class OnnxTextEncoder:
+    """A registered version's exported text tower on onnxruntime, with the checkpoint's open_clip
+    tokenizer and each batch's context trimmed to its longest query: the query path of serving."""
+
+    def __init__(self, onnx_dir: Path, checkpoint: Path, threads: int = 2):
+        import onnxruntime as ort
+        import open_clip
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_dir / "text.onnx"), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{checkpoint}")
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        tokens = trim_tokens(self.tokenizer(texts))
+        return self.session.run(None, {"tokens": tokens.numpy()})[0]

@@ -155,9 +155,10 @@ def _run_stage(run: Run, stage: str) -> dict:
 
 def refuse_rewriting_a_decision(run: Run, stage: str) -> None:
     """A run folder whose promotion is recorded shows the figures that decision was made on: a stage
-    before promote may not rerun there under other settings (promote itself may: it re-decides)."""
+    before promote may not rerun there under other settings (promote itself may: it re-decides; so
+    may publish, which decides as promote does and only builds the index those figures select)."""
     decided = run.manifest.get("stages", {}).get("promote")
-    if decided is None or stage == "promote":
+    if decided is None or stage in ("publish", "promote"):
         return
     raise StageError(
         f"run {run.run_id} already holds a promotion decision (version {decided['summary'].get('version')}, "

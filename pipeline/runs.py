@@ -318,10 +318,11 @@ def open_run(cfg: RunConfig, run_id: str | None = None) -> Run:
     under other settings gets its own folder (reusing from the others what its settings leave as it was)."""
     inputs = input_digests(cfg)
     if run_id is None:
-        # every setting a stage before promote depends on; promote's own (margin, gates) only decide,
-        # so changing one re-decides in the same folder
+        # every setting a stage before publish and promote depends on; theirs (margin, gates, the
+        # index's settings) only decide and serve, so changing one re-decides in the same folder
         tree = result_settings(cfg)
-        settings = {key: setting(tree, key) for spec in STAGES if spec.name != "promote" for key in spec.config}
+        settings = {key: setting(tree, key) for spec in STAGES if spec.name not in ("publish", "promote")
+                    for key in spec.config}
         run_id = f"{cfg.name}-{text_sha256(settings, inputs)[:10]}"
     check_run_id(run_id)
     root = cfg.runs_dir / run_id

@@ -11,7 +11,9 @@ With raw click counts as weights the same formulas give the raw click metrics, w
 whatever the logging ranker showed on top.
 
 Per-query values are scaled so their mean is the estimate (Q · numerator_q / Σ denominator): the
-paired bootstrap then resamples queries with the denominator held at its observed value.
+paired bootstrap then resamples queries with the denominator held at its observed value. A report
+slice's mean of these values uses the whole set's denominator, so it compares models within the
+slice; it is not the slice's own SNIPS estimate.
 """
 
 from __future__ import annotations

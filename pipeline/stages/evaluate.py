@@ -310,8 +310,7 @@ def score_configurations(label: str, embedded: Embedded, test: TestSet, val: Tes
     tuned = bool(val.queries)
     title_weight, title_curve = tune(cfg.title_weights, lambda b: on_val(lists(item_vectors(embedded, b), "val"))) \
         if tuned else (0.0, [])
-    items = item_vectors(embedded, title_weight)
-    dense_val = lists(items, "val")
+    dense_val = lists(item_vectors(embedded, title_weight), "val")
     hybrid_weight, hybrid_curve = tune(cfg.hybrid_weights, lambda w: on_val(
         [weighted_fusion(d, kw, w) for d, kw in zip(dense_val, keyword["val"], strict=True)])) \
         if tuned else (0.5, [])
@@ -322,6 +321,7 @@ def score_configurations(label: str, embedded: Embedded, test: TestSet, val: Tes
                            embedded.images_per_s, _shown(test_lists, head.known))
 
     out: dict[str, ModelScores] = {}
+    dense: dict[str, list[Ranked]] = {}  # the +title lists, which hybrid fuses: searched once
     for name, weight in ((label, 0.0), (f"{label}+title", title_weight)):
         vectors = item_vectors(embedded, weight)
         test_lists, search = dense_lists(embedded.queries["test"], vectors, head, test.catalog_ids, depth["test"])
@@ -329,8 +329,8 @@ def score_configurations(label: str, embedded: Embedded, test: TestSet, val: Tes
             position = {image: n for n, image in enumerate(np.asarray(test.catalog_ids)[head.mask])}
             exact = np.array([[position[i] for i, _ in row[:k]] for row in test_lists])
             search["hnsw"] = approximate_recall(embedded.queries["test"], vectors[head.mask], k, exact).as_dict()
-        out[name] = scores(test_lists, lists(vectors, "seen"), search)
-    dense = {which: lists(items, which) for which in ("test", "seen")}
+        dense = {"test": test_lists, "seen": lists(vectors, "seen")}
+        out[name] = scores(dense["test"], dense["seen"], search)
     for name, fuse in ((f"hybrid({label})", partial(weighted_fusion, weight=hybrid_weight)),
                        (f"hybrid_rrf({label})", partial(reciprocal_rank_fusion, k=cfg.rrf_k))):
         fused = {which: [fuse(d, kw) for d, kw in zip(dense[which], keyword[which], strict=True)]

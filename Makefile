@@ -23,6 +23,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/clickclip demo-data --out data/demo
 	$(BIN)/clickclip run --config configs/demo.yaml
+	$(BIN)/clickclip search --config configs/demo.yaml "navy rain shell" --k 5
 
 $(AIRFLOW_VENV)/.installed:
 	$(PYTHON) -m venv $(AIRFLOW_VENV)

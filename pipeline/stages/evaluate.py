@@ -28,6 +28,7 @@ from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_report
 from pipeline.report.sections import SliceRule
 from pipeline.retrieval.bm25 import bm25_search
+from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.debiased import effective_sample_size, snips_per_query
 from pipeline.retrieval.fusion import Ranked, reciprocal_rank_fusion, tune, weighted_fusion
 from pipeline.retrieval.gates import GateInputs, decide
@@ -42,6 +43,7 @@ from pipeline.training.model import (
     load_checkpoint,
     starting_model,
     to_best_device,
+    weights_digest,
 )
 
 WORST_QUERIES = 20
@@ -247,6 +249,12 @@ def embed_model(bundle: ClipBundle, test: TestSet, val: TestSet, root: Path, cfg
     return Embedded(catalog, titles, has_title, queries, images_per_s)
 
 
+def save_candidate_vectors(path: Path, model_dir: Path, images_path: Path, test: TestSet, embedded: Embedded) -> None:
+    digest_of = dict(pl.read_parquet(images_path, columns=["image_id", "digest"]).iter_rows())
+    CatalogVectors(weights_digest(model_dir), test.catalog_ids, [digest_of[i] for i in test.catalog_ids],
+                   test.catalog_titles, embedded.catalog, embedded.titles).save(path)
+
+
 def item_vectors(embedded: Embedded, title_weight: float) -> np.ndarray:
     """Catalog vectors with title weight β (see search.product_vectors)."""
     return product_vectors(embedded.catalog, embedded.titles, embedded.has_title, title_weight)
@@ -439,6 +447,8 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         for label, bundle in bundles.items():
             embedded = embed_model(bundle, test, val, root, ecfg, label)
             images_per_s[label] = embedded.images_per_s
+            if label == "candidate":  # publish indexes these rather than embedding the catalog again
+                save_candidate_vectors(out_dir / "candidate_vectors.npz", model_dir, images_path, test, embedded)
             configurations, tuning[label] = score_configurations(label, embedded, test, val, keyword, ecfg,
                                                                  tuning_metric(metric))
             scores.update(configurations)
@@ -539,4 +549,5 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
                 extract, json.loads(inputs.output("split", "leak_audit").read_text()), train)}
     result = evaluate(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"),
                       inputs.output("train", "weights").parent, out_dir, inputs.report_dir, inputs.run_id, data)
-    return StageOutput({"metrics": result.metrics, "report": result.report}, result.summary)
+    return StageOutput({"metrics": result.metrics, "report": result.report,
+                        "catalog_vectors": out_dir / "candidate_vectors.npz"}, result.summary)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.retrieval.gates import GateInputs, decide
-from pipeline.serving.pgvector import open_store
+from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.onnx_export import export_onnx
 
@@ -38,7 +38,7 @@ def serve_index(cfg: RunConfig, version: str, index: dict | None) -> str:
     if not index or not index.get("published"):
         return ""
     model = cfg.promote.model_name
-    store = open_store(cfg.publish.dsn, cfg.state_dir / cfg.name)
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
     try:
         current = store.serving(model)
         if current is not None and (current.version, current.table) == (str(version), index["table"]):

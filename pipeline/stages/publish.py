@@ -1,8 +1,10 @@
 """Publish: build the index search will serve from the candidate, before promote moves the alias.
 
 When the gates pass (decided here as promote decides), the candidate's vectors of every kept
-catalog image (image + title with the title weight evaluate tuned) go to a new pgvector table
-with an HNSW index (cosine). The index must hold the whole kept catalog and reach
+catalog image (image + title with the title weight evaluate tuned; evaluate's saved vectors where
+weights, content digest and title still match, the rest embedded here) go to a new table with an
+HNSW index (cosine): pgvector, or a FAISS file with `publish.backend: faiss`. The index must hold
+the whole kept catalog and reach
 `publish.min_recall` recall@10 against exact search on up to `publish.check_queries` held-out
 queries (topped up with catalog titles) at `publish.ef_search`; otherwise the stage fails and
 nothing is promoted. Promote then moves the alias and flips the serving pointer to this table.
@@ -23,11 +25,20 @@ from rich.progress import track
 
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
+from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.search import product_vectors
-from pipeline.serving.pgvector import HnswSettings, open_store, run_key, table_name
+from pipeline.serving.index import HnswSettings, run_key, table_name
+from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
-from pipeline.training.model import embed_image_files, embed_texts, load_checkpoint, to_best_device
+from pipeline.training.model import (
+    ClipBundle,
+    embed_image_files,
+    embed_texts,
+    load_checkpoint,
+    to_best_device,
+    weights_digest,
+)
 
 
 def check_queries(pairs: pl.DataFrame, titles: list[str], count: int, seed: int = 0) -> list[str]:
@@ -43,8 +54,36 @@ def check_queries(pairs: pl.DataFrame, titles: list[str], count: int, seed: int 
     return queries
 
 
+def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images: pl.DataFrame, titles: list[str],
+                    saved: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Image vectors, title vectors (zeros where no title) and the has-title mask of every kept
+    image: evaluate's candidate vectors where the weights, image, content digest and title still
+    match (`saved`), the rest embedded now. Also returns how many rows were reused."""
+    ids, digests = images["image_id"].to_list(), images["digest"].to_list()
+    reused, vectors, title_vectors = (CatalogVectors.load(saved).reusable(weights_digest(model_dir), ids, digests,
+                                                                          titles)
+                                      if saved is not None and saved.exists() else (np.zeros(len(ids), bool), None,
+                                                                                    None))
+    dim = bundle.model_cfg["embed_dim"]
+    vectors = np.zeros((len(ids), dim), np.float32) if vectors is None else vectors
+    title_vectors = np.zeros_like(vectors) if title_vectors is None else title_vectors
+    has_title = np.array([bool(t.strip()) for t in titles])
+    todo = np.flatnonzero(~reused)
+    if len(todo):
+        to_best_device(bundle)
+        paths = images["path"].to_list()
+        vectors[todo] = embed_image_files(bundle, cfg.data.image_root, [paths[j] for j in todo],
+                                          cfg.evaluate.batch_size, cfg.evaluate.decode_workers,
+                                          partial(track, description="embedding catalog (publish)"))
+        with_title = todo[has_title[todo]]
+        if len(with_title):
+            title_vectors[with_title] = embed_texts(bundle, [titles[j] for j in with_title], cfg.evaluate.batch_size)
+    return vectors, title_vectors, has_title, int(reused.sum())
+
+
 def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, model_dir: Path, evaluation: dict,
-            promoted: bool, out_dir: Path) -> dict:
+            promoted: bool, out_dir: Path, saved: Path | None = None) -> dict:
+    """`saved`: evaluate's candidate vectors (reused where they still match)."""
     pcfg = cfg.publish
     if not pcfg.enabled:
         return {"published": False, "reason": "publish.enabled is false: search keeps its index"}
@@ -54,19 +93,12 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
     images = pl.read_parquet(images_path).sort("image_id")
     titles = images["title"].fill_null("").to_list() if "title" in images.columns else [""] * images.height
     bundle = load_checkpoint(model_dir)
-    to_best_device(bundle)
-    vectors = embed_image_files(bundle, cfg.data.image_root, images["path"].to_list(), cfg.evaluate.batch_size,
-                                cfg.evaluate.decode_workers, partial(track, description="embedding catalog (publish)"))
-    has_title = np.array([bool(t.strip()) for t in titles])
-    title_vectors = np.zeros_like(vectors)
-    if has_title.any():
-        title_vectors[has_title] = embed_texts(bundle, [t for t, keep in zip(titles, has_title, strict=True) if keep],
-                                               cfg.evaluate.batch_size)
+    vectors, title_vectors, has_title, reused = catalog_vectors(cfg, bundle, model_dir, images, titles, saved)
     tuning = (evaluation.get("tuning") or {}).get("candidate", {})
     title_weight, fusion_weight = float(tuning.get("title_weight", 0.0)), float(tuning.get("hybrid_weight", 1.0))
     served = product_vectors(vectors, title_vectors, has_title, title_weight)
     table = table_name(cfg.promote.model_name, run_key(run_id))
-    store = open_store(pcfg.dsn, cfg.state_dir / cfg.name)
+    store = open_store(pcfg, cfg.state_dir / cfg.name)
     try:
         ids = images["image_id"].to_list()
         products = images["product_id"].to_list() if "product_id" in images.columns else [None] * len(ids)
@@ -87,7 +119,9 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
             "check_queries": len(queries), "ef_search": pcfg.ef_search, "hnsw_m": pcfg.hnsw_m,
             "hnsw_ef_construction": pcfg.hnsw_ef_construction, "title_weight": title_weight,
             "fusion_weight": fusion_weight, "serve_as": cfg.promote.serve_as,
-            "database": "embedded" if pcfg.dsn is None else "publish.dsn",
+            "backend": pcfg.backend, "keyword": pcfg.keyword,
+            "database": "files" if pcfg.backend == "faiss" else "embedded" if pcfg.dsn is None else "publish.dsn",
+            "reused_vectors": reused, "embedded_now": len(ids) - reused,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -97,7 +131,8 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
         extract, json.loads(inputs.output("split", "leak_audit").read_text()), train)
     promoted, _, _ = decide(evaluation, cfg.promote, gate_inputs)
     summary = publish(cfg, inputs.run_id, inputs.output("split", "images"), inputs.output("split", "pairs"),
-                      inputs.output("train", "weights").parent, evaluation, promoted, out_dir)
+                      inputs.output("train", "weights").parent, evaluation, promoted, out_dir,
+                      inputs.outputs["evaluate"].get("catalog_vectors"))
     index = out_dir / "index.json"
     index.write_text(json.dumps(summary, indent=2))
     return StageOutput({"index": index}, summary)

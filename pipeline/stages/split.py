@@ -5,7 +5,8 @@ split), `image_quarantine.parquet` (catalog rows that cannot be used, with a rea
 `pairs.parquet` (extract's pairs with the split of their image and whether their query is held
 out), `pairs_excluded.parquet` (pairs whose image was quarantined or excluded) and
 `leak_audit.json`. Across runs, `<state_dir>/<name>/split_registry.parquet` remembers every
-image's split so that it never moves, and `hash_cache.parquet` its perceptual hash.
+image's split so that it never moves, `hash_cache.parquet` its perceptual hash, and
+`digest_cache.parquet` each file's content digest by path, size and modification time.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _hash_and_quarantine(cfg: RunConfig, catalog: pl.DataFrame, state: Path) -> 
     catalog = catalog.with_columns(catalog_problems(catalog, cfg.data.image_root))
     todo = catalog.filter(pl.col("reason").is_null()).drop("reason")
     hashed, cache_stats = hash_catalog(todo["path"].to_list(), cfg.data.image_root, cfg.split,
-                                       state / "hash_cache.parquet")
+                                       state / "hash_cache.parquet", state / "digest_cache.parquet")
     todo = pl.concat([todo, hashed.drop("path")], how="horizontal")
     quarantine = pl.concat([catalog.filter(pl.col("reason").is_not_null()),
                             todo.filter(pl.col("reason").is_not_null()).drop("digest", "hash")])

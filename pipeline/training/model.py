@@ -21,6 +21,7 @@ from safetensors.torch import save_model
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from pipeline.config import TrainConfig
+from pipeline.data.files import file_sha256
 from pipeline.data.images import load_rgb, resolve_image_path
 from pipeline.errors import ConfigError
 
@@ -102,6 +103,11 @@ def save_checkpoint(bundle: ClipBundle, folder: Path) -> Path:
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_model(bundle.model, str(folder / WEIGHTS_FILE))
     return folder
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a checkpoint folder's weights: which model computed a set of vectors."""
+    return file_sha256(folder / WEIGHTS_FILE)
 
 
 def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,13 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import ExtractConfig, RunConfig, SourceConfig
 from pipeline.data.contract import EVENTS, IMAGES, connect, open_source
 from pipeline.data.partitions import source_files, window_files
 from pipeline.data.propensity import Propensities, examination_propensities
-from pipeline.data.queries import frequency_bands, normalise_query, too_long_for_text_encoder
+from pipeline.data.queries import frequency_bands, normalise_queries, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.stages.extract import incremental
@@ -82,12 +83,17 @@ def _register_query_norms(con: duckdb.DuckDBPyConnection, cfg: RunConfig) -> int
     from pipeline.training.model import text_encoder_limits  # open_clip and torch load slowly: only here
 
     count_tokens, context, _ = text_encoder_limits(cfg.train)
-    # each distinct query once in Python: DuckDB has no NFKC, and distinct queries are few
-    raw = [r[0] for r in con.execute("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").fetchall()]
-    normalised = [normalise_query(q, cfg.extract.strip_punctuation) for q in raw]
-    too_long = too_long_for_text_encoder(normalised, count_tokens, context)
-    con.register("query_norms", pa.table({"raw_query": pa.array(raw, pa.string()),
-                                          "query": pa.array(normalised, pa.string()),
+    # each distinct query once, outside DuckDB (it has no NFKC): in Arrow, Python only for non-ASCII
+    raw = con.sql("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").to_arrow_table()["query"]
+    raw = raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())
+    normalised = normalise_queries(raw.cast(pa.string()), cfg.extract.strip_punctuation)
+    too_long = np.zeros(len(normalised), bool)
+    # byte-level BPE never yields more tokens than UTF-8 bytes (+2): only long queries are tokenised
+    long_at = np.flatnonzero(pc.greater(pc.binary_length(normalised), context - 2).to_numpy(zero_copy_only=False))
+    if len(long_at):
+        candidates = pc.take(normalised, pa.array(long_at)).to_pylist()
+        too_long[long_at] = too_long_for_text_encoder(candidates, count_tokens, context)
+    con.register("query_norms", pa.table({"raw_query": raw.cast(pa.string()), "query": normalised,
                                           "too_long": pa.array(too_long, pa.bool_())}))
     return context
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.stages.train import build_trainer, prepare_model  # noqa: E402
 from pipeline.training.datasets import TokenizingCollate  # noqa: E402
 from pipeline.training.finetuner import ClipFineTuner  # noqa: E402
 from pipeline.training.model import save_checkpoint, split_transform, starting_model  # noqa: E402
@@ -77,9 +78,7 @@ def run_ours(args, negatives: str, batch: int, steps: int | None = None, warmup:
                       accelerator="gpu" if args.cuda else "cpu", warmup_steps=1, compile=compile,
                       num_workers=args.workers)
     bundle = starting_model(cfg)
-    if compile:  # as train() does: in place
-        bundle.model.visual.compile()
-        bundle.model.transformer.compile()
+    prepare_model(bundle, cfg)  # as train() does (torch.compile in place when cfg.compile)
     image_size = bundle.model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, tuple | list) else image_size
     dataset = SyntheticPairs(split_transform(bundle.preprocess_train)[0], batch * (steps + warmup), image_size)
@@ -91,10 +90,10 @@ def run_ours(args, negatives: str, batch: int, steps: int | None = None, warmup:
                         persistent_workers=workers > 0, prefetch_factor=(2 if workers == args.workers else 1)
                         if workers else None)
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps + warmup, accelerator=cfg.accelerator, devices=1,
-                        precision=args.precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    # the Trainer train() builds (deterministic mode, clipping, precision as shipped), minus its
+    # checkpoints, logger and validation
+    trainer = build_trainer(cfg, False, [timer], max_steps=steps + warmup, devices=1, enable_checkpointing=False,
+                            enable_progress_bar=False, limit_val_batches=0)
     if args.cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(ClipFineTuner(bundle, cfg), loader)
@@ -104,8 +103,9 @@ def run_ours(args, negatives: str, batch: int, steps: int | None = None, warmup:
     return per_s, peak
 
 
-def run_open_clip(args, folder: Path) -> float | None:
-    """Steady-state samples/s of `python -m open_clip_train.main --dataset-type synthetic`."""
+def run_open_clip(args, folder: Path, compile: bool = False) -> float | None:
+    """Steady-state samples/s of `python -m open_clip_train.main --dataset-type synthetic`
+    (with `--torchcompile` when `compile`)."""
     try:
         import open_clip_train.main  # noqa: F401
     except ImportError as exc:
@@ -121,12 +121,28 @@ def run_open_clip(args, folder: Path) -> float | None:
                    "--save-frequency", "0", "--report-to", ""]
         if not args.cuda:
             command += ["--device", "cpu"]
+        if compile:
+            command += ["--torchcompile"]
         done = subprocess.run(command, capture_output=True, text=True, cwd=logs)
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", done.stdout + done.stderr)]
     if done.returncode != 0 or len(rates) <= args.warmup_steps:
         print(f"open_clip's script failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
         return None
     return statistics.median(rates[args.warmup_steps:])
+
+
+def flops_per_sample(model: str) -> float:
+    """Forward + backward FLOPs of one (image, 8-token query) pair, counted by torch's FlopCounterMode
+    on a forward pass (backward taken as twice the forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bundle = starting_model(TrainConfig(model=model))
+    size = bundle.model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    tokens = bundle.tokenizer(["navy rain shell jacket for women"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bundle.model(torch.zeros(1, 3, size, size), tokens)
+    return 3.0 * counter.get_total_flops()
 
 
 def _builtin_models() -> set[str]:
@@ -152,7 +168,10 @@ def main() -> None:
                         help="also run one grad-cache batch this large, for its peak memory")
     parser.add_argument("--loader-gb", type=float, default=24.0,
                         help="host memory for batches in flight from the loader workers")
-    parser.add_argument("--compile", action="store_true", help="also time our trainer with torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our trainer with torch.compile against open_clip's --torchcompile")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak at this precision, for MFU (H100/H200 SXM bf16: 989)")
     args = parser.parse_args()
     args.cuda = torch.cuda.is_available() and not args.smoke
     big = {"model": "ViT-B-32", "batch": 1024, "micro_batch": 1024, "grad_cache_batch": 32768,
@@ -176,8 +195,22 @@ def main() -> None:
         print(f"open_clip_train.main (synthetic, batch {args.batch}): {theirs:,.0f} samples/s; "
               f"ratio {ours / theirs:.2f}")
     compiled = run_ours(args, "in_batch", args.batch, compile=True)[0] if args.compile else None
+    theirs_compiled = None
     if compiled:
         print(f"ours, torch.compile (in-batch, batch {args.batch}): {compiled:,.0f} samples/s")
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(starting_model(TrainConfig(model=args.model)), Path(folder))
+            theirs_compiled = run_open_clip(args, Path(folder), compile=True)
+        if theirs_compiled:
+            print(f"open_clip_train.main --torchcompile: {theirs_compiled:,.0f} samples/s; "
+                  f"ratio {compiled / theirs_compiled:.2f}")
+    flops = flops_per_sample(args.model)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    mfu = {name: round(rate * flops / peak, 4) if peak and rate else None
+           for name, rate in (("ours", ours), ("ours_compiled", compiled))}
+    print(f"model FLOPs per sample (forward + backward, image + text): {flops / 1e9:.2f} GFLOP; "
+          f"MFU {mfu['ours']} eager, {mfu['ours_compiled']} compiled"
+          + ("" if peak else " (pass --peak-tflops for this device's dense peak)"))
     cached, cached_peak = run_ours(args, "grad_cache", args.grad_cache_batch, args.grad_cache_steps, 1)
     print(f"grad cache (effective {args.grad_cache_batch} from {args.micro_batch}): {cached:,.0f} samples/s"
           + (f", peak {cached_peak:.1f} GB" if cached_peak else ""))
@@ -188,7 +221,13 @@ def main() -> None:
     bank, _ = run_ours(args, "memory_bank", args.batch)
     print(f"memory bank ({args.memory_bank} entries, batch {args.batch}): {bank:,.0f} samples/s")
     print(json.dumps({
-        "device": device, "model": args.model, "batch": args.batch,
+        "device": device, "model": args.model, "batch": args.batch, "precision": args.precision,
+        "compile_ours": bool(args.compile), "compile_open_clip": bool(args.compile),
+        "trainer": "pipeline.stages.train.build_trainer (deterministic, gradient clipping as shipped)",
+        "open_clip_compiled_samples_per_s": round(theirs_compiled, 1) if theirs_compiled else None,
+        "ratio_compiled": round(compiled / theirs_compiled, 3) if compiled and theirs_compiled else None,
+        "flops_per_sample": round(flops), "peak_tflops": args.peak_tflops, "mfu_ours": mfu["ours"],
+        "mfu_ours_compiled": mfu["ours_compiled"],
         "ours_samples_per_s": round(ours, 1), "open_clip_samples_per_s": round(theirs, 1) if theirs else None,
         "ratio": round(ours / theirs, 3) if theirs else None,
         "grad_cache_effective_batch": args.grad_cache_batch, "grad_cache_samples_per_s": round(cached, 1),

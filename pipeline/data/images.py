@@ -50,12 +50,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path, data: bytes | None = None, draft: int | None = None) -> Image.Image:
+def load_rgb(path: Path, data: bytes | None = None, draft: int | None = None, grey: bool = False) -> Image.Image:
     """Decode an image (first frame) as RGB, or raise UnusableImage with a reason code.
 
     `data`: the file's bytes, already read (`path` then only names it). `draft`: a JPEG may be
     decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode) as long as both sides stay
-    at least `draft` pixels: much faster for large photos when only a small version is needed."""
+    at least `draft` pixels: much faster for large photos when only a small version is needed.
+    `grey`: such a JPEG is decoded as luma only and returned greyscale (for perceptual hashes,
+    which work on greyscale anyway)."""
     if data is None:
         try:
             if not path.is_file():
@@ -72,9 +74,9 @@ def load_rgb(path: Path, data: bytes | None = None, draft: int | None = None) ->
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path if data is None else io.BytesIO(data)) as image:
                 if draft is not None and image.format == "JPEG":
-                    image.draft(image.mode, (draft, draft))
+                    image.draft("L" if grey and image.mode in ("L", "RGB", "YCbCr") else image.mode, (draft, draft))
                 image.load()
-                return to_rgb(image)
+                return image if grey and image.mode == "L" and draft is not None else to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnusableImage("oversized", str(exc)) from None
     except UnidentifiedImageError:

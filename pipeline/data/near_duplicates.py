@@ -82,7 +82,7 @@ def _read_one(args: tuple[str, str, str, int, int | None]) -> tuple[str | None, 
         return None, None, "empty_file"
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image = load_rgb(path, data, draft)
+        image = load_rgb(path, data, draft, grey=draft is not None)
     except UnusableImage as exc:
         return digest, None, exc.reason
     return digest, str(HASHERS[method](image, hash_size=size)), None
@@ -99,10 +99,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _parallel(function, jobs: list, description: str) -> list:
-    workers = max(1, min(os.cpu_count() or 1, 8))
+def _pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), initializer=_die_with_parent)
+
+
+def _parallel(pool: ProcessPoolExecutor, function, jobs: list, description: str) -> list:
     results = []
-    with Progress(transient=False) as progress, ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
+    with Progress(transient=False) as progress:
         task = progress.add_task(description, total=len(jobs))
         for result in pool.map(function, jobs, chunksize=64):
             results.append(result)
@@ -128,24 +131,27 @@ def hash_catalog(paths: list[str], root: Path, cfg: SplitConfig, cache_path: Pat
     Returns a frame (path, digest, hash, reason) and counts {hashed, from_cache, read}."""
     method = cache_method(cfg)
     draft = hash_input_px(cfg.hash, cfg.hash_size) if method.endswith("+draft") else None
-    stats = _parallel(_stat_one, [(str(root), p) for p in paths], "checking images")
-    digests = read_digest_cache(digest_cache_path) if digest_cache_path else pl.DataFrame(schema=DIGEST_SCHEMA)
-    digest_of = {(p, s, m): d for p, s, m, d in digests.iter_rows()}
-    cache = read_hash_cache(cache_path).filter((pl.col("method") == method) & (pl.col("hash_size") == cfg.hash_size))
-    known = {d: (h, r) for d, h, r in zip(cache["digest"], cache["hash"], cache["reason"], strict=True)}
-    rows: list[tuple | None] = [None] * len(paths)
-    todo = []
-    for i, (size, mtime, reason) in enumerate(stats):
-        digest = digest_of.get((paths[i], size, mtime))
-        if reason is not None:
-            rows[i] = (paths[i], None, None, reason)
-        elif digest is not None and digest in known:
-            rows[i] = (paths[i], digest, *known[digest])
-        else:
-            todo.append(i)
-    todo.sort(key=lambda i: paths[i])
-    read = _parallel(_read_one, [(str(root), paths[i], cfg.hash, cfg.hash_size, draft) for i in todo],
-                     "hashing images")
+    # one pool for both passes: starting workers costs more than a small catalog's hashing
+    with _pool() as pool:
+        stats = _parallel(pool, _stat_one, [(str(root), p) for p in paths], "checking images")
+        digests = read_digest_cache(digest_cache_path) if digest_cache_path else pl.DataFrame(schema=DIGEST_SCHEMA)
+        digest_of = {(p, s, m): d for p, s, m, d in digests.iter_rows()}
+        cache = read_hash_cache(cache_path).filter((pl.col("method") == method)
+                                                   & (pl.col("hash_size") == cfg.hash_size))
+        known = {d: (h, r) for d, h, r in zip(cache["digest"], cache["hash"], cache["reason"], strict=True)}
+        rows: list[tuple | None] = [None] * len(paths)
+        todo = []
+        for i, (size, mtime, reason) in enumerate(stats):
+            digest = digest_of.get((paths[i], size, mtime))
+            if reason is not None:
+                rows[i] = (paths[i], None, None, reason)
+            elif digest is not None and digest in known:
+                rows[i] = (paths[i], digest, *known[digest])
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: paths[i])
+        read = _parallel(pool, _read_one, [(str(root), paths[i], cfg.hash, cfg.hash_size, draft) for i in todo],
+                         "hashing images")
     for i, (digest, hashed, reason) in zip(todo, read, strict=True):
         rows[i] = (paths[i], digest, hashed, reason)
     result = pl.DataFrame(rows, schema={"path": pl.Utf8, "digest": pl.Utf8, "hash": pl.Utf8, "reason": pl.Utf8},

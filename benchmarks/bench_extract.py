@@ -199,9 +199,9 @@ def main() -> None:
                              "distinct) and 2M images; uniform: the first generator, a random image per impression")
     args = parser.parse_args()
     data = generate(args.impressions, args.shape, args.cache)
-    counts = duckdb.sql(f"SELECT count(DISTINCT query) FROM read_parquet('{data}/events/**/*.parquet')").fetchone()
+    counts = duckdb.sql(f"SELECT count(DISTINCT query) FROM read_parquet('{data}/events/**/*.parquet')").fetchall()[0]
     distinct_queries = int(counts[0])
-    catalog_images = int(duckdb.sql(f"SELECT count(*) FROM read_parquet('{data}/images.parquet')").fetchone()[0])
+    catalog_images = int(duckdb.sql(f"SELECT count(*) FROM read_parquet('{data}/images.parquet')").fetchall()[0][0])
     print(f"settings: shape {args.shape}, {args.impressions:,} impressions, {distinct_queries:,} distinct raw queries, "
           f"{catalog_images:,} catalog images, {args.threads} threads, memory limit {args.memory_limit}")
     seconds, peak_mb, summary = run_extract(data, args.memory_limit, args.threads)

@@ -218,14 +218,15 @@ def test_sigkill_at_named_points_of_each_stage_then_rerun_gives_the_same_artifac
 
 ORPHAN = """
 import time
-from pipeline.data.near_duplicates import _parallel
+from pipeline.data.near_duplicates import _parallel, _pool
 
 def slow(x):
     time.sleep(60)
     return x
 
 if __name__ == "__main__":
-    _parallel(slow, list(range(4)), "hashing")
+    with _pool() as pool:
+        _parallel(pool, slow, list(range(4)), "hashing")
 """
 
 

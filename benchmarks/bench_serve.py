@@ -124,7 +124,7 @@ def end_to_end(args: argparse.Namespace) -> dict:
     from pipeline.retrieval.search import product_vectors
     from pipeline.serving.index import HnswSettings, answer
     from pipeline.serving.stores import open_store
-    from pipeline.training.model import embed_image_files, embed_texts, load_checkpoint
+    from pipeline.training.model import embed_image_files, embed_titles, load_checkpoint
     from pipeline.training.onnx_export import OnnxTextEncoder
 
     torch.set_num_threads(args.threads)
@@ -142,11 +142,9 @@ def end_to_end(args: argparse.Namespace) -> dict:
     print(f"catalog: {catalog.height} demo photos ({time.perf_counter() - started:.0f} s to draw or load)")
     bundle = load_checkpoint(model_dir)
     titles = catalog["title"].fill_null("").to_list()
-    has_title = np.array([bool(t) for t in titles])
     started = time.perf_counter()
     vectors = embed_image_files(bundle, workdir / "images", catalog["path"].to_list(), 256, args.threads)
-    title_vectors = np.zeros_like(vectors)
-    title_vectors[has_title] = embed_texts(bundle, [t for t in titles if t], 256)
+    title_vectors, has_title = embed_titles(bundle, titles, 256)  # as publish does
     embed_seconds = time.perf_counter() - started
     served = product_vectors(vectors, title_vectors, has_title, title_weight)
     print(f"embedded {catalog.height} images and {int(has_title.sum())} titles in {embed_seconds:.1f} s "

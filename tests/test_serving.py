@@ -122,8 +122,8 @@ def test_saved_catalog_vectors_are_reused_only_where_weights_image_digest_and_ti
     loaded = CatalogVectors.load(tmp_path / "v.npz")
     # c's file changed (new digest), b's title was added, d is new; a is unchanged
     mask, vectors, titles = loaded.reusable("w1", ["a", "b", "c", "d"], ["da", "db", "dX", "dd"],
-                                            ["red dress", "blue", "mug", ""])
+                                            ["red dress", "blue", "mug", ""], 4)
     assert mask.tolist() == [True, False, False, False]
     assert vectors[0].tolist() == images[0].tolist() and titles[0].tolist() == (images[0] + 100).tolist()
     assert not vectors[1:].any()
-    assert not loaded.reusable("w2", ["a"], ["da"], ["red dress"])[0].any()  # other weights: nothing reused
+    assert not loaded.reusable("w2", ["a"], ["da"], ["red dress"], 4)[0].any()  # other weights: nothing reused

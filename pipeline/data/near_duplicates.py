@@ -161,10 +161,9 @@ def hash_catalog(paths: list[str], root: Path, cfg: SplitConfig, cache_path: Pat
     if not new_hashes.is_empty():
         _add_to_cache(cache_path, new_hashes, method, cfg.hash_size)
     if digest_cache_path is not None and not fresh.is_empty():
-        stat_of = {paths[i]: stats[i][:2] for i in todo}
-        entries = fresh.select("path", pl.col("path").map_elements(lambda p: stat_of[p][0], pl.Int64).alias("size"),
-                               pl.col("path").map_elements(lambda p: stat_of[p][1], pl.Int64).alias("mtime_ns"),
-                               "digest")
+        entries = pl.DataFrame({"path": [paths[i] for i in todo], "size": [stats[i][0] for i in todo],
+                                "mtime_ns": [stats[i][1] for i in todo], "digest": [d for d, _, _ in read]},
+                               schema=DIGEST_SCHEMA).filter(pl.col("digest").is_not_null())
         merged = pl.concat([entries, digests]).unique(["path"], keep="first", maintain_order=True)
         with atomic_write(digest_cache_path) as tmp:
             merged.write_parquet(tmp)

@@ -6,6 +6,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -41,19 +42,21 @@ def normalise_queries(raw: pa.Array, strip_punctuation: bool = False) -> pa.Arra
         return fast
     slow_at = pc.indices_nonzero(pc.invert(ascii_rows))
     slow = pa.array([normalise_query(q, strip_punctuation) for q in pc.take(raw, slow_at).to_pylist()], pa.string())
-    values = fast.to_pylist() if len(slow_at) > len(raw) // 2 else None
-    if values is not None:  # mostly non-ASCII: build in Python
-        for i, q in zip(slow_at.to_pylist(), slow.to_pylist(), strict=True):
-            values[i] = q
-        return pa.array(values, pa.string())
     return pc.replace_with_mask(fast, pc.invert(ascii_rows), slow)
 
 
-def too_long_for_text_encoder(queries: list[str], count_tokens: Callable[[str], int], context: int) -> list[bool]:
+def too_long_for_text_encoder(queries: pa.Array, count_tokens: Callable[[str], int], context: int) -> np.ndarray:
     """Whether each query needs more than the text encoder's `context` tokens; `count_tokens` gives
     a query's tokens with the start and end tokens (the configured model's tokenizer)."""
-    # byte-level BPE never yields more tokens than UTF-8 bytes (+2), so only long queries pay for it
-    return [len(q.encode()) + 2 > context and count_tokens(q) > context for q in queries]
+    import pyarrow.compute as pc
+
+    too_long = np.zeros(len(queries), bool)
+    # byte-level BPE never yields more tokens than UTF-8 bytes (+2), so only long queries are tokenised
+    long_at = np.flatnonzero(pc.fill_null(pc.greater(pc.binary_length(queries), context - 2), False)
+                             .to_numpy(zero_copy_only=False))
+    for i, query in zip(long_at, pc.take(queries, pa.array(long_at, pa.int64())).to_pylist(), strict=True):
+        too_long[i] = count_tokens(query) > context
+    return too_long
 
 
 def frequency_bands(pairs: pl.DataFrame) -> dict[str, str]:

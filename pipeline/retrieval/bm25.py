@@ -39,7 +39,3 @@ def bm25_search(queries: list[str], titles: list[str], ids: list[str], k: int) -
     are not retrieved (keyword search returns nothing for them)."""
     return Bm25Index(titles, ids).search(queries, k)
 
-
-def bm25_rankings(queries: list[str], titles: list[str], ids: list[str], k: int) -> list[list[str]]:
-    """Top-k ids per query, as bm25_search."""
-    return [[item for item, _ in row] for row in bm25_search(queries, titles, ids, k)]

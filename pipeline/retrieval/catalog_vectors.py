@@ -29,20 +29,25 @@ class CatalogVectors:
                      images=self.images.astype(np.float32), title_vectors=self.title_vectors.astype(np.float32))
 
     @classmethod
+    def empty(cls) -> CatalogVectors:
+        """Nothing to reuse."""
+        return cls("", [], [], [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32))
+
+    @classmethod
     def load(cls, path: Path) -> CatalogVectors:
         with np.load(path, allow_pickle=False) as data:
             return cls(str(data["weights"]), data["image_ids"].tolist(), data["digests"].tolist(),
                        data["titles"].tolist(), data["images"], data["title_vectors"])
 
-    def reusable(self, weights: str, image_ids: list[str], digests: list[str], titles: list[str]
+    def reusable(self, weights: str, image_ids: list[str], digests: list[str], titles: list[str], dim: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For each wanted image: (reused mask, image vectors, title vectors), zeros where not reused.
-        A row is reused only if the weights, the image id, its content digest and its title match."""
-        dim = self.images.shape[1] if self.images.ndim == 2 else 0
+        """For each wanted image: (reused mask, image vectors, title vectors), (n, dim) with zeros where
+        not reused. A row is reused only if the weights, the image id, its content digest and its
+        title match."""
         mask = np.zeros(len(image_ids), bool)
         images = np.zeros((len(image_ids), dim), np.float32)
         title_vectors = np.zeros_like(images)
-        if weights != self.weights or not dim:
+        if weights != self.weights or self.images.shape[1:] != (dim,):
             return mask, images, title_vectors
         row_of = {(i, d, t): row for row, (i, d, t) in enumerate(zip(self.image_ids, self.digests, self.titles,
                                                                        strict=True))}

@@ -27,6 +27,7 @@ class FaissStore(IndexStore):
     """A folder of FAISS HNSW index files and the JSON records that say which one serves."""
 
     def __init__(self, folder: Path):
+        super().__init__()
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._loaded: dict[str, tuple[object, list[str]]] = {}

@@ -59,7 +59,8 @@ class Serving:
 class IndexStore:
     """The parts of a backend that only need its `search` and `titles`."""
 
-    _bm25: dict
+    def __init__(self) -> None:
+        self._bm25: dict = {}  # table -> its BM25 index, built on the first keyword search
 
     def search(self, table: str, query: np.ndarray, k: int, ef_search: int) -> list[tuple[str, float]]:
         raise NotImplementedError
@@ -89,8 +90,6 @@ class IndexStore:
         fusion weight with. The BM25 index is built once per table and process."""
         from pipeline.retrieval.bm25 import Bm25Index
 
-        if not hasattr(self, "_bm25"):
-            self._bm25 = {}
         if table not in self._bm25:
             ids, titles = self.titles(table)
             self._bm25[table] = Bm25Index(titles, ids)

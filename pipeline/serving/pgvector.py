@@ -47,6 +47,7 @@ class VectorStore(IndexStore):
     def __init__(self, dsn: str):
         import psycopg
 
+        super().__init__()
         try:
             self.connection = psycopg.connect(dsn, autocommit=True)
         except psycopg.OperationalError as exc:

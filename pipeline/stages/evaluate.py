@@ -40,6 +40,7 @@ from pipeline.training.model import (
     ClipBundle,
     embed_image_files,
     embed_texts,
+    embed_titles,
     load_checkpoint,
     starting_model,
     to_best_device,
@@ -238,11 +239,7 @@ def embed_model(bundle: ClipBundle, test: TestSet, val: TestSet, root: Path, cfg
     catalog = embed_image_files(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
                                 partial(track, description=f"embedding catalog ({label})"))
     images_per_s = len(test.catalog_paths) / max(time.perf_counter() - started, 1e-9)
-    has_title = np.array([bool(t.strip()) for t in test.catalog_titles])
-    titles = np.zeros_like(catalog)
-    if has_title.any():
-        titles[has_title] = embed_texts(bundle, [t for t, keep in zip(test.catalog_titles, has_title, strict=True)
-                                                 if keep], cfg.batch_size)
+    titles, has_title = embed_titles(bundle, test.catalog_titles, cfg.batch_size)
     queries = {"test": embed_texts(bundle, test.queries, cfg.batch_size),
                "seen": embed_texts(bundle, test.seen_queries, cfg.batch_size),
                "val": embed_texts(bundle, val.queries, cfg.batch_size)}

@@ -35,7 +35,9 @@ from pipeline.training.model import (
     ClipBundle,
     embed_image_files,
     embed_texts,
+    embed_titles,
     load_checkpoint,
+    titled,
     to_best_device,
     weights_digest,
 )
@@ -60,14 +62,10 @@ def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images:
     image: evaluate's candidate vectors where the weights, image, content digest and title still
     match (`saved`), the rest embedded now. Also returns how many rows were reused."""
     ids, digests = images["image_id"].to_list(), images["digest"].to_list()
-    reused, vectors, title_vectors = (CatalogVectors.load(saved).reusable(weights_digest(model_dir), ids, digests,
-                                                                          titles)
-                                      if saved is not None and saved.exists() else (np.zeros(len(ids), bool), None,
-                                                                                    None))
-    dim = bundle.model_cfg["embed_dim"]
-    vectors = np.zeros((len(ids), dim), np.float32) if vectors is None else vectors
-    title_vectors = np.zeros_like(vectors) if title_vectors is None else title_vectors
-    has_title = np.array([bool(t.strip()) for t in titles])
+    has_title = titled(titles)
+    stored = CatalogVectors.load(saved) if saved is not None and saved.exists() else CatalogVectors.empty()
+    reused, vectors, title_vectors = stored.reusable(weights_digest(model_dir), ids, digests, titles,
+                                                     bundle.model_cfg["embed_dim"])
     todo = np.flatnonzero(~reused)
     if len(todo):
         to_best_device(bundle)
@@ -75,9 +73,7 @@ def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images:
         vectors[todo] = embed_image_files(bundle, cfg.data.image_root, [paths[j] for j in todo],
                                           cfg.evaluate.batch_size, cfg.evaluate.decode_workers,
                                           partial(track, description="embedding catalog (publish)"))
-        with_title = todo[has_title[todo]]
-        if len(with_title):
-            title_vectors[with_title] = embed_texts(bundle, [titles[j] for j in with_title], cfg.evaluate.batch_size)
+        title_vectors[todo] = embed_titles(bundle, [titles[j] for j in todo], cfg.evaluate.batch_size)[0]
     return vectors, title_vectors, has_title, int(reused.sum())
 
 

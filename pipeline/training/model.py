@@ -243,3 +243,18 @@ def embed_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> 
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
 
 
+def titled(titles: list[str]) -> np.ndarray:
+    """Whether each catalog title is there (not blank)."""
+    return np.array([bool(t.strip()) for t in titles], dtype=bool)
+
+
+def embed_titles(bundle: ClipBundle, titles: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(text embeddings of catalog titles, zeros where a title is blank; whether each has one)."""
+    has_title = titled(titles)
+    vectors = np.zeros((len(titles), bundle.model_cfg["embed_dim"]), np.float32)
+    if has_title.any():
+        vectors[has_title] = embed_texts(bundle, [t for t, keep in zip(titles, has_title, strict=True) if keep],
+                                         batch_size)
+    return vectors, has_title
+
+

@@ -20,7 +20,6 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import ExtractConfig, RunConfig, SourceConfig
 from pipeline.data.contract import EVENTS, IMAGES, connect, open_source
@@ -85,15 +84,10 @@ def _register_query_norms(con: duckdb.DuckDBPyConnection, cfg: RunConfig) -> int
     count_tokens, context, _ = text_encoder_limits(cfg.train)
     # each distinct query once, outside DuckDB (it has no NFKC): in Arrow, Python only for non-ASCII
     raw = con.sql("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").to_arrow_table()["query"]
-    raw = raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())
-    normalised = normalise_queries(raw.cast(pa.string()), cfg.extract.strip_punctuation)
-    too_long = np.zeros(len(normalised), bool)
-    # byte-level BPE never yields more tokens than UTF-8 bytes (+2): only long queries are tokenised
-    long_at = np.flatnonzero(pc.greater(pc.binary_length(normalised), context - 2).to_numpy(zero_copy_only=False))
-    if len(long_at):
-        candidates = pc.take(normalised, pa.array(long_at)).to_pylist()
-        too_long[long_at] = too_long_for_text_encoder(candidates, count_tokens, context)
-    con.register("query_norms", pa.table({"raw_query": raw.cast(pa.string()), "query": normalised,
+    raw = (raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())).cast(pa.string())
+    normalised = normalise_queries(raw, cfg.extract.strip_punctuation)
+    too_long = too_long_for_text_encoder(normalised, count_tokens, context)
+    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised,
                                           "too_long": pa.array(too_long, pa.bool_())}))
     return context
 

@@ -146,7 +146,8 @@ def run_extract(data: Path, memory_limit: str, threads: int, extra: dict | None 
                            json.dumps(extra or {})], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # DuckDB's progress bar (queries over 2 s) shares stdout, without a newline before the JSON
+    result = json.loads(proc.stdout[proc.stdout.rindex('{"seconds"'):])
     return result["seconds"], result["peak_mb"], result["summary"]
 
 

@@ -123,51 +123,31 @@ def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until,
     con.execute("CREATE OR REPLACE TEMP VIEW classified AS " + _sql("extract_classify.sql"))
 
 
-RESOLVE_DUPLICATES = """
-SELECT * REPLACE (CASE
-    WHEN reason <> 'maybe_duplicate' THEN reason
-    WHEN row_number() OVER (PARTITION BY event_ts, session_id, query, image_id, position, clicked, dwell_ms
-                            ORDER BY source_file, source_row) > 1 THEN 'duplicate'
-    WHEN (SELECT quarantine_long FROM classify_params) AND query_too_long THEN 'query_too_long'
-    WHEN bot_session THEN 'bot'
-END AS reason)
-FROM (SELECT unnest(flagged, recursive := true) FROM scanned WHERE reason IS NOT NULL)
-"""
-
-STATS = """
-SELECT day, query_norm AS query, image_id, position, sum(clicks)::BIGINT AS clicks,
-       sum(satisfied_clicks)::BIGINT AS satisfied_clicks, sum(impressions)::BIGINT AS impressions,
-       min(first_seen) AS first_seen, max(last_seen) AS last_seen
-FROM (SELECT * FROM scanned WHERE reason IS NULL UNION ALL SELECT * FROM late_scanned WHERE reason IS NULL)
-GROUP BY ALL
-"""
-
-
 def _scan(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, by_day: bool, source: SourceConfig,
           timings: _Timings) -> None:
-    """The one pass over the log (extract_scan.sql), then the flagged rows resolved: `stats`
-    (usable rows) and `flagged` (the rest, each with its final reason).
-
-    One pass instead of a materialised copy of the log, or one pass for statistics and one for
-    the quarantine: at 100M impressions each full pass costs ~10 s of a 2-core machine."""
+    """Two passes over the log: `stats` (usable rows summed, extract_scan.sql) and `flagged` (the
+    other rows whole, each with its final reason, extract_flagged.sql). The first copies of
+    duplicated rows come back usable from the second pass and are appended to `stats`, whose
+    consumers all sum by key (a key may so appear twice: regrouping tens of millions of
+    statistics rows to merge a few would cost more than the sums downstream)."""
     scan = _sql("extract_scan.sql")
     params = {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "by_day": by_day}
     with _unconvertible_values(source), timings.step("scan"):
-        con.execute("CREATE TEMP TABLE scanned AS " + scan, params)
-    with timings.step("resolve_duplicates"):
-        con.execute("CREATE TEMP TABLE flagged AS " + RESOLVE_DUPLICATES)
+        con.execute("CREATE TEMP TABLE stats AS " + scan, params)
+    with _unconvertible_values(source), timings.step("resolve_duplicates"):
+        con.execute("CREATE TEMP TABLE flagged AS " + _sql("extract_flagged.sql"))
         # first copies of duplicated rows are usable: summed like the rest of the scan
-        con.execute("CREATE TEMP VIEW late_usable AS SELECT * FROM flagged WHERE reason IS NULL")
-        con.execute("CREATE TEMP TABLE late_scanned AS " + scan.replace("FROM classified", "FROM late_usable"),
-                    params)
-        con.execute("CREATE TEMP TABLE stats AS " + STATS)
+        con.execute("CREATE TEMP VIEW late_usable AS SELECT * REPLACE ('late' AS reason) FROM flagged "
+                    "WHERE reason IS NULL")
+        con.execute("INSERT INTO stats " + scan.replace("FROM classified", "FROM late_usable")
+                    .replace("WHERE reason IS NULL", "WHERE reason = 'late'"), params)
 
 
 def estimate_propensities(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig) -> Propensities:
+    """The examination curve from `per_position` (extract_per_position.sql) by EM."""
     settings = ecfg.propensity
-    counts = con.execute(_sql("extract_position_counts.sql"), {
-        "max_position": settings.max_position, "min_pair_impressions": settings.min_pair_impressions,
-    }).fetchnumpy()
+    counts = con.execute(_sql("extract_position_counts.sql"),
+                         {"min_pair_impressions": settings.min_pair_impressions}).fetchnumpy()
     if len(counts["pair"]) == 0:
         flat = np.ones(settings.max_position)  # nothing to learn from: no position is discounted
         return Propensities(np.arange(1, settings.max_position + 1), flat, 0, 0.0)
@@ -270,15 +250,18 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
         con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
                     [str(plan.previous_stats), plan.reused_days])
 
+    with timings.step("per_position"):
+        con.execute("CREATE OR REPLACE TEMP TABLE per_position AS " + _sql("extract_per_position.sql"),
+                    {"max_position": ecfg.propensity.max_position})
     with timings.step("propensity_em"):
         propensities = estimate_propensities(con, ecfg)
     con.register("propensity", pa.table({"position": propensities.positions.tolist(),
                                          "examination": propensities.examination.tolist()}))
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
-    pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip,
-                    "max_position": ecfg.propensity.max_position}
+    pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip}
     with timings.step("pairs"):
         con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
+    with timings.step("write_pairs"):
         con.table("pairs").write_parquet(str(pairs_path))
     with timings.step("quarantine"):
         con.sql("SELECT * EXCLUDE (query_norm, query_too_long, bot_session) FROM flagged WHERE reason IS NOT NULL "

@@ -1,16 +1,11 @@
--- Aggregate the usable-impression statistics into (query, image) pairs with their training weight.
+-- Aggregate the per-position statistics into (query, image) pairs with their training weight.
 -- weight: raw = clicks; ips = Σ 1/θ(position) over clicks; ips_dwell = the same over satisfied
--- clicks only. θ is clipped below at $clip. Counts are summed per capped position first (exact
--- integers), and the per-position terms are added in position order, so the weight has the same
--- bits whatever the thread count or scheduling. Images no longer in the catalog (possible only
--- for statistics kept from earlier incremental runs) are left out and counted by the caller.
-WITH per_position AS (
-    SELECT query, image_id, least(position, $max_position) AS position,
-           sum(clicks)::BIGINT AS clicks, sum(satisfied_clicks)::BIGINT AS satisfied_clicks,
-           sum(impressions)::BIGINT AS impressions, min(first_seen) AS first_seen, max(last_seen) AS last_seen
-    FROM stats
-    GROUP BY ALL
-)
+-- clicks only. θ is clipped below at $clip. Each pair's terms are summed as DECIMAL (exact, so the
+-- weight has the same bits whatever the thread count or the order rows arrive in; 1/θ is rounded
+-- to 12 decimals first) rather than collected into a list per pair and summed in position order,
+-- which held a list for each of the tens of millions of pairs of a long-tail log. Images no
+-- longer in the catalog (possible only for statistics kept from earlier incremental runs) are
+-- left out and counted by the caller.
 SELECT
     s.query,
     s.image_id,
@@ -19,8 +14,8 @@ SELECT
     sum(s.impressions)::BIGINT AS impressions,
     CASE $weighting
         WHEN 'raw' THEN sum(s.clicks)::DOUBLE
-        WHEN 'ips' THEN list_sum(list(s.clicks / greatest(p.examination, $clip) ORDER BY s.position))
-        ELSE list_sum(list(s.satisfied_clicks / greatest(p.examination, $clip) ORDER BY s.position))
+        WHEN 'ips' THEN sum(s.clicks * (1.0 / greatest(p.examination, $clip))::DECIMAL(18, 12))::DOUBLE
+        ELSE sum(s.satisfied_clicks * (1.0 / greatest(p.examination, $clip))::DECIMAL(18, 12))::DOUBLE
     END AS weight,
     min(s.first_seen) AS first_seen,
     max(s.last_seen) AS last_seen

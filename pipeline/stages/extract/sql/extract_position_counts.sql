@@ -1,18 +1,12 @@
--- Usable impressions aggregated by (pair, capped position) for the propensity EM; only pairs with
--- enough impressions, seen at two or more positions, carry information about position bias.
-WITH counts AS (
-    SELECT query, image_id, least(position, $max_position) AS position,
-           sum(clicks) AS clicks, sum(impressions) AS impressions
-    FROM stats
-    GROUP BY query, image_id, least(position, $max_position)
-),
-informative AS (
+-- Usable impressions by (pair, capped position) for the propensity EM; only pairs with enough
+-- impressions, seen at two or more positions, carry information about position bias.
+WITH informative AS (
     SELECT query, image_id, dense_rank() OVER (ORDER BY query, image_id) - 1 AS pair
-    FROM counts
+    FROM per_position
     GROUP BY query, image_id
     HAVING sum(impressions) >= $min_pair_impressions AND count(*) >= 2
 )
-SELECT i.pair, c.position, c.clicks::BIGINT AS clicks, c.impressions::BIGINT AS impressions
-FROM counts AS c
+SELECT i.pair, c.position, c.clicks, c.impressions
+FROM per_position AS c
 JOIN informative AS i USING (query, image_id)
 ORDER BY i.pair, c.position  -- a fixed order keeps the EM's float sums, and so the weights, bit-identical

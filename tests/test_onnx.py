@@ -28,3 +28,23 @@ def test_onnx_towers_match_pytorch(tmp_path):
     with torch.no_grad():
         expected = bundle.model.eval().encode_image(pixels, normalize=True).numpy()
     np.testing.assert_allclose(images.run(None, {"pixels": pixels.numpy()})[0], expected, atol=1e-5)
+
+
+def test_catalog_files_embed_the_same_through_the_onnx_image_tower(tmp_path, tiny_shop):
+    """embed_image_files with the exported tower on onnxruntime (the CPU re-embed path bench_eval
+    times) gives the PyTorch tower's embeddings of the same files."""
+    import polars as pl
+
+    from pipeline.training.model import embed_image_files
+    from pipeline.training.onnx_export import OnnxImageEncoder
+
+    bundle = starting_model(TrainConfig(seed=3))
+    export_onnx(save_checkpoint(bundle, tmp_path / "ckpt"), tmp_path / "onnx")
+    root = tiny_shop / "images"
+    paths = [p for p in pl.read_parquet(tiny_shop / "images.parquet")["path"]
+             if (root / p).is_file() and (root / p).read_bytes()[:4] == b"\x89PNG"][:24]
+    expected = embed_image_files(bundle, root, paths, batch_size=8, num_workers=0)
+    onnx = OnnxImageEncoder(tmp_path / "onnx")
+    got = embed_image_files(bundle, root, paths, batch_size=8, num_workers=0, encode=onnx)
+    assert got.shape == expected.shape == (len(paths), bundle.model_cfg["embed_dim"])
+    np.testing.assert_allclose(got, expected, atol=1e-5)

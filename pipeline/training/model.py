@@ -207,23 +207,25 @@ def default_decode_workers() -> int:
 
 @torch.no_grad()
 def embed_image_files(bundle: ClipBundle, root: Path, paths: list[str], batch_size: int = 256,
-                      num_workers: int | None = None, progress: Callable | None = None) -> np.ndarray:
+                      num_workers: int | None = None, progress: Callable | None = None,
+                      encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """L2-normalised embeddings of image files under `root`, float32, shape (len(paths), embed_dim).
 
     Files are decoded and resized in `num_workers` processes (default: default_decode_workers())
     and normalised on the model's device; the embeddings equal those of open_clip's own float
     transform on the same images.
-    `progress` wraps the batch iterator (e.g. rich's track)."""
+    `progress` wraps the batch iterator (e.g. rich's track). `encode` replaces the model's image
+    tower on the normalised pixels (e.g. the exported tower on onnxruntime, OnnxImageEncoder)."""
     bundle.model.eval()
     device = next(bundle.model.parameters()).device
+    encode = encode or (lambda pixels: bundle.model.encode_image(pixels, normalize=True))
     host, normalise = split_transform(bundle.preprocess_eval)
     normalise = normalise.to(device)
     workers = default_decode_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(_ImageFiles(root, paths, host), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     batches = progress(loader) if progress else loader
-    chunks = [bundle.model.encode_image(normalise(batch.to(device, non_blocking=True)), normalize=True).float().cpu()
-              for batch in batches]
+    chunks = [encode(normalise(batch.to(device, non_blocking=True))).float().cpu() for batch in batches]
     dim = bundle.model_cfg["embed_dim"]
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
 

@@ -115,3 +115,19 @@ class OnnxTextEncoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         tokens = trim_tokens(self.tokenizer(texts))
         return self.session.run(None, {"tokens": tokens.numpy()})[0]
+
+
+class OnnxImageEncoder:
+    """An exported image tower on onnxruntime's CPU provider, for `embed_image_files(encode=...)`:
+    normalised pixels in (open_clip's eval transform), L2-normalised features out."""
+
+    def __init__(self, onnx_dir: Path, threads: int = 2):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_dir / "image.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.session.run(None, {"pixels": pixels.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(features)

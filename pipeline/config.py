@@ -183,6 +183,9 @@ class TrainConfig(Strict):
     # ddp: one process per device through Lightning; the loss gathers embeddings from every rank
     # with gradients (open_clip's gather_with_grad), so negatives are global
     strategy: Literal["auto", "ddp"] = "auto"
+    # machines taking part (Lightning's num_nodes): each runs `devices` ranks; launched by torchrun,
+    # SLURM or a Kubernetes PyTorchJob (README "Scaling out"); the run folder on shared storage
+    num_nodes: int = Field(default=1, ge=1)
     min_clicks: int = Field(default=1, ge=0)
     gradient_clip: float | None = Field(default=1.0, gt=0)
     # in_batch: negatives are the other pairs of the batch; grad_cache: the batch is embedded in
@@ -244,9 +247,11 @@ class TrainConfig(Strict):
     def _one_weight_source(self) -> TrainConfig:
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("set either 'pretrained' (an open_clip tag) or 'checkpoint', not both")
-        if self.strategy == "ddp" and self.negatives != "in_batch":
-            raise ValueError("strategy 'ddp' works with negatives 'in_batch' (gathered across ranks); "
-                             "grad_cache and memory_bank are single-process")
+        if self.strategy == "ddp" and self.negatives == "memory_bank":
+            raise ValueError("strategy 'ddp' works with negatives 'in_batch' or 'grad_cache' (both gathered "
+                             "across ranks); the memory bank is single-process")
+        if self.num_nodes > 1 and self.strategy != "ddp":
+            raise ValueError(f"num_nodes is {self.num_nodes}: training on several machines needs strategy 'ddp'")
         if self.loss == "siglip" and (self.negatives == "memory_bank" or self.pair_weights == "extract"):
             raise ValueError("loss 'siglip' works with negatives in_batch or grad_cache and pair_weights none")
         return self

@@ -139,3 +139,13 @@ def test_mistakes_are_named_by_the_cli(tmp_path):
     assert typo.exit_code == 2 and "did you mean 'train.epochs'" in " ".join(typo.output.split())
     missing = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "nope.yaml does not exist" in " ".join(missing.output.split())
+
+
+def test_ddp_takes_grad_cache_but_not_the_memory_bank_and_several_machines_need_ddp():
+    tiny = REPO / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["train.strategy=ddp", "train.negatives=grad_cache", "train.num_nodes=2"])
+    assert (cfg.train.strategy, cfg.train.negatives, cfg.train.num_nodes) == ("ddp", "grad_cache", 2)
+    with pytest.raises(ConfigError, match="memory bank is single-process"):
+        load_config(tiny, ["train.strategy=ddp", "train.negatives=memory_bank"])
+    with pytest.raises(ConfigError, match="num_nodes is 2: .*needs strategy 'ddp'"):
+        load_config(tiny, ["train.num_nodes=2"])

@@ -1,5 +1,6 @@
 """DDP on 2 CPU processes (gloo): the loss and gradients the trainer's DDP setup produces equal those
-of one process over the full batch, so negatives really are global across ranks."""
+of one process over the full batch, so negatives really are global across ranks: in-batch
+negatives with open_clip's local loss (build_loss), and grad cache across ranks."""
 
 import os
 
@@ -10,7 +11,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import TrainConfig
-from pipeline.training.losses import WeightedClipLoss
+from pipeline.training.grad_cache import grad_cache_backward
+from pipeline.training.losses import WeightedClipLoss, build_loss
 from pipeline.training.model import encode_text, starting_model
 from tests.conftest import free_port
 
@@ -46,12 +48,17 @@ def _rank(rank: int, port: int, weighted: bool, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model, images, tokens, weights = _batch()
-        step = DistributedDataParallel(Step(model, WeightedClipLoss(gather_with_grad=True, rank=rank,
-                                                                    world_size=WORLD)))
+        loss_fn = build_loss(TrainConfig(), model, rank, WORLD)  # as ClipFineTuner.setup builds it under DDP
+        assert loss_fn.local_loss and loss_fn.gather_with_grad
+        step = DistributedDataParallel(Step(model, loss_fn))
         mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         loss = step(images[mine], tokens[mine], weights[mine] if weighted else None)
         loss.backward()  # DDP averages the gradients across ranks here
-        torch.save({"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
+        with torch.no_grad():  # this rank's rows only: world-size times fewer logits than the full matrix
+            features = model.encode_image(images[mine], normalize=True), encode_text(model, tokens[mine])
+            rows, columns = loss_fn.get_logits(*features, model.logit_scale.exp())[0].shape
+        torch.save({"loss": loss.detach(), "logits": torch.tensor([rows, columns]),
+                    **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -64,6 +71,42 @@ def test_ddp_loss_and_gradients_equal_the_single_process_full_batch(tmp_path, we
     model, images, tokens, weights = _batch()
     single = Step(model, WeightedClipLoss())(images, tokens, weights if weighted else None)
     single.backward()
+    got = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD)]
+    # each rank's loss covers its own rows; their mean is the full batch's loss
+    torch.testing.assert_close(torch.stack([g["loss"] for g in got]).mean(), single.detach(), rtol=1e-5, atol=1e-6)
+    for rank in range(WORLD):
+        assert got[rank]["logits"].tolist() == [BATCH // WORLD, BATCH]
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(got[rank][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, images, tokens, weights = _batch()
+        mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        loss = grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(),
+                                   weights=weights[mine] if weighted else None, world_size=WORLD, rank=rank)
+        torch.save({"loss": loss, **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grad_cache_across_ranks_equals_the_single_process_full_batch(tmp_path, weighted):
+    """Each rank embeds its 4 pairs in micro-batches of 2, the loss runs over all 8 gathered pairs,
+    each rank re-runs only its own micro-batches: every rank ends with the gradients (temperature
+    included, learned) of one process over the 8 pairs at once."""
+    out = str(tmp_path / "grads")
+    mp.start_processes(_grad_cache_rank, args=(free_port(), weighted, out), nprocs=WORLD, join=True,
+                       start_method="spawn")
+
+    model, images, tokens, weights = _batch()
+    assert model.logit_scale.requires_grad
+    single = Step(model, WeightedClipLoss())(images, tokens, weights if weighted else None)
+    single.backward()
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         torch.testing.assert_close(got["loss"], single.detach(), rtol=1e-5, atol=1e-6)
@@ -72,9 +115,11 @@ def test_ddp_loss_and_gradients_equal_the_single_process_full_batch(tmp_path, we
 
 
 @pytest.mark.e2e
-def test_clickclip_train_runs_under_lightning_ddp_on_two_cpu_processes(tiny_shop, tmp_path):
+@pytest.mark.parametrize("negatives", ["in_batch", "grad_cache"])
+def test_clickclip_train_runs_under_lightning_ddp_on_two_cpu_processes(tiny_shop, tmp_path, negatives):
     """The real launcher: Lightning re-runs `clickclip train` for rank 1, which joins under the
-    parent's run lock, trains on its half of each epoch and leaves the results to rank 0."""
+    parent's run lock, trains on its half of each epoch and leaves the results to rank 0 (grad
+    cache: its backward passes outside DDP's reducer, gradients summed across ranks once)."""
     import json
     import subprocess
     import sys
@@ -85,7 +130,7 @@ def test_clickclip_train_runs_under_lightning_ddp_on_two_cpu_processes(tiny_shop
     from tests.conftest import shop_config
 
     cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "accelerator": "cpu", "devices": 2,
-                                                  "strategy": "ddp"})
+                                                  "strategy": "ddp", "negatives": negatives, "micro_batch_size": 4})
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     cli = Path(sys.executable).with_name("clickclip")

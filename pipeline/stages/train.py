@@ -180,7 +180,7 @@ def warm_start(bundle: ClipBundle, cfg: TrainConfig, images_path: Path, root: Pa
 def build_trainer(cfg: TrainConfig, logger, callbacks: list[L.Callback], **overrides) -> L.Trainer:
     """The Lightning Trainer as train runs it (bench_train builds its trainer here too)."""
     settings = dict(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         # (grad_cache optimises manually and clips in its own step)
         gradient_clip_val=cfg.gradient_clip if cfg.negatives != "grad_cache" else None,
         strategy=cfg.strategy, use_distributed_sampler=False,  # our samplers shard themselves

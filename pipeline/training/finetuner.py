@@ -27,7 +27,7 @@ class ClipFineTuner(L.LightningModule):
         self.model = bundle.model
         self.cfg = cfg
         self.loss = build_loss(cfg, bundle.model)
-        self.negatives = build_negatives(cfg, bundle.model_cfg["embed_dim"])
+        self.negatives = build_negatives(cfg, bundle.model_cfg["embed_dim"], bundle.model)
         if isinstance(self.negatives, MemoryBankNegatives):
             self.bank = self.negatives.bank  # a submodule, so the checkpoint keeps the memory
         self.automatic_optimization = not self.negatives.manual_optimization
@@ -56,7 +56,8 @@ class ClipFineTuner(L.LightningModule):
             return None
         # a non-finite loss is caught by the gradient check before the optimiser step: testing it
         # here would make the host wait for the forward pass on every step
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts))
+        # under DDP each rank's loss covers its own rows (local loss): the logged value is their mean
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(texts), sync_dist=self.trainer.world_size > 1)
         self.log("train/logit_scale", self.model.logit_scale.exp(), batch_size=len(texts))
         return loss
 

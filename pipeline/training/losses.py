@@ -66,11 +66,13 @@ class WeightedClipLoss(ClipLoss):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
         w = weights.to(device=logits_per_image.device, dtype=logits_per_image.dtype)
-        if self.world_size > 1:  # the logits span every rank's batch: so must the weights
+        if self.world_size > 1:  # weights are normalised over every rank's batch, as the negatives are
             gathered = [torch.zeros_like(w) for _ in range(self.world_size)]
             torch.distributed.all_gather(gathered, w)
-            w = torch.cat(gathered)
-        w = w / w.mean()
+            everyone = torch.cat(gathered)
+            w = (w if self.local_loss else everyone) / everyone.mean()  # local loss: this rank's rows
+        else:
+            w = w / w.mean()
         loss = ((F.cross_entropy(logits_per_image, labels, reduction="none") * w).mean()
                 + (F.cross_entropy(logits_per_text, labels, reduction="none") * w).mean()) / 2
         return {"contrastive_loss": loss} if output_dict else loss
@@ -91,11 +93,13 @@ class BiasedSigLipLoss:
 
 
 def build_loss(cfg: TrainConfig, model: torch.nn.Module, rank: int = 0, world_size: int = 1):
-    """The configured loss. Under DDP (world_size > 1) each rank's loss spans every rank's
-    embeddings, gathered with their gradients, so DDP's gradient averaging gives exactly the
-    single-process full-batch gradient (tests/test_ddp.py)."""
+    """The configured loss. Under DDP (world_size > 1) each rank gathers every rank's embeddings
+    with their gradients and computes the rows of its own pairs only (open_clip's local_loss: a
+    local x global logit matrix, world_size times smaller than the full one); DDP's gradient
+    averaging then gives exactly the single-process full-batch gradient, and the mean of the
+    ranks' losses is the full batch's loss (tests/test_ddp.py)."""
     if cfg.loss == "siglip":
         return BiasedSigLipLoss(model, rank, world_size)
     if world_size > 1:
-        return WeightedClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+        return WeightedClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     return WeightedClipLoss()

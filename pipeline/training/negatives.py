@@ -6,12 +6,13 @@ training) and says whether it optimises by hand and keeps the batch in host memo
 
 from __future__ import annotations
 
-from functools import partial
+from contextlib import nullcontext
 
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.training.grad_cache import grad_cache_backward
+from pipeline.training.losses import build_loss
 from pipeline.training.memory_bank import MemoryBank, key_ids, memory_bank_loss
 
 
@@ -61,16 +62,25 @@ class GradCacheNegatives:
     manual_optimization = True
     batch_on_host = True
 
-    def __init__(self, micro_batch_size: int, gradient_clip: float | None):
+    def __init__(self, micro_batch_size: int, gradient_clip: float | None, single_process_loss):
         self.micro_batch_size = micro_batch_size
         self.gradient_clip = gradient_clip
+        # under DDP every rank computes the loss over the gathered global batch itself, so it is
+        # the single-process loss, not the module's (which gathers on its own)
+        self.single_process_loss = single_process_loss
 
     def step(self, module, batch: list, loss, weights: torch.Tensor | None) -> torch.Tensor | None:
         images, _, _, _, _, tokens = batch
         optimizer, scheduler = module.optimizers(), module.lr_schedulers()
         optimizer.zero_grad()
-        value = grad_cache_backward(module.model, images, tokens, self.micro_batch_size,
-                                    partial(loss, weights=weights), module.manual_backward, prepare=module.pixels)
+        world, rank = module.trainer.world_size, module.trainer.global_rank
+        # DDP's reducer stays out: grad_cache_backward runs several backward passes and sums the
+        # gradients across ranks once itself
+        strategy = module.trainer.strategy
+        with strategy.block_backward_sync() if world > 1 else nullcontext():
+            value = grad_cache_backward(module.model, images, tokens, self.micro_batch_size,
+                                        self.single_process_loss if world > 1 else loss, module.manual_backward,
+                                        prepare=module.pixels, weights=weights, world_size=world, rank=rank)
         if not torch.isfinite(value):  # one wait per (large) step; the other paths check gradients only
             module.stop_on_nan()
             return None
@@ -81,9 +91,9 @@ class GradCacheNegatives:
         return value
 
 
-def build_negatives(cfg: TrainConfig, embed_dim: int):
+def build_negatives(cfg: TrainConfig, embed_dim: int, model: torch.nn.Module):
     if cfg.negatives == "grad_cache":
-        return GradCacheNegatives(cfg.micro_batch_size, cfg.gradient_clip)
+        return GradCacheNegatives(cfg.micro_batch_size, cfg.gradient_clip, build_loss(cfg, model))
     if cfg.negatives == "memory_bank":
         return MemoryBankNegatives(cfg.memory_bank_size, embed_dim, cfg.memory_bank_warmup_steps)
     return InBatchNegatives()

@@ -25,9 +25,11 @@ demo: $(VENV)/.installed
 	$(BIN)/clickclip run --config configs/demo.yaml
 	$(BIN)/clickclip search --config configs/demo.yaml "navy rain shell" --k 5
 
-$(AIRFLOW_VENV)/.installed:
-	$(PYTHON) -m venv $(AIRFLOW_VENV)
-	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check 'apache-airflow>=3.0,<4'
+# the Kubernetes provider: the DAG's train task can run as a pod (CLICKCLIP_TRAIN_ON=kubernetes)
+$(AIRFLOW_VENV)/.installed: Makefile
+	test -x $(AIRFLOW_VENV)/bin/pip || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check 'apache-airflow>=3.0,<4' \
+		'apache-airflow-providers-cncf-kubernetes>=10'
 	touch $@
 
 # the HTML report is checked in a real headless browser: Debian's chromium, installed if missing

@@ -10,6 +10,14 @@ Environment (set on the workers, e.g. in the deployment's env):
 - CLICKCLIP_BIN: the clickclip executable (default: $CLICKCLIP_HOME/.venv/bin/clickclip)
 - CLICKCLIP_EVENTS_URI: the asset URI that producers of new click-log partitions update
 - MLFLOW_TRACKING_URI: the tracking and registry server, if not the config's
+- CLICKCLIP_TRAIN_ON: `local` (default: train runs on the worker like every stage) or `kubernetes`:
+  train runs in its own pod (KubernetesPodOperator, provider apache-airflow-providers-cncf-kubernetes)
+  on a GPU node, with the run folder on a shared volume; then also
+  CLICKCLIP_IMAGE (the container image with clickclip installed), CLICKCLIP_K8S_NAMESPACE (default
+  `default`), CLICKCLIP_K8S_GPUS (GPUs the pod requests, default 1; set train.devices to match),
+  CLICKCLIP_K8S_PVC (the persistent volume claim holding the checkout, data, runs and state that
+  the workers see at CLICKCLIP_HOME; mounted in the pod at /clickclip).
+  Training on several machines is a PyTorchJob instead (README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param,
 HOME = Path(os.environ.get("CLICKCLIP_HOME", Path(__file__).resolve().parents[1]))
 BIN = os.environ.get("CLICKCLIP_BIN", str(HOME / ".venv" / "bin" / "clickclip"))
 EVENTS = Asset(os.environ.get("CLICKCLIP_EVENTS_URI", "file:///data/clickclip/events"))
+TRAIN_ON = os.environ.get("CLICKCLIP_TRAIN_ON", "local")
+if TRAIN_ON not in ("local", "kubernetes"):
+    raise ValueError(f"CLICKCLIP_TRAIN_ON is {TRAIN_ON!r}: use 'local' or 'kubernetes'")
+POD_HOME = "/clickclip"  # where the pod mounts CLICKCLIP_K8S_PVC
 
 
 
@@ -73,14 +85,44 @@ def run_id_for(context) -> str:
     return f"weekly-{moment:%Y%m%dT%H%M}"
 
 
+def stage_arguments(stage: str) -> list[str]:
+    """The `clickclip` arguments of one stage in the running DAG run."""
+    context = get_current_context()
+    arguments = [stage, "--config", context["params"]["config"], "--run-id", run_id_for(context), "--json"]
+    for key, day in extract_window(context).items():
+        arguments += ["--set", f"extract.window.{key}={day}"]
+    return arguments
+
+
 def clickclip(stage: str) -> str:
     """The shell command of one stage, run in the project's environment by a Bash task: its output
     streams into the task log as it runs, and its last line (the stage's JSON summary) is the XCom."""
-    context = get_current_context()
-    command = [BIN, stage, "--config", context["params"]["config"], "--run-id", run_id_for(context), "--json"]
-    for key, day in extract_window(context).items():
-        command += ["--set", f"extract.window.{key}={day}"]
-    return shlex.join(command)
+    return shlex.join([BIN, *stage_arguments(stage)])
+
+
+def train_in_a_pod() -> tuple:
+    """The train task as a Kubernetes pod (CLICKCLIP_TRAIN_ON=kubernetes): a small task works out
+    the same arguments as on a worker, the pod runs `clickclip train` with them in POD_HOME."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    train = next(stage for stage in stage_list() if stage.name == "train")
+    arguments = task(task_id="train_arguments")(stage_arguments)("train")
+    volume = k8s.V1Volume(name="clickclip", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        claim_name=os.environ.get("CLICKCLIP_K8S_PVC", "clickclip")))
+    pod = KubernetesPodOperator(
+        task_id="train", name="clickclip-train", namespace=os.environ.get("CLICKCLIP_K8S_NAMESPACE", "default"),
+        image=os.environ.get("CLICKCLIP_IMAGE", "clickclip:latest"),
+        cmds=["/bin/sh", "-c", f'cd {POD_HOME} && exec clickclip "$@"', "clickclip"], arguments=arguments,
+        env_vars={"CLICKCLIP_HOME": POD_HOME,
+                  **({"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+                     if "MLFLOW_TRACKING_URI" in os.environ else {})},
+        container_resources=k8s.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": os.environ.get("CLICKCLIP_K8S_GPUS", "1")}),
+        volumes=[volume], volume_mounts=[k8s.V1VolumeMount(name="clickclip", mount_path=POD_HOME)],
+        get_logs=True, on_finish_action="delete_succeeded_pod", **retry_policy(train))
+    arguments >> pod
+    return arguments, pod
 
 
 @dag(
@@ -103,11 +145,17 @@ def clickclip(stage: str) -> str:
     tags=["clickclip", "ml"],
 )
 def clickclip_retrain():
-    tasks = [task.bash(task_id=stage.name, cwd=str(HOME), output_processor=json.loads, **retry_policy(stage))(
-        clickclip)(stage.name) for stage in stage_list()]
-    for upstream, downstream in zip(tasks, tasks[1:], strict=False):
-        upstream >> downstream
-    decision = tasks[-1]  # promote's summary: the decision
+    previous = None
+    for stage in stage_list():
+        if stage.name == "train" and TRAIN_ON == "kubernetes":
+            first, last = train_in_a_pod()
+        else:
+            first = last = task.bash(task_id=stage.name, cwd=str(HOME), output_processor=json.loads,
+                                     **retry_policy(stage))(clickclip)(stage.name)
+        if previous is not None:
+            previous >> first
+        previous = last
+    decision = previous  # promote's summary: the decision
 
     @task.branch
     def decide(decision: dict) -> str:

@@ -59,6 +59,27 @@ def test_dag_parses_with_the_documented_shape(airflow_env):
     assert {report["operators"][s] for s in stages} == {"_BashDecoratedOperator"}  # logs stream as they run
 
 
+def test_train_runs_in_a_kubernetes_pod_when_the_deployment_says_so(airflow_env):
+    """CLICKCLIP_TRAIN_ON=kubernetes: the DagBag loads the variant whose train task is a
+    KubernetesPodOperator fed the same clickclip arguments; a wrong value is an import error
+    naming the variable. (No cluster: the pod is never started.)"""
+    pod = {**airflow_env, "CLICKCLIP_TRAIN_ON": "kubernetes", "CLICKCLIP_IMAGE": "registry.example/clickclip:1",
+           "CLICKCLIP_K8S_GPUS": "4"}
+    report = _check(pod)
+    assert report["import_errors"] == {}
+    down, operators = report["downstream"], report["operators"]
+    assert operators["train"] == "KubernetesPodOperator"
+    assert {operators[s] for s in ("extract", "split", "evaluate", "publish", "promote")} == {"_BashDecoratedOperator"}
+    assert [down[s] for s in ("split", "train_arguments", "train", "evaluate")] == [
+        ["train_arguments"], ["train"], ["evaluate"], ["publish"]]
+    assert report["pod"] == {"image": "registry.example/clickclip:1", "gpus": "4", "mount": "/clickclip"}
+    assert report["retries"]["train"] == _check(airflow_env)["retries"]["train"]
+
+    wrong = _check({**airflow_env, "CLICKCLIP_TRAIN_ON": "k8s"})
+    assert wrong["dag_ids"] == []
+    assert "CLICKCLIP_TRAIN_ON is 'k8s'" in next(iter(wrong["import_errors"].values()))
+
+
 def test_dag_does_not_import_heavy_libraries_at_parse_time(airflow_env):
     code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
             "heavy = [m for m in ('torch', 'open_clip', 'mlflow', 'pipeline') if m in sys.modules]; "

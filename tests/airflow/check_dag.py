@@ -29,7 +29,14 @@ def describe(dag) -> dict:
         "catchup": dag.catchup,
         "max_active_runs": dag.max_active_runs,
         "params": sorted(dag.params.keys()),
+        **({"pod": describe_pod(dag.get_task("train"))} if type(dag.get_task("train")).__name__ ==
+           "KubernetesPodOperator" else {}),
     }
+
+
+def describe_pod(pod) -> dict:
+    return {"image": pod.image, "gpus": pod.container_resources.limits["nvidia.com/gpu"],
+            "mount": pod.volume_mounts[0].mount_path}
 
 
 def main() -> None:

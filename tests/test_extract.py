@@ -526,3 +526,23 @@ def test_a_wrong_events_path_with_a_window_says_the_path_does_not_exist(tmp_path
         "events": cfg.data.events.model_copy(update={"path": tmp_path / "evnets"})})})
     with pytest.raises(DataContractError, match="evnets: no such file or folder"):
         extract(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_query_bands_in_sql_equal_the_python_banding(seed):
+    """extract bands millions of queries in DuckDB; evaluate's slices band in Polars: same bands."""
+    from pipeline.data.queries import frequency_bands
+    from pipeline.stages.extract import query_frequency_bands
+
+    rng = np.random.default_rng(seed)
+    queries = [f"q{i}" for i in rng.integers(0, 60, 300)]  # repeats: a query's pairs are summed
+    impressions = (rng.pareto(1.0, 300) * 3 + 1).astype(int).tolist()  # ties included
+    pairs = pl.DataFrame({"query": queries, "impressions": impressions})
+    con = duckdb.connect()
+    con.register("pairs", pairs.to_arrow())
+    expected = {name: {"queries": 0, "impressions": 0} for name in ("head", "torso", "tail")}
+    per_query = pairs.group_by("query").agg(pl.col("impressions").sum())
+    for query, band in frequency_bands(pairs).items():
+        expected[band]["queries"] += 1
+        expected[band]["impressions"] += int(per_query.filter(pl.col("query") == query)["impressions"][0])
+    assert query_frequency_bands(con) == expected

@@ -18,14 +18,13 @@ from time import perf_counter
 
 import duckdb
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from pipeline.config import ExtractConfig, RunConfig, SourceConfig
 from pipeline.data.contract import EVENTS, IMAGES, connect, open_source
 from pipeline.data.partitions import source_files, window_files
 from pipeline.data.propensity import Propensities, examination_propensities
-from pipeline.data.queries import frequency_bands, normalise_queries, too_long_for_text_encoder
+from pipeline.data.queries import normalise_queries, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.stages.extract import incremental
@@ -285,15 +284,27 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     return ExtractResult(pairs_path, quarantine_path, propensity_path, summary)
 
 
+# pipeline.data.queries.frequency_bands in SQL: the queries covering the first 50% of impressions
+# are head, the next 30% torso, the rest tail (most frequent first, ties by query). A long-tail log
+# has millions of queries, too many to band one by one in Python (tests/test_extract.py checks the two agree).
+QUERY_BANDS = """
+WITH per_query AS (SELECT query, sum(impressions) AS n FROM pairs GROUP BY query),
+ranked AS (
+    SELECT n, coalesce(sum(n) OVER (ORDER BY n DESC, query ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+              AS before, greatest(sum(n) OVER (), 1) AS total
+    FROM per_query
+)
+SELECT CASE WHEN before < 0.5 * total THEN 'head' WHEN before < 0.8 * total THEN 'torso' ELSE 'tail' END AS band,
+       count(*) AS queries, sum(n)::BIGINT AS impressions
+FROM ranked
+GROUP BY band
+"""
+
+
 def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
-    """Queries and impressions per frequency band (distinct queries are few, so Polars is fine)."""
-    rows = con.execute("SELECT query, sum(impressions)::BIGINT FROM pairs GROUP BY query").fetchall()
-    per_query = pl.DataFrame(rows, schema={"query": pl.Utf8, "impressions": pl.Int64}, orient="row")
-    band_of = frequency_bands(per_query)
-    counted = per_query.with_columns(pl.col("query").replace_strict(band_of).alias("band")).group_by("band").agg(
-        pl.len().alias("queries"), pl.col("impressions").sum())
+    """Queries and impressions per frequency band of the `pairs` table."""
     bands = {name: {"queries": 0, "impressions": 0} for name in ("head", "torso", "tail")}
-    for band, queries, impressions in counted.iter_rows():
+    for band, queries, impressions in con.execute(QUERY_BANDS).fetchall():
         bands[band] = {"queries": int(queries), "impressions": int(impressions)}
     return bands
 

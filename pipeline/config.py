@@ -268,6 +268,9 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(default=256, ge=1)
     # processes decoding catalog images; None: all cores but one (at most 8) with a GPU, else none
     decode_workers: int | None = Field(default=None, ge=0)
+    # catalog embedding (evaluate's and publish's) in this many processes, one per GPU (or sharing
+    # the CPU's cores), each a contiguous shard of the catalog: the same vectors as one
+    devices: int = Field(default=1, ge=1)
     slice_tolerance: float = Field(default=0.02, ge=0)  # a slice confidently worse by more is flagged
     # smaller slices are shown but never gate: a handful of queries says nothing about a regression
     slice_min_queries: int = Field(default=30, ge=1)
@@ -390,7 +393,7 @@ def evaluated_metrics(ks: tuple[int, ...]) -> list[str]:
 
 # settings that change how fast or where a stage runs, never what it produces: not in any fingerprint
 RESOURCE_SETTINGS = {"extract": {"duckdb"}, "train": {"num_workers", "log_every_steps"},
-                     "evaluate": {"decode_workers", "batch_size"}}
+                     "evaluate": {"decode_workers", "batch_size", "devices"}}
 
 
 def result_settings(cfg: RunConfig) -> dict[str, Any]:

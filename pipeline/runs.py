@@ -92,13 +92,27 @@ def _ddp_worker_of(holder: str) -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" and holder.startswith(f"pid {os.getppid()} ")
 
 
+def launched_rank() -> int:
+    """This process's global rank when a multi-machine launcher started every rank itself (torchrun
+    sets RANK, SLURM's srun SLURM_PROCID), else 0."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 @contextlib.contextmanager
 def run_lock(root: Path, what: str = "run folder") -> Iterator[None]:
     """Hold an exclusive lock on a folder (a run folder, or the state folder of a name), or fail at
     once naming the holder.
 
     An flock dies with its process, so a lock left by a killed run is never stale: the next run
-    simply takes it."""
+    simply takes it. Under torchrun or SLURM every rank runs the command on its own (on several
+    machines, with the folder on shared storage): rank 0 holds the lock, the others take none."""
+    if launched_rank() > 0:
+        yield
+        return
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = (root / ".lock").open("a+")

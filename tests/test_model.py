@@ -98,3 +98,22 @@ def test_embedding_image_files_in_worker_processes_equals_embedding_decoded_imag
         got = embed_image_files(bundle, root, paths, batch_size=16, num_workers=workers)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_catalog_embedding_sharded_over_two_processes_equals_one(tiny_shop):
+    """evaluate.devices: 2 (here two CPU processes, on a GPU machine one per GPU) embeds the catalog
+    in two contiguous shards: the same vectors, in the same order, as one process; the caller's
+    model stays where it was."""
+    import polars as pl
+
+    from pipeline.training.model import embed_image_files, embed_image_files_on_devices
+
+    root = tiny_shop / "images"
+    paths = [p for p in pl.read_parquet(tiny_shop / "images.parquet")["path"]
+             if (root / p).is_file() and (root / p).read_bytes()[:4] == b"\x89PNG"][:41]  # an odd count
+    bundle = starting_model(TrainConfig(seed=4))
+    one = embed_image_files(bundle, root, paths, batch_size=8, num_workers=0)
+    two = embed_image_files_on_devices(bundle, root, paths, batch_size=8, num_workers=0, devices=2)
+    assert two.shape == one.shape == (41, bundle.model_cfg["embed_dim"])
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+    assert next(bundle.model.parameters()).device.type == "cpu"

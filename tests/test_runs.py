@@ -34,6 +34,26 @@ def test_second_run_on_the_same_folder_fails_fast_and_a_killed_holder_leaves_no_
         pass
 
 
+@pytest.mark.parametrize("variable", ["RANK", "SLURM_PROCID"])
+def test_ranks_started_by_torchrun_or_slurm_leave_the_lock_to_rank_0(tmp_path, monkeypatch, variable):
+    """On several machines every rank runs `clickclip train` itself, the run folder on shared
+    storage: rank 0 holds the lock (and alone writes results), the other ranks neither take it nor
+    fail on it; a second run on the folder still fails as rank 0."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv(variable, "3")
+        with run_lock(tmp_path):
+            pass
+        monkeypatch.setenv(variable, "0")
+        with pytest.raises(RunLockedError):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.json"
     with pytest.raises(RuntimeError):

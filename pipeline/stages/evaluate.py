@@ -38,7 +38,7 @@ from pipeline.retrieval.slices import query_slices, slice_table
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
     ClipBundle,
-    embed_image_files,
+    embed_image_files_on_devices,
     embed_texts,
     embed_titles,
     load_checkpoint,
@@ -236,8 +236,8 @@ def embed_model(bundle: ClipBundle, test: TestSet, val: TestSet, root: Path, cfg
                 label: str) -> Embedded:
     to_best_device(bundle)
     started = time.perf_counter()
-    catalog = embed_image_files(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
-                                partial(track, description=f"embedding catalog ({label})"))
+    catalog = embed_image_files_on_devices(bundle, root, test.catalog_paths, cfg.batch_size, cfg.decode_workers,
+                                           cfg.devices, partial(track, description=f"embedding catalog ({label})"))
     images_per_s = len(test.catalog_paths) / max(time.perf_counter() - started, 1e-9)
     titles, has_title = embed_titles(bundle, test.catalog_titles, cfg.batch_size)
     queries = {"test": embed_texts(bundle, test.queries, cfg.batch_size),

@@ -33,7 +33,7 @@ from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
     ClipBundle,
-    embed_image_files,
+    embed_image_files_on_devices,
     embed_texts,
     embed_titles,
     load_checkpoint,
@@ -70,9 +70,10 @@ def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images:
     if len(todo):
         to_best_device(bundle)
         paths = images["path"].to_list()
-        vectors[todo] = embed_image_files(bundle, cfg.data.image_root, [paths[j] for j in todo],
-                                          cfg.evaluate.batch_size, cfg.evaluate.decode_workers,
-                                          partial(track, description="embedding catalog (publish)"))
+        vectors[todo] = embed_image_files_on_devices(bundle, cfg.data.image_root, [paths[j] for j in todo],
+                                                     cfg.evaluate.batch_size, cfg.evaluate.decode_workers,
+                                                     cfg.evaluate.devices,
+                                                     partial(track, description="embedding catalog (publish)"))
         title_vectors[todo] = embed_titles(bundle, [titles[j] for j in todo], cfg.evaluate.batch_size)[0]
     return vectors, title_vectors, has_title, int(reused.sum())
 

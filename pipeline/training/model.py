@@ -230,6 +230,50 @@ def embed_image_files(bundle: ClipBundle, root: Path, paths: list[str], batch_si
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
 
 
+def _embed_shard(rank: int, bundle: ClipBundle, root: Path, shards: list[list[str]], batch_size: int,
+                 num_workers: int | None, out: str) -> None:
+    """One process of embed_image_files_on_devices: GPU `rank` when there are GPUs, else its share
+    of the CPU's threads; writes its shard's embeddings to `out/<rank>.npy`."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+        bundle.model.to(f"cuda:{rank}")
+    else:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(shards)))
+    np.save(f"{out}/{rank}.npy", embed_image_files(bundle, root, shards[rank], batch_size, num_workers))
+
+
+def embed_image_files_on_devices(bundle: ClipBundle, root: Path, paths: list[str], batch_size: int = 256,
+                                 num_workers: int | None = None, devices: int = 1,
+                                 progress: Callable | None = None) -> np.ndarray:
+    """embed_image_files with the catalog cut into `devices` contiguous shards, one process each
+    (GPU i on a GPU machine, else the CPU's cores shared out): the same embeddings, in order, as
+    one process (tests/test_model.py runs 2 CPU processes). Catalog embedding needs no collective,
+    so no process group: each process embeds its shard and the parent concatenates them.
+    `progress` applies to one process only (the shards report nothing while they run)."""
+    devices = min(devices, len(paths))
+    if devices <= 1:
+        return embed_image_files(bundle, root, paths, batch_size, num_workers, progress)
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    shards = [paths[s.start:s.stop] for s in _contiguous(len(paths), devices)]
+    device = next(bundle.model.parameters()).device
+    bundle.model.cpu()  # the shards move their copy to their own device
+    try:
+        with tempfile.TemporaryDirectory(prefix="clickclip-embed-") as out:
+            mp.start_processes(_embed_shard, args=(bundle, root, shards, batch_size, num_workers, out),
+                               nprocs=devices, join=True, start_method="spawn")
+            return np.concatenate([np.load(f"{out}/{rank}.npy") for rank in range(devices)])
+    finally:
+        bundle.model.to(device)
+
+
+def _contiguous(n: int, parts: int) -> list[slice]:
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

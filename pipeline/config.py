@@ -71,6 +71,14 @@ class DuckDBConfig(Strict):
         return value
 
 
+class SparkConfig(Strict):
+    """Where `extract.engine: spark` runs: a local PySpark session by default, or a cluster's
+    master URL; `conf` is passed to the session builder as Spark properties."""
+    master: str = "local[2]"
+    driver_memory: str = "4g"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
 class WindowConfig(Strict):
     """Which events to read: [since, until] (inclusive dates), or the last N days of the log."""
 
@@ -121,7 +129,10 @@ class ExtractConfig(Strict):
     weighting: Literal["raw", "ips", "ips_dwell"] = "ips"
     satisfied_dwell_ms: int = Field(default=10_000, ge=0)
     duckdb: DuckDBConfig = DuckDBConfig()
-
+    # duckdb: embedded, on this machine (default); spark: the same SQL, transpiled by SQLGlot, run
+    # through PySpark (README "Scaling out"); Parquet events, no incremental mode
+    engine: Literal["duckdb", "spark"] = "duckdb"
+    spark: SparkConfig = SparkConfig()
 
     @field_validator("time_zone")
     @classmethod
@@ -376,6 +387,16 @@ class RunConfig(Strict):
         return value
 
     @model_validator(mode="after")
+    def _spark_reads_parquet_events(self) -> RunConfig:
+        if self.extract.engine == "spark":
+            if self.data.events.format != "parquet":
+                raise ValueError(f"extract.engine 'spark' reads Parquet events; data.events is "
+                                 f"{self.data.events.format}: export it as Parquet or use engine 'duckdb'")
+            if self.extract.incremental:
+                raise ValueError("extract.incremental works with extract.engine 'duckdb' only")
+        return self
+
+    @model_validator(mode="after")
     def _promote_metric_is_computed(self) -> RunConfig:
         computed = evaluated_metrics(self.evaluate.ks)
         if self.promote.metric not in computed:
@@ -392,7 +413,7 @@ def evaluated_metrics(ks: tuple[int, ...]) -> list[str]:
 
 
 # settings that change how fast or where a stage runs, never what it produces: not in any fingerprint
-RESOURCE_SETTINGS = {"extract": {"duckdb"}, "train": {"num_workers", "log_every_steps"},
+RESOURCE_SETTINGS = {"extract": {"duckdb", "engine", "spark"}, "train": {"num_workers", "log_every_steps"},
                      "evaluate": {"decode_workers", "batch_size", "devices"}}
 
 

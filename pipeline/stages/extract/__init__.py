@@ -28,6 +28,7 @@ from pipeline.data.queries import normalise_queries, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.stages.extract import incremental
+from pipeline.stages.extract.engines import DuckDBEngine, SparkEngine, spark_events, spark_session
 
 REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "outside_window",
            "duplicate", "query_too_long", "bot")
@@ -76,26 +77,28 @@ def last_days_from_events(con: duckdb.DuckDBPyConnection, days: int, until: date
     return until - timedelta(days=days - 1), until
 
 
-def _register_query_norms(con: duckdb.DuckDBPyConnection, cfg: RunConfig) -> int:
-    """query_norms(raw_query, query, too_long); returns the text context the queries were checked against."""
+def _register_query_norms(engine, cfg: RunConfig) -> tuple[int, pa.Table]:
+    """query_norms(raw_query, query, too_long) in the engine; returns the text context the queries
+    were checked against, and the table."""
     from pipeline.training.model import text_encoder_limits  # open_clip and torch load slowly: only here
 
     count_tokens, context, _ = text_encoder_limits(cfg.train)
-    # each distinct query once, outside DuckDB (it has no NFKC): in Arrow, Python only for non-ASCII
-    raw = con.sql("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL").to_arrow_table()["query"]
+    # each distinct query once, outside the engine (neither has NFKC): in Arrow, Python only for non-ASCII
+    raw = engine.arrow("SELECT DISTINCT query FROM events_raw WHERE query IS NOT NULL")["query"]
     raw = (raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())).cast(pa.string())
     normalised = normalise_queries(raw, cfg.extract.strip_punctuation)
     too_long = too_long_for_text_encoder(normalised, count_tokens, context)
-    con.register("query_norms", pa.table({"raw_query": raw, "query": normalised,
-                                          "too_long": pa.array(too_long, pa.bool_())}))
-    return context
+    norms = pa.table({"raw_query": raw, "query": normalised, "too_long": pa.array(too_long, pa.bool_())})
+    engine.register("query_norms", norms)
+    return context, norms
 
 
 def _bounds(since: date | None, until: date | None) -> dict:
-    """Timestamp bounds for SQL; until is inclusive as a date, so the bound is the next midnight."""
+    """Timestamp bounds for SQL, as text (cast in SQL: no driver's own time zone applies); until is
+    inclusive as a date, so the bound is the next midnight."""
     low = datetime.combine(since, time.min) if since else datetime.min
     high = datetime.combine(until + timedelta(days=1), time.min) if until else datetime.max
-    return {"since": low, "until": high}
+    return {"since": low.isoformat(sep=" "), "until": high.isoformat(sep=" ")}
 
 
 @contextmanager
@@ -107,23 +110,21 @@ def _unconvertible_values(source: SourceConfig):
         raise DataContractError(f"events source {source.path}: {str(exc).splitlines()[0]}") from None
 
 
-def _classify(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, since, until, source: SourceConfig,
-              timings: _Timings) -> None:
+def _classify(engine, ecfg: ExtractConfig, since, until, source: SourceConfig, timings: _Timings) -> None:
     """session_flags (bots, sessions that repeat a row: a small table), then the view `classified`."""
     bots = ecfg.bots
     with _unconvertible_values(source), timings.step("sessions"):
-        con.execute("CREATE TEMP TABLE session_flags AS " + _sql("extract_sessions.sql"), {
+        engine.table("session_flags", _sql("extract_sessions.sql"), {
             "enabled": bots.enabled, "max_per_session": bots.max_impressions_per_session,
             "max_per_minute": bots.max_impressions_per_minute, "min_for_ctr": bots.min_impressions_for_ctr,
             "max_ctr": bots.max_click_through_rate})
-    con.execute("CREATE OR REPLACE TEMP TABLE classify_params AS "
-                "SELECT $since::TIMESTAMP AS since, $until::TIMESTAMP AS until, $quarantine_long AS quarantine_long",
-                {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"})
-    con.execute("CREATE OR REPLACE TEMP VIEW classified AS " + _sql("extract_classify.sql"))
+    engine.table("classify_params", "SELECT $since::TIMESTAMP AS since, $until::TIMESTAMP AS until, "
+                 "$quarantine_long AS quarantine_long",
+                 {**_bounds(since, until), "quarantine_long": ecfg.long_queries == "quarantine"})
+    engine.view("classified", _sql("extract_classify.sql"))
 
 
-def _scan(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, by_day: bool, source: SourceConfig,
-          timings: _Timings) -> None:
+def _scan(engine, ecfg: ExtractConfig, by_day: bool, source: SourceConfig, timings: _Timings) -> None:
     """Two passes over the log: `stats` (usable rows summed, extract_scan.sql) and `flagged` (the
     other rows whole, each with its final reason, extract_flagged.sql). The first copies of
     duplicated rows come back usable from the second pass and are appended to `stats`, whose
@@ -132,21 +133,18 @@ def _scan(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig, by_day: bool, sou
     scan = _sql("extract_scan.sql")
     params = {"satisfied_dwell_ms": ecfg.satisfied_dwell_ms, "by_day": by_day}
     with _unconvertible_values(source), timings.step("scan"):
-        con.execute("CREATE TEMP TABLE stats AS " + scan, params)
+        engine.table("stats", scan, params)
     with _unconvertible_values(source), timings.step("resolve_duplicates"):
-        con.execute("CREATE TEMP TABLE flagged AS " + _sql("extract_flagged.sql"))
+        engine.table("flagged", _sql("extract_flagged.sql"))
         # first copies of duplicated rows are usable: summed like the rest of the scan
-        con.execute("CREATE TEMP VIEW late_usable AS SELECT * REPLACE ('late' AS reason) FROM flagged "
-                    "WHERE reason IS NULL")
-        con.execute("INSERT INTO stats " + scan.replace("FROM classified", "FROM late_usable")
-                    .replace("WHERE reason IS NULL", "WHERE reason = 'late'"), params)
+        engine.append("stats", scan.replace("FROM classified", "FROM flagged"), params)
 
 
-def estimate_propensities(con: duckdb.DuckDBPyConnection, ecfg: ExtractConfig) -> Propensities:
+def estimate_propensities(engine, ecfg: ExtractConfig) -> Propensities:
     """The examination curve from `per_position` (extract_per_position.sql) by EM."""
     settings = ecfg.propensity
-    counts = con.execute(_sql("extract_position_counts.sql"),
-                         {"min_pair_impressions": settings.min_pair_impressions}).fetchnumpy()
+    table = engine.arrow(_sql("extract_position_counts.sql"), {"min_pair_impressions": settings.min_pair_impressions})
+    counts = {name: table[name].to_numpy() for name in table.column_names}
     if len(counts["pair"]) == 0:
         flat = np.ones(settings.max_position)  # nothing to learn from: no position is discounted
         return Propensities(np.arange(1, settings.max_position + 1), flat, 0, 0.0)
@@ -224,6 +222,28 @@ class _Timings(dict):
             self[name] = round(perf_counter() - started, 2)
 
 
+def _kept(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """Impressions summed into this run's statistics, and those of queries too long for the text encoder."""
+    return con.execute(
+        "SELECT coalesce(sum(impressions), 0)::BIGINT, coalesce(sum(impressions) FILTER (WHERE query IN "
+        "(SELECT query FROM query_norms WHERE too_long)), 0)::BIGINT FROM stats").fetchall()[0]
+
+
+def _spark_engine(cfg: RunConfig, con: duckdb.DuckDBPyConnection, files: list[Path] | None) -> SparkEngine:
+    """A Spark engine holding events_raw (read by Spark from the window's Parquet files, already
+    checked against the contract by DuckDB) and catalog_ids (from DuckDB's)."""
+    engine = SparkEngine(spark_session(cfg))
+    source = cfg.data.events
+    if files is None:
+        files = sorted(source.path.rglob("*.parquet")) if source.path.is_dir() else [source.path]
+    if files:
+        spark_events(engine, files, [column.name for column in EVENTS])
+    else:  # an empty window: no file for Spark to read, and no rows
+        engine.register("events_raw", con.sql("SELECT * FROM events_raw").to_arrow_table())
+    engine.register("catalog_ids", con.sql("SELECT * FROM catalog_ids").to_arrow_table())
+    return engine
+
+
 def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult:
     ecfg = cfg.extract
     con = connect(ecfg.duckdb, ecfg.time_zone)
@@ -238,28 +258,33 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     open_source(con, cfg.data.images, "catalog_raw", IMAGES)
     con.execute("CREATE TEMP TABLE catalog_ids AS SELECT image_id, any_value(product_id) AS product_id "
                 "FROM catalog_raw WHERE image_id IS NOT NULL GROUP BY image_id")
+    engine = DuckDBEngine(con) if ecfg.engine == "duckdb" else _spark_engine(cfg, con, files)
     with timings.step("normalise_queries"):
-        context = _register_query_norms(con, cfg)
-    _classify(con, ecfg, since, until, cfg.data.events, timings)
-    _scan(con, ecfg, plan is not None, cfg.data.events, timings)
-    kept, long_kept = con.execute(
-        "SELECT coalesce(sum(impressions), 0)::BIGINT, coalesce(sum(impressions) FILTER (WHERE query IN "
-        "(SELECT query FROM query_norms WHERE too_long)), 0)::BIGINT FROM stats").fetchone()
+        context, norms = _register_query_norms(engine, cfg)
+    _classify(engine, ecfg, since, until, cfg.data.events, timings)
+    _scan(engine, ecfg, plan is not None, cfg.data.events, timings)
     if plan and plan.previous_stats and plan.reused_days:
+        kept, long_kept = _kept(con)
         con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
                     [str(plan.previous_stats), plan.reused_days])
 
     with timings.step("per_position"):
-        con.execute("CREATE OR REPLACE TEMP TABLE per_position AS " + _sql("extract_per_position.sql"),
-                    {"max_position": ecfg.propensity.max_position})
+        engine.table("per_position", _sql("extract_per_position.sql"), {"max_position": ecfg.propensity.max_position})
     with timings.step("propensity_em"):
-        propensities = estimate_propensities(con, ecfg)
-    con.register("propensity", pa.table({"position": propensities.positions.tolist(),
-                                         "examination": propensities.examination.tolist()}))
-    pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
-    pairs_params = {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip}
+        propensities = estimate_propensities(engine, ecfg)
+    engine.register("propensity", pa.table({"position": propensities.positions.tolist(),
+                                            "examination": propensities.examination.tolist()}))
     with timings.step("pairs"):
-        con.execute("CREATE TEMP TABLE pairs AS " + _sql("extract_pairs.sql"), pairs_params)
+        engine.table("pairs", _sql("extract_pairs.sql"), {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip})
+    if engine.name != "duckdb":  # the results come back for the writing and the counting, done as for DuckDB
+        with timings.step("collect"):
+            for name in ("session_flags", "stats", "flagged", "pairs"):
+                con.register(name, engine.arrow(f"SELECT * FROM {name}"))
+            con.register("query_norms", norms)
+            engine.spark.catalog.clearCache()
+    if not (plan and plan.previous_stats and plan.reused_days):
+        kept, long_kept = _kept(con)
+    pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
     with timings.step("write_pairs"):
         con.table("pairs").write_parquet(str(pairs_path))
     with timings.step("quarantine"):

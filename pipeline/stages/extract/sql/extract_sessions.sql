@@ -14,7 +14,7 @@ WITH per_session AS MATERIALIZED (
         session_id,
         count(*) AS impressions,
         count(*) FILTER (WHERE clicked) AS clicks,
-        len(list_distinct(list(hash(event_ts, position)))) < count(*)
+        array_length(list_distinct(list(hash(event_ts, position)))) < count(*)
             AS repeats_a_row
     FROM events_raw
     WHERE session_id IS NOT NULL

@@ -232,7 +232,8 @@ def main() -> None:
     results = [time_model(name, args.runs, full_context=False) for name in args.models.split(",")]
     if "ViT-B-32" in args.models:
         results.append(time_model("ViT-B-32", args.runs, full_context=True))
-    print(json.dumps({"models": results}))
+    print(json.dumps({"device": "cpu", "runtime": "onnxruntime CPUExecutionProvider", "intra_op_threads": 2,
+                      "runs": args.runs, "models": results}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ of one process over the full batch, so negatives really are global across ranks:
 negatives with open_clip's local loss (build_loss), and grad cache across ranks."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -42,11 +43,20 @@ def _batch():
     return bundle.model, images, tokens, weights
 
 
-def _rank(rank: int, port: int, weighted: bool, out: str) -> None:
+@contextmanager
+def _process_group(rank: int, port: int):
+    """This process as rank `rank` of a gloo group of WORLD on this machine."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, port: int, weighted: bool, out: str) -> None:
+    with _process_group(rank, port):
         model, images, tokens, weights = _batch()
         loss_fn = build_loss(TrainConfig(), model, rank, WORLD)  # as ClipFineTuner.setup builds it under DDP
         assert loss_fn.local_loss and loss_fn.gather_with_grad
@@ -59,8 +69,6 @@ def _rank(rank: int, port: int, weighted: bool, out: str) -> None:
             rows, columns = loss_fn.get_logits(*features, model.logit_scale.exp())[0].shape
         torch.save({"loss": loss.detach(), "logits": torch.tensor([rows, columns]),
                     **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -81,17 +89,12 @@ def test_ddp_loss_and_gradients_equal_the_single_process_full_batch(tmp_path, we
 
 
 def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, port):
         model, images, tokens, weights = _batch()
         mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         loss = grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(),
                                    weights=weights[mine] if weighted else None, world_size=WORLD, rank=rank)
         torch.save({"loss": loss, **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -28,7 +28,7 @@ from pipeline.data.queries import normalise_queries, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.stages.extract import incremental
-from pipeline.stages.extract.engines import DuckDBEngine, SparkEngine, spark_events, spark_session
+from pipeline.stages.extract.engines import DuckDBEngine, SparkEngine, spark_events, spark_session, stop_spark
 
 REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "outside_window",
            "duplicate", "query_too_long", "bot")
@@ -208,6 +208,9 @@ def extract(cfg: RunConfig, out_dir: Path, run_id: str | None = None) -> Extract
             raise
         raise StageError(f"extract could not write: the disk under {settings.temp_directory or out_dir} is full "
                          f"({str(exc).splitlines()[0]})") from None
+    finally:
+        if cfg.extract.engine == "spark":
+            stop_spark()  # the stages after extract need the machine's memory, not an idle JVM's
 
 
 class _Timings(dict):
@@ -281,7 +284,6 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
             for name in ("session_flags", "stats", "flagged", "pairs"):
                 con.register(name, engine.arrow(f"SELECT * FROM {name}"))
             con.register("query_norms", norms)
-            engine.spark.catalog.clearCache()
     if not (plan and plan.previous_stats and plan.reused_days):
         kept, long_kept = _kept(con)
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"

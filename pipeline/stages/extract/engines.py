@@ -131,3 +131,15 @@ def spark_events(engine: SparkEngine, files: list[Path], columns: list[str]) -> 
     frame = frame.withColumn("event_ts", F.col("event_ts").cast("timestamp_ntz"))
     files_read = spark.createDataFrame(mapping, "uri STRING, filename STRING")
     frame.join(F.broadcast(files_read), "uri").drop("uri").createOrReplaceTempView("events_raw")
+
+
+def stop_spark() -> None:
+    """Stop the Spark session extract started, if any."""
+    import sys
+
+    if "pyspark" in sys.modules:
+        from pyspark.sql import SparkSession
+
+        session = SparkSession.getActiveSession()
+        if session is not None:
+            session.stop()

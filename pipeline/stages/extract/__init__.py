@@ -144,7 +144,8 @@ def estimate_propensities(engine, ecfg: ExtractConfig) -> Propensities:
     """The examination curve from `per_position` (extract_per_position.sql) by EM."""
     settings = ecfg.propensity
     table = engine.arrow(_sql("extract_position_counts.sql"), {"min_pair_impressions": settings.min_pair_impressions})
-    counts = {name: table[name].to_numpy() for name in table.column_names}
+    counts = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    counts["pair"] = np.cumsum(counts["starts_pair"]) - 1
     if len(counts["pair"]) == 0:
         flat = np.ones(settings.max_position)  # nothing to learn from: no position is discounted
         return Propensities(np.arange(1, settings.max_position + 1), flat, 0, 0.0)

@@ -5,7 +5,7 @@ SQLGlot (`spark_sql`), with the one construct it leaves Spark cannot parse (a MA
 table expression) removed. An engine holds named tables and views and answers queries as Arrow:
 
 - `table(name, sql, params)`: the result materialised under `name` (DuckDB: a temp table; Spark:
-  a cached, counted DataFrame as a temp view, so step timings are the work's, not a lazy plan's);
+  an eager local checkpoint as a temp view, so step timings are the work's, not a lazy plan's);
 - `view(name, sql)`, `append(name, sql, params)`, `arrow(sql, params)`, `register(name, arrow)`.
 
 What is engine-specific stays in pipeline.stages.extract: reading the log (DuckDB's Parquet reader
@@ -72,17 +72,16 @@ class SparkEngine:
         return self.spark.sql(spark_sql(sql), args=params or None)
 
     def table(self, name: str, sql: str, params: dict | None = None) -> None:
-        frame = self._frame(sql, params).cache()
-        frame.count()
-        frame.createOrReplaceTempView(name)
+        # a local checkpoint cuts the lineage: later queries read these rows, where a cached plan
+        # was not matched by the parameterised queries over it and the log was read again each time
+        self._frame(sql, params).localCheckpoint(eager=True).createOrReplaceTempView(name)
 
     def view(self, name: str, sql: str) -> None:
         self._frame(sql, None).createOrReplaceTempView(name)
 
     def append(self, name: str, sql: str, params: dict | None = None) -> None:
-        frame = self.spark.table(name).unionByName(self._frame(sql, params)).cache()
-        frame.count()
-        frame.createOrReplaceTempView(name)
+        self.spark.table(name).unionByName(self._frame(sql, params)).localCheckpoint(eager=True) \
+            .createOrReplaceTempView(name)
 
     def arrow(self, sql: str, params: dict | None = None) -> pa.Table:
         return self._frame(sql, params).toArrow()

@@ -4,6 +4,7 @@ negatives with open_clip's local loss (build_loss), and grad cache across ranks.
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,26 @@ def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str) -> None:
         loss = grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(),
                                    weights=weights[mine] if weighted else None, world_size=WORLD, rank=rank)
         torch.save({"loss": loss, **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
+
+
+def _uneven_rank(rank: int, port: int, out: str) -> None:
+    from pipeline.errors import StageError
+
+    with _process_group(rank, port):
+        model, images, tokens, _ = _batch()
+        mine = slice(0, 4 if rank == 0 else 3)
+        try:
+            grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(), world_size=WORLD, rank=rank)
+        except StageError as exc:
+            Path(f"{out}.{rank}").write_text(str(exc))
+
+
+def test_grad_cache_across_ranks_refuses_unequal_batches_by_name(tmp_path):
+    """Every rank stops with the sizes named, instead of a backend error deep in all_gather."""
+    out = str(tmp_path / "error")
+    mp.start_processes(_uneven_rank, args=(free_port(), out), nprocs=WORLD, join=True, start_method="spawn")
+    for rank in range(WORLD):
+        assert "same batch size on every rank; got [4, 3]" in Path(f"{out}.{rank}").read_text()
 
 
 @pytest.mark.parametrize("weighted", [False, True])

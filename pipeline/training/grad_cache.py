@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.errors import StageError
+
 
 def _embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from pipeline.training.model import encode_text
@@ -73,6 +75,10 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     text_mine = torch.cat([f[1] for f in features])
     offset = 0
     if world_size > 1:
+        sizes = _gathered(torch.tensor([len(image_mine)], device=device), world_size).tolist()
+        if len(set(sizes)) > 1:  # gathering unequal tensors fails deep in the backend, or hangs
+            raise StageError(f"grad cache under DDP needs the same batch size on every rank; got {sizes} "
+                             "(ranks in order)")
         offset = rank * len(image_mine)
         image_mine, text_mine = _gathered(image_mine, world_size), _gathered(text_mine, world_size)
         weights = None if weights is None else _gathered(weights.to(device), world_size)

@@ -158,7 +158,7 @@ def refuse_rewriting_a_decision(run: Run, stage: str) -> None:
     before promote may not rerun there under other settings (promote itself may: it re-decides; so
     may publish, which decides as promote does and only builds the index those figures select)."""
     decided = run.manifest.get("stages", {}).get("promote")
-    if decided is None or stage in ("publish", "promote"):
+    if decided is None or stage_spec(stage).decides:
         return
     raise StageError(
         f"run {run.run_id} already holds a promotion decision (version {decided['summary'].get('version')}, "

@@ -335,8 +335,7 @@ def open_run(cfg: RunConfig, run_id: str | None = None) -> Run:
         # every setting a stage before publish and promote depends on; theirs (margin, gates, the
         # index's settings) only decide and serve, so changing one re-decides in the same folder
         tree = result_settings(cfg)
-        settings = {key: setting(tree, key) for spec in STAGES if spec.name not in ("publish", "promote")
-                    for key in spec.config}
+        settings = {key: setting(tree, key) for spec in STAGES if not spec.decides for key in spec.config}
         run_id = f"{cfg.name}-{text_sha256(settings, inputs)[:10]}"
     check_run_id(run_id)
     root = cfg.runs_dir / run_id

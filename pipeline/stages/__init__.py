@@ -31,6 +31,9 @@ class Stage:
     timeout_minutes: int = 120  # a scheduler stops (and fails) the stage after this long
     shareable: bool = False  # its outputs depend on nothing run-specific: another run's may be reused
     writes_state: bool = False  # writes <state_dir>/<name>/ (shared by every run of the name): locked
+    # it decides or serves on the figures before it: its settings are in no default run id (changing
+    # one re-decides in the same folder) and it may rerun in a folder that holds a decision
+    decides: bool = False
     doc: str = field(default="", compare=False)
 
 
@@ -83,13 +86,13 @@ STAGES: tuple[Stage, ...] = (
     # table is the run's, rewritten in one transaction), so errors are retried
     Stage("publish", "pipeline.stages.publish:run", config=("publish", "promote"), inputs=("image_root",),
           upstream=("extract", "split", "train", "evaluate"), outputs=("index",), retries=2, writes_state=True,
-          timeout_minutes=4 * 60,
+          timeout_minutes=4 * 60, decides=True,
           doc="the candidate's catalog vectors into a pgvector HNSW index, validated against exact search"),
     # idempotent (a rerun finds the run's version), so errors are retried; a failed gate is a
     # decision, not an error: the command succeeds and the DAG branches on it
     Stage("promote", "pipeline.stages.promote:run", config=("promote",),
           upstream=("extract", "split", "train", "evaluate", "publish"), outputs=("decision",), retries=2,
-          timeout_minutes=60, writes_state=True,
+          timeout_minutes=60, writes_state=True, decides=True,
           doc="register the model in MLflow, move `champion` only if every gate passes, and flip the serving index"),
 )
 

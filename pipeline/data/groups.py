@@ -128,3 +128,15 @@ def assign_sticky_splits(image_ids: list[str], labels: np.ndarray, registry: dic
                 splits[i] = owner if keep else EXCLUDED
                 stats["images_excluded"] += not keep
     return splits, stats
+
+
+def look_alikes(image_ids: list[str], product_ids: list[str | None], group_ids: list) -> dict[str, set[str]]:
+    """Per image, the images sharing its near-duplicate group or its product, itself included:
+    what neither a hard negative (train) nor a miss (evaluate's filtered ranking) may be."""
+    members: dict[str, set[str]] = defaultdict(set)
+    for image, product, group in zip(image_ids, product_ids, group_ids, strict=True):
+        members[f"group:{group}"].add(image)
+        if product is not None:
+            members[f"product:{product}"].add(image)
+    return {image: members[f"group:{group}"] | (members[f"product:{product}"] if product is not None else set())
+            for image, product, group in zip(image_ids, product_ids, group_ids, strict=True)}

@@ -22,6 +22,7 @@ from rich.progress import track
 
 from pipeline import registry
 from pipeline.config import EvaluateConfig, RunConfig
+from pipeline.data.groups import look_alikes
 from pipeline.data.images import UnusableImage, resolve_image_path
 from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
@@ -128,18 +129,11 @@ def known_positives(queries: list[str], scored: pl.DataFrame, clicked: pl.DataFr
     scored_images = dict(zip(scored_by_query["query"], scored_by_query["image_id"].to_list(), strict=True))
     clicked_by_query = clicked.group_by("query").agg(pl.col("image_id"))
     clicked_images = dict(zip(clicked_by_query["query"], clicked_by_query["image_id"].to_list(), strict=True))
-    members: dict[str, list[str]] = {}
-    for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"], strict=True):
-        members.setdefault(f"group:{group}", []).append(image)
-        if product is not None:
-            members.setdefault(f"product:{product}", []).append(image)
-    keys = {image: [f"group:{group}"] + ([f"product:{product}"] if product is not None else [])
-            for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"],
-                                             strict=True)}
+    alikes = look_alikes(images["image_id"].to_list(), images["product_id"].to_list(), images["group_id"].to_list())
     known = []
     for query in queries:
         relevant = set(scored_images.get(query, []))
-        same = {other for image in relevant for key in keys.get(image, []) for other in members[key]}
+        same = set().union(*(alikes.get(image, set()) for image in relevant))
         candidates = set(clicked_images.get(query, [])) | same
         relevant_items = {item_of.get(image, image) for image in relevant}
         known.append({image for image in candidates - relevant if item_of.get(image, image) not in relevant_items})

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pipeline import registry
 from pipeline.config import RunConfig, TrainConfig
+from pipeline.data.groups import look_alikes
 from pipeline.errors import StageError, Stopped
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.datasets import PairDataset, make_loader, title_pairs, training_pairs
@@ -137,14 +138,7 @@ def hard_negative_buddies(bundle: ClipBundle, pairs, all_pairs_path: Path, image
     for query, image in zip(everything["query"], everything["image_id"], strict=True):
         known.setdefault(query, set()).add(image)
     images = pl.read_parquet(images_path)
-    members: dict[str, set[str]] = {}
-    for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"], strict=True):
-        for key in (f"g:{group}", f"p:{product}" if product is not None else None):
-            if key:
-                members.setdefault(key, set()).add(image)
-    same = {image: members[f"g:{group}"] | (members[f"p:{product}"] if product is not None else set())
-            for image, product, group in zip(images["image_id"], images["product_id"], images["group_id"],
-                                             strict=True)}
+    same = look_alikes(images["image_id"].to_list(), images["product_id"].to_list(), images["group_id"].to_list())
     image_ids = pairs["image_id"].unique().sort().to_list()
     paths = dict(zip(pairs["image_id"], pairs["path"], strict=True))
     queries = pairs["query"].unique().sort().to_list()

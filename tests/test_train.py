@@ -77,7 +77,8 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     from pipeline.training.model import load_checkpoint
     from tests.conftest import shop_config
 
-    speed = {"in_batch": {"image_cache": True, "channels_last": True},
+    # in_batch also scores WiSE-FT's ends: alpha 1 is the trained model, so its score must be the epoch's
+    speed = {"in_batch": {"image_cache": True, "channels_last": True, "wise_ft_alphas": [0.0, 1.0]},
              "memory_bank": {"precision": "bf16-mixed"}}.get(negatives, {})
     cfg = shop_config(tiny_shop, tmp_path, train={
         "epochs": 1, "negatives": negatives, "micro_batch_size": 8, "memory_bank_size": 64,
@@ -96,6 +97,10 @@ def test_train_stage_runs_and_writes_a_loadable_checkpoint(tiny_shop, tmp_path, 
     assert result.summary["train_pairs"] + heldout.height <= pl.read_parquet(split_result.pairs).filter(
         (pl.col("split") == "train") & (pl.col("clicks") > 0)).height
     load_checkpoint(result.model_dir.parent)
+    if negatives == "in_batch":
+        curve = dict(result.summary["wise_ft"]["curve"])
+        assert sorted(curve) == [0.0, 1.0]
+        assert curve[1.0] == pytest.approx(result.summary["best_val_recall@10"], abs=1e-4)
 
 
 def test_weighted_clip_loss():

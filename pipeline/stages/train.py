@@ -105,10 +105,9 @@ def validation_score(module: ClipFineTuner, loader) -> float:
     """Validation recall@10 as the epochs score it (finetuner.validation_recall), outside Lightning."""
     module.model.eval()
     batches = []
-    for images, texts, image_ids, _, _, tokens in loader:
-        image_features, text_features = module.embed(images, tokens)
-        batches.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(), list(texts),
-                        list(image_ids)))
+    for batch in loader:
+        image_features, text_features, texts, image_ids = module.scored(batch)
+        batches.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(), texts, image_ids))
     return validation_recall(batches, k=10) if batches else 0.0
 
 

@@ -100,13 +100,18 @@ class ClipFineTuner(L.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-    def validation_step(self, batch, batch_idx):
+    def scored(self, batch) -> tuple:
+        """A validation batch embedded: (image features, text features, texts, image ids), as
+        validation_recall takes them (the epochs' score, and WiSE-FT's in pipeline.stages.train)."""
         images, texts, image_ids, _, _, tokens = batch
         image_features, text_features = self.embed(images, tokens)
+        return image_features, text_features, list(texts), list(image_ids)
+
+    def validation_step(self, batch, batch_idx):
+        image_features, text_features, texts, image_ids = self.scored(batch)
         loss = self.loss(image_features, text_features, self.model.logit_scale.exp())
         self.log("val/loss", loss, batch_size=len(texts), sync_dist=self.trainer.world_size > 1)
-        self._val.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(),
-                          list(texts), list(image_ids)))
+        self._val.append((image_features.float().cpu().numpy(), text_features.float().cpu().numpy(), texts, image_ids))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:

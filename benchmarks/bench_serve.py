@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.training.model import save_checkpoint, starting_model, trim_tokens  # noqa: E402
-from pipeline.training.onnx_export import export_onnx  # noqa: E402
+from pipeline.training.onnx_export import cpu_session, export_onnx  # noqa: E402
 
 WORDS = ("navy", "red", "striped", "linen", "summer", "dress", "trainers", "mug", "ceramic", "lamp", "wool",
          "coat", "oak", "desk", "kids", "running", "shoes", "leather", "bag", "vintage")
@@ -51,16 +51,11 @@ def queries(n: int) -> list[str]:
 
 
 def time_model(name: str, runs: int, full_context: bool) -> dict:
-    import onnxruntime as ort
-
     bundle = starting_model(TrainConfig(model=name))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = save_checkpoint(bundle, Path(folder) / "ckpt")
         parity = export_onnx(checkpoint, Path(folder) / "onnx")["parity_max_abs_diff"]["text"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(str(Path(folder) / "onnx" / "text.onnx"), options,
-                                       providers=["CPUExecutionProvider"])
+        session = cpu_session(Path(folder) / "onnx" / "text.onnx", threads=2)
         texts = queries(runs)
         started = time.perf_counter()
         tokens = [bundle.tokenizer([t]) for t in texts]

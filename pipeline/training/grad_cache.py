@@ -88,15 +88,13 @@ def grad_cache_backward(model: torch.nn.Module, images: torch.Tensor, tokens: to
     loss = loss_fn(image_all, text_all, model.logit_scale.exp(), **extra)
     # every rank back-propagates the same global loss into the temperature: 1/world_size of it
     # each, so the sum across ranks is one loss's gradient; the embeddings' gradients are scaled
-    # back up below, each rank owning its slice
-    backward(loss / world_size if world_size > 1 else loss)
+    # back up below, each rank owning its slice (on one process both factors are 1, exactly)
+    backward(loss / world_size)
     start = offset
     for image_chunk, token_chunk in chunks:
         stop = start + len(image_chunk)
         image_features, text_features = _embed(model, prepare(image_chunk), token_chunk)
-        image_grad, text_grad = image_all.grad[start:stop], text_all.grad[start:stop]
-        if world_size > 1:
-            image_grad, text_grad = image_grad * world_size, text_grad * world_size
+        image_grad, text_grad = image_all.grad[start:stop] * world_size, text_all.grad[start:stop] * world_size
         backward((image_features * image_grad).sum() + (text_features * text_grad).sum())
         start = stop
     if world_size > 1:

@@ -66,7 +66,7 @@ class GradCacheNegatives:
         self.micro_batch_size = micro_batch_size
         self.gradient_clip = gradient_clip
         # under DDP every rank computes the loss over the gathered global batch itself, so it is
-        # the single-process loss, not the module's (which gathers on its own)
+        # the single-process loss, not the module's (which gathers on its own); on one process the two are alike
         self.single_process_loss = single_process_loss
 
     def step(self, module, batch: list, loss, weights: torch.Tensor | None) -> torch.Tensor | None:
@@ -76,11 +76,10 @@ class GradCacheNegatives:
         world, rank = module.trainer.world_size, module.trainer.global_rank
         # DDP's reducer stays out: grad_cache_backward runs several backward passes and sums the
         # gradients across ranks once itself
-        strategy = module.trainer.strategy
-        with strategy.block_backward_sync() if world > 1 else nullcontext():
-            value = grad_cache_backward(module.model, images, tokens, self.micro_batch_size,
-                                        self.single_process_loss if world > 1 else loss, module.manual_backward,
-                                        prepare=module.pixels, weights=weights, world_size=world, rank=rank)
+        with module.trainer.strategy.block_backward_sync() if world > 1 else nullcontext():
+            value = grad_cache_backward(module.model, images, tokens, self.micro_batch_size, self.single_process_loss,
+                                        module.manual_backward, prepare=module.pixels, weights=weights,
+                                        world_size=world, rank=rank)
         if not torch.isfinite(value):  # one wait per (large) step; the other paths check gradients only
             module.stop_on_nan()
             return None

@@ -99,17 +99,23 @@ def export_onnx(checkpoint: Path, out_dir: Path) -> dict:
     return description
 
 
+def cpu_session(model_file: Path, threads: int):
+    """An onnxruntime session on the CPU provider with `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxTextEncoder:
     """A registered version's exported text tower on onnxruntime, with the checkpoint's open_clip
     tokenizer and each batch's context trimmed to its longest query: the query path of serving."""
 
     def __init__(self, onnx_dir: Path, checkpoint: Path, threads: int = 2):
-        import onnxruntime as ort
         import open_clip
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_dir / "text.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(onnx_dir / "text.onnx", threads)
         self.tokenizer = open_clip.get_tokenizer(f"local-dir:{checkpoint}")
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -122,11 +128,7 @@ class OnnxImageEncoder:
     normalised pixels in (open_clip's eval transform), L2-normalised features out."""
 
     def __init__(self, onnx_dir: Path, threads: int = 2):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_dir / "image.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(onnx_dir / "image.onnx", threads)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.session.run(None, {"pixels": pixels.detach().cpu().float().numpy()})[0]

@@ -267,8 +267,13 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
         context, norms = _register_query_norms(engine, cfg)
     _classify(engine, ecfg, since, until, cfg.data.events, timings)
     _scan(engine, ecfg, plan is not None, cfg.data.events, timings)
+    if engine.name != "duckdb":  # what is written and counted comes back, to be done as for DuckDB
+        with timings.step("collect"):
+            for name in ("session_flags", "stats", "flagged"):
+                con.register(name, engine.arrow(f"SELECT * FROM {name}"))
+            con.register("query_norms", norms)
+    kept, long_kept = _kept(con)
     if plan and plan.previous_stats and plan.reused_days:
-        kept, long_kept = _kept(con)
         con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
                     [str(plan.previous_stats), plan.reused_days])
 
@@ -280,13 +285,8 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
                                             "examination": propensities.examination.tolist()}))
     with timings.step("pairs"):
         engine.table("pairs", _sql("extract_pairs.sql"), {"weighting": ecfg.weighting, "clip": ecfg.propensity.clip})
-    if engine.name != "duckdb":  # the results come back for the writing and the counting, done as for DuckDB
-        with timings.step("collect"):
-            for name in ("session_flags", "stats", "flagged", "pairs"):
-                con.register(name, engine.arrow(f"SELECT * FROM {name}"))
-            con.register("query_norms", norms)
-    if not (plan and plan.previous_stats and plan.reused_days):
-        kept, long_kept = _kept(con)
+        if engine.name != "duckdb":
+            con.register("pairs", engine.arrow("SELECT * FROM pairs"))
     pairs_path, quarantine_path = out_dir / "pairs.parquet", out_dir / "quarantine.parquet"
     with timings.step("write_pairs"):
         con.table("pairs").write_parquet(str(pairs_path))

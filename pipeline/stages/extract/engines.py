@@ -8,10 +8,10 @@ table expression) removed. An engine holds named tables and views and answers qu
   an eager local checkpoint as a temp view, so step timings are the work's, not a lazy plan's);
 - `view(name, sql)`, `append(name, sql, params)`, `arrow(sql, params)`, `register(name, arrow)`.
 
-What is engine-specific stays in pipeline.stages.extract: reading the log (DuckDB's Parquet reader
-numbers rows per file; Spark reads them with `_metadata.file_path` and `_metadata.row_index`), and
-the checks of the contract, which DuckDB always does from the files' schemas before either engine
-reads a row. Written here because neither engine's client exposes this common surface.
+What is engine-specific: reading the log (pipeline.stages.extract's DuckDB reader numbers rows per
+file; `spark_events` here reads them with `_metadata.file_path` and `_metadata.row_index`). The
+checks of the contract are DuckDB's for both, from the files' schemas before either engine reads a
+row. Written here because neither engine's client exposes this common surface.
 """
 
 from __future__ import annotations

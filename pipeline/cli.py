@@ -130,18 +130,18 @@ def promote(
     as_json: JsonOption = False,
 ) -> None:
     """Register the run's model and move `champion` if it wins; --force promotes by hand."""
-    from pipeline.registry import force_promote
-    from pipeline.runner import run_stage, stage_report
+    from pipeline.runner import force_promote, run_stage, stage_report
 
     try:
+        if force and not reason.strip():
+            raise ClickclipError("--force needs --reason: say why the gates are overridden")
         run = _open(config, run_id, set_)
         summary = run_stage(run, "promote")
         text = stage_report(run, "promote", summary)
         if force:
-            if not reason.strip():
-                raise ClickclipError("--force needs --reason: say why the gates are overridden")
-            summary = force_promote(run.config.promote, summary["version"], reason)
-            text = f"forced: {summary['model_name']} version {summary['champion']} is champion ({reason})"
+            summary = force_promote(run, summary, reason)
+            text = (f"forced: {summary['model_name']} version {summary['champion']} is champion ({reason})"
+                    + (f"; {summary['index']}" if summary.get("index") else ""))
     except ClickclipError as exc:
         _fail(exc)
     except Stopped as stop:
@@ -157,21 +157,15 @@ def rollback(
 ) -> None:
     """Move `champion` back to the `previous` version."""
     from pipeline.config import load_config
-    from pipeline.registry import rollback as rollback_alias
+    from pipeline.registry.promotion import rollback as roll_back
 
     try:
-        cfg = load_config(config, set_ or [])
-        summary = rollback_alias(cfg.promote, reason)
-        if cfg.publish.enabled:  # the serving index follows the alias
-            from pipeline.search import follow_champion
-
-            summary["index"] = follow_champion(cfg, str(summary["champion"]))
+        summary = roll_back(load_config(config, set_ or []), reason)
     except ClickclipError as exc:
         _fail(exc)
-    except LookupError as exc:
-        _fail(ClickclipError(str(exc)))
-    _emit(summary, as_json, f"{summary['model_name']}: champion is version {summary['champion']} again "
-                            f"(version {summary['rolled_back']} rolled back)"
+    rolled = (f"version {summary['rolled_back']} rolled back" if summary["rolled_back"] else
+              "an interrupted rollback completed")
+    _emit(summary, as_json, f"{summary['model_name']}: champion is version {summary['champion']} again ({rolled})"
                             + (f"; {summary['index']}" if summary.get("index") else ""))
 
 
@@ -195,6 +189,23 @@ def search(
     except ClickclipError as exc:
         _fail(exc)
     print(dumps(result))
+
+
+@app.command("verify-serving")
+def verify_serving(config: ConfigOption, set_: SetOption = None, as_json: JsonOption = False) -> None:
+    """Replay the serving version's test queries through the query path and compare with what evaluate
+    scored: identical with exact search, overlapping through HNSW. Exits 1 when parity fails."""
+    from pipeline.config import load_config
+    from pipeline.search import verify_serving as verify
+
+    try:
+        summary = verify(load_config(config, set_ or []))
+    except ClickclipError as exc:
+        _fail(exc)
+    _emit(summary, as_json, f"{summary['model_name']} version {summary['version']} ({summary['table']}): "
+                            f"{summary['sentence']} — {'PASSED' if summary['passed'] else 'FAILED'}")
+    if not summary["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command("serve")

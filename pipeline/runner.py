@@ -18,6 +18,8 @@ from pipeline.config import RunConfig
 from pipeline.errors import StageError, Stopped
 from pipeline.report.sections import headline_names
 from pipeline.report.sentences import leak_audit_sentence
+from pipeline.report.verdict import rewrite_verdict
+from pipeline.retrieval.served import ServedConfig
 from pipeline.runs import Run, run_lock
 from pipeline.stages import STAGE_NAMES, StageOutput, stage_spec
 
@@ -181,6 +183,29 @@ def run_all(run: Run) -> dict[str, dict]:
         return {stage: _run_stage(run, stage) for stage in STAGE_NAMES}
 
 
+def force_promote(run: Run, decision: dict, reason: str) -> dict:
+    """`promote --force`: the run's version champion past its gates, through `registry.promotion`:
+    its index is built and validated (publish, with the replay) first when publish did not build
+    one, then flip, tag, alias. Refuses, changing nothing, when the index cannot be built."""
+    from pipeline.registry import promotion
+    from pipeline.stages.publish import publish
+
+    cfg = run.config
+    index = run.summary("publish")
+    if cfg.publish.enabled and not index.get("published"):
+        evaluate = run.stage_inputs("publish").outputs["evaluate"]
+        index = publish(cfg, run.run_id, run.output("split", "images"), run.output("split", "pairs"),
+                        run.output("train", "weights").parent, run.summary("evaluate"), True,
+                        run.stage_dir("publish"), evaluate.get("catalog_vectors"), evaluate.get("served_rankings"))
+    table = index["table"] if index.get("published") else None
+    forced = promotion.force(cfg, str(decision["version"]), table, reason)
+    rewrite_verdict(run.config.reports_dir / run.run_id, {
+        "by": "promote", "promoted": True, "version": str(decision["version"]),
+        "reason": f"FORCED by {forced['clickclip.forced_by']} past the gates ({reason}); the gates said: "
+                  f"{decision['reason']}", "parity": index.get("parity_sentence")})
+    return {"model_name": cfg.promote.model_name, **forced}
+
+
 def stage_report(run: Run, stage: str, summary: dict) -> str:
     """A few lines for a person after a standalone stage command; the whole summary is in the
     manifest (and on stdout with --json)."""
@@ -242,6 +267,8 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
     if index.get("published"):
         lines.append(f"index: {index['table']} ({index['rows']} images, HNSW recall@10 against exact search "
                      f"{index['recall_at_10_vs_exact']}); `clickclip search` queries what serves")
+        lines.append(f"{index['parity_sentence']} (served as {index['serve_as']}: "
+                     f"{ServedConfig.from_dict(index['served_config']).describe()})")
     elif index:
         lines.append(f"index: not published ({index['reason']})")
     lines.append(f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)")

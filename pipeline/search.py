@@ -1,10 +1,11 @@
 """The query path: what `clickclip search` and `clickclip serve` answer with.
 
 The serving pointer (in the index database, or serving.json beside FAISS files) names the model
-version and its index table; the version's ONNX text tower encodes the query, HNSW returns the
-nearest catalog vectors, and with `promote.serve_as: hybrid` keyword hits over titles
-(`publish.keyword`: BM25, or PostgreSQL full-text) are fused in with the weight the index was built
-with. A process whose text tower is not the pointer's version refuses to answer.
+version and its index table, and the table's record holds the served configuration it was built
+from (the one the gate decided on): how to normalise the query, whether to fuse BM25 hits over
+titles, with which weight and depth. The config file says where the index is, never how to rank.
+The version's ONNX text tower encodes the normalised query; `serving.index.answer` ranks it. A
+process whose text tower is not the pointer's version refuses to answer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
-from pipeline.serving.index import IndexStore, VersionMismatch, answer
+from pipeline.serving.index import IndexStore, VersionMismatch, answer, current_serving
 from pipeline.serving.stores import open_store
 from pipeline.training.onnx_export import OnnxTextEncoder
 
@@ -42,29 +43,34 @@ class Searcher:
     def __call__(self, query: str, k: int = 20) -> dict:
         if not query.strip():
             raise StageError("an empty query has nothing to search for")
-        return answer(self.store, self.cfg.promote.model_name, self.version, self.encoder([query])[0], query, k,
-                      self.cfg.publish.ef_search, self.cfg.promote.serve_as == "hybrid", self.cfg.publish.keyword)
+        return answer(self.store, self.cfg.promote.model_name, self.version, self.encoder, query, k)
 
     def close(self) -> None:
         self.store.close()
         self._workdir.cleanup()
 
 
-def follow_champion(cfg: RunConfig, version: str) -> str:
-    """After a rollback: point search at `version`'s index (its `clickclip.index_table` tag), or say
-    why it cannot (no index was published for it, or its table was dropped)."""
-    table = registry.version_tags(cfg.promote, version).get("clickclip.index_table")
-    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+def verify_serving(cfg: RunConfig) -> dict:
+    """Publish's replay against what serves now: the publishing run's test queries through the query
+    path (the serving version's ONNX text tower, the serving table, its recorded configuration),
+    compared with that run's evaluate rankings. Fails loudly when they differ."""
+    from pipeline.stages.publish import replay
+
+    searcher = Searcher(cfg)
     try:
-        current = store.serving(cfg.promote.model_name)
-        if table is None or not store.exists(table):
-            serving = f"version {current.version}" if current else "nothing"
-            return (f"search still serves {serving}: version {version} has no index table "
-                    f"({'none was published' if table is None else table + ' was dropped'}); rerun publish for it")
-        store.flip(cfg.promote.model_name, version, table)
+        current = current_serving(searcher.store, cfg.promote.model_name)
+        reference = cfg.runs_dir / current.run_id / "evaluate" / "served_rankings.json"
+        if not current.run_id or not reference.is_file():
+            raise StageError(f"cannot verify index {current.table}: the rankings evaluate scored for it ({reference}) "
+                             "are not here; run verify-serving where the pipeline's runs folder is")
+        parity = replay(searcher.store, current.table, current.served, searcher.encoder,
+                        json.loads(reference.read_text()), cfg.publish.check_queries)
     finally:
-        store.close()
-    return f"search serves version {version} again (index {table})"
+        searcher.close()
+    ok = parity.identical == parity.queries and parity.overlap >= cfg.publish.min_recall
+    return {"model_name": cfg.promote.model_name, "version": current.version, "table": current.table,
+            "run_id": current.run_id, "served_config": current.served.to_dict(), "parity": parity.as_dict(),
+            "passed": ok, "sentence": parity.sentence()}
 
 
 def http_app(searcher: Searcher):

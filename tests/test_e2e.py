@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.errors import StageError
+from pipeline.retrieval.served import ServedConfig
 from pipeline.training.model import embed_texts, load_checkpoint
 from tests.conftest import free_port, shop_config
 
@@ -75,7 +77,14 @@ def test_hybrid_and_title_configurations_are_tuned_on_validation_and_reported(fi
     # weight 0 is keyword search's own order, so the tuned fusion is never below BM25 on validation
     assert max(score for _, score in tuning["hybrid_curve"]) >= tuning["keyword_on_val"]
     assert tuning["hybrid_weight"] in [w for w, _ in tuning["hybrid_curve"]]
-    assert summary["served"] == {"as": "dense", "candidate": "candidate", "baseline": "start"}
+    # dense mode gates what publish builds: the image + title vectors with the tuned β (the gate compared
+    # the image-only vectors while publish wrote the +title ones)
+    assert summary["served"] == {"as": "dense", "candidate": "candidate+title", "baseline": "start+title"}
+    gated = summary["served_config"]["candidate"]
+    assert gated["mode"] == "dense" and gated["title_weight"] == tuning["title_weight"]
+    index = json.loads((_run_dir(work) / "publish" / "index.json").read_text())
+    assert index["served_config"] == gated and index["title_weight"] == tuning["title_weight"]
+    assert summary["served_config"]["baseline"]["tuned"] == "validation"  # the start may be tuned, and says so
     assert summary["debiased"]["effective_sample_size"] > 0
     assert any(row["family"] == "query kind" for row in summary["slices"])
 
@@ -249,6 +258,8 @@ def _promote_again(cfg, work, run_id=None, champion=None, index=None):
     evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text()) | {"champion_version": champion}
     lineage = {"git_commit": "test", "input_events_sha256": "x", "input_images_sha256": "y",
                "split_registry_version": "1", "parent_champion_version": str(champion or "none")}
+    if index is None:  # the registry's part alone: no index to flip
+        cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"enabled": False})})
     return lambda mlflow_run_id, out: promote(
         cfg, run_id or run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
         run_dir / "train" / "model", [], out, index)
@@ -296,12 +307,17 @@ def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(fi
     # what the next weekly run's evaluate does with the champion: download and load it
     from pipeline.stages.evaluate import champion_model
 
-    bundle, version = champion_model(fresh, tmp_path / "download")
-    assert str(version) == "2" and bundle.model is not None
+    champion = champion_model(fresh, tmp_path / "download")
+    assert champion.version == "2" and champion.bundle.model is not None
+    # with the served configuration the gate decided on, recorded with the version
+    assert champion.served.ranking_digest == ServedConfig.from_dict(
+        json.loads((_run_dir(work) / "evaluate" / "metrics.json").read_text())["served_config"]["candidate"]
+    ).ranking_digest
 
 
 def test_promote_refuses_a_moved_champion_and_never_promotes_a_rolled_back_version(first_and_second_run, tmp_path):
-    from pipeline.registry import ChampionMoved, rollback
+    from pipeline.registry import ChampionMoved
+    from pipeline.registry.promotion import rollback
 
     cfg, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output
@@ -320,7 +336,8 @@ def test_promote_refuses_a_moved_champion_and_never_promotes_a_rolled_back_versi
     # an MLflow run id the store does not know still finds week-2's version by its run-id tag
     again = week2("0" * 32, tmp_path / "d")
     assert again.summary["version"] == "2" and "nothing new" in again.summary["reason"]
-    rollback(store, reason="bad in production")
+    rollback(fresh.model_copy(update={"publish": fresh.publish.model_copy(update={"enabled": False})}),
+             reason="bad in production")
     after = week2(None, tmp_path / "d")
     assert not after.summary["promoted"] and "rolled back" in after.summary["reason"]
     assert str(client.get_registered_model("clickclip-tiny").aliases["champion"]) == "1"
@@ -361,7 +378,7 @@ def test_next_weeks_evaluate_loads_the_champion_in_a_fresh_process(first_and_sec
     code = ("import sys, json; from pathlib import Path; from pipeline.config import RunConfig; "
             "from pipeline.stages.evaluate import champion_model; "
             "cfg = RunConfig.model_validate_json(Path(sys.argv[1]).read_text()); "
-            "bundle, version = champion_model(cfg, Path(sys.argv[2]), 'next-week'); print(json.dumps(version))")
+            "champion = champion_model(cfg, Path(sys.argv[2]), 'next-week'); print(json.dumps(champion.version))")
     clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "download")], capture_output=True,
                          text=True, timeout=300, env=clean)
@@ -396,7 +413,8 @@ def test_promotion_through_a_real_mlflow_server_on_loopback(first_and_second_run
         client = MlflowClient(tracking_uri=uri)
         assert str(client.get_registered_model("clickclip-tiny").aliases["champion"]) == "1"
         # the registry and the proxied artifacts answer over HTTP: evaluate's champion loader works
-        bundle, version = champion_model(http, tmp_path / "download")
+        champion = champion_model(http, tmp_path / "download")
+        bundle, version = champion.bundle, champion.version
         assert version == "1"
         texts = ["navy trainers"]
         np.testing.assert_allclose(embed_texts(bundle, texts),
@@ -439,11 +457,17 @@ def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path)
 
     files = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"backend": "faiss"}),
                                    "state_dir": tmp_path / "state"})
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    with pytest.raises(StageError, match="evaluate scored it for backend pgvector"):
+        publish(files, "files-run", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
+                model, evaluation, True, tmp_path, None, run_dir / "evaluate" / "served_rankings.json")
+    evaluation["served_config"]["candidate"]["backend"] = "faiss"  # as evaluate records it with backend: faiss
     built = publish(files, "files-run", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
-                    model, json.loads((run_dir / "evaluate" / "metrics.json").read_text()), True, tmp_path,
-                    run_dir / "evaluate" / "candidate_vectors.npz")
+                    model, evaluation, True, tmp_path, run_dir / "evaluate" / "candidate_vectors.npz",
+                    run_dir / "evaluate" / "served_rankings.json")
     assert built["published"] and built["backend"] == "faiss" and built["rows"] == kept
     assert built["recall_at_10_vs_exact"] >= 0.95 and (tmp_path / "state" / files.name / "faiss").is_dir()
+    assert built["parity"]["identical"] == built["parity"]["queries"] > 0  # FAISS flat: the same ids, in order
     store = open_store(files.publish, files.state_dir / files.name)
     store.flip(files.promote.model_name, "1", built["table"])
     searcher = Searcher(files)
@@ -457,11 +481,11 @@ def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path)
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)  # stdout holds the JSON alone
     assert answer["version"] == "1" and answer["table"] == index["table"] and len(answer["results"]) == 5
-    # held-out queries find images clicked for them, served as the demo and `clickclip init` serve (hybrid)
+    # held-out queries find images clicked for them, ranked as the record of the serving table says
     test = pl.read_parquet(run_dir / "split" / "pairs.parquet").filter(
         (pl.col("split") == "test") & (pl.col("clicks") > 0))
     clicked = test.group_by("query").agg(pl.col("image_id")).sort("query")
-    searcher = Searcher(cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"serve_as": "hybrid"})}))
+    searcher = Searcher(cfg)
     try:
         hits = sum(bool(set(images) & {r["image_id"] for r in searcher(query, 10)["results"]})
                    for query, images in clicked.iter_rows())
@@ -470,11 +494,23 @@ def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path)
     assert hits >= 1
 
 
-def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_index(first_and_second_run, tmp_path,
-                                                                                  monkeypatch):
-    import pipeline.stages.promote as promote_module
-    from pipeline.registry import rollback
-    from pipeline.search import follow_champion
+class Killed(BaseException):
+    """A kill -9 at a named point of registry.promotion (BaseException: nothing catches it)."""
+
+
+def _kill_at(monkeypatch, point):
+    from pipeline.registry import promotion
+
+    def reached(at):
+        if at == point:
+            raise Killed(at)
+
+    monkeypatch.setattr(promotion, "reached", reached)
+
+
+@pytest.fixture
+def two_weeks(first_and_second_run, tmp_path):
+    """A fresh registry and index store; week-1 published and champion; week-2 published."""
     from pipeline.serving.stores import open_store
     from pipeline.stages.publish import publish
 
@@ -487,7 +523,8 @@ def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_inde
 
     def index_for(run_id):
         return publish(fresh, run_id, run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
-                       run_dir / "train" / "model", evaluation, True, tmp_path)
+                       run_dir / "train" / "model", evaluation, True, tmp_path, None,
+                       run_dir / "evaluate" / "served_rankings.json")
 
     def serving():
         store = open_store(fresh.publish, fresh.state_dir / fresh.name)
@@ -497,27 +534,67 @@ def test_an_interrupted_index_flip_is_repaired_and_rollback_moves_alias_and_inde
         finally:
             store.close()
 
-    for name in "abc":
-        (tmp_path / name).mkdir()
+    def promote_week(name, champion=None, index=None):
+        (tmp_path / name).mkdir(exist_ok=True)
+        return _promote_again(fresh, work, name, champion=champion, index=index)(None, tmp_path / name)
+
     week1 = index_for("week-1")
-    assert _promote_again(fresh, work, "week-1", index=week1)(None, tmp_path / "a").summary["promoted"]
+    assert promote_week("week-1", index=week1).summary["promoted"]
     assert serving() == ("1", week1["table"])
-    week2 = index_for("week-2")
+    return fresh, index_for("week-2"), week1, promote_week, serving
 
-    def crash(*args, **kwargs):
-        raise SystemExit("killed between the alias move and the index flip")
 
-    monkeypatch.setattr(promote_module, "serve_index", crash)
-    with pytest.raises(SystemExit):
-        _promote_again(fresh, work, "week-2", champion="1", index=week2)(None, tmp_path / "b")
+@pytest.mark.parametrize("point", ["registered", "flipped", "tagged", "alias_moved"])
+def test_a_kill_at_each_point_of_promotion_is_repaired_by_the_rerun(two_weeks, monkeypatch, point):
+    """A kill between the pointer flip and the version tag lost `clickclip.index_table` for good."""
+    from pipeline import registry
+
+    fresh, week2, week1, promote_week, serving = two_weeks
+    _kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        promote_week("week-2", champion="1", index=week2)
     monkeypatch.undo()
-    assert serving() == ("1", week1["table"])  # the old version still serves, with its own index
-    rerun = _promote_again(fresh, work, "week-2", champion="1", index=week2)(None, tmp_path / "c")
-    assert "interrupted index flip was completed" in rerun.summary["reason"]
+    # meanwhile search serves a version whose index it is: the old one until the flip, then the new one
+    assert serving() == (("1", week1["table"]) if point == "registered" else ("2", week2["table"]))
+    rerun = promote_week("week-2", champion="1", index=week2)
+    assert rerun.summary["promoted"] and rerun.summary["version"] == "2"
     assert serving() == ("2", week2["table"])
-    rollback(fresh.promote, reason="bad in production")
-    assert "serves version 1 again" in follow_champion(fresh, "1")
+    assert registry.aliases(fresh.promote) == {"champion": "2", "previous": "1"}
+    assert registry.version_tags(fresh.promote, "2")["clickclip.index_table"] == week2["table"]
+
+
+@pytest.mark.parametrize("point", ["flipped", "tagged", "alias_moved"])
+def test_a_kill_during_rollback_is_repaired_by_rerunning_it(two_weeks, monkeypatch, point):
+    """Rollback deleted `previous` before the index followed, so a failed flip could not be rerun."""
+    from pipeline import registry
+    from pipeline.registry.promotion import rollback
+
+    fresh, week2, week1, promote_week, serving = two_weeks
+    assert promote_week("week-2", champion="1", index=week2).summary["promoted"]
+    _kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        rollback(fresh, reason="bad in production")
+    monkeypatch.undo()
+    summary = rollback(fresh, reason="bad in production")
+    assert summary["champion"] == "1" and "serves version 1 again" in summary["index"]
     assert serving() == ("1", week1["table"])
+    assert registry.aliases(fresh.promote) == {"champion": "1"}
+    assert "bad in production" in registry.version_tags(fresh.promote, "2")["clickclip.rolled_back"]
+
+
+def test_force_builds_validates_and_flips_the_index_before_the_alias_moves(two_weeks, monkeypatch):
+    """`promote --force` moved the alias and built no index: search kept serving the old version."""
+    from pipeline import registry
+    from pipeline.registry import promotion
+
+    fresh, week2, _, promote_week, serving = two_weeks
+    _kill_at(monkeypatch, "tagged")
+    with pytest.raises(Killed):
+        promotion.force(fresh, "1", week2["table"], reason="hotfix")
+    monkeypatch.undo()
+    assert registry.aliases(fresh.promote) == {"champion": "1"}  # the alias had not moved yet
+    forced = promotion.force(fresh, "1", week2["table"], reason="hotfix")
+    assert forced["clickclip.decision"] == "forced" and serving() == ("1", week2["table"])
 
 
 def test_serve_answers_over_http_on_loopback(first_and_second_run):

@@ -78,3 +78,31 @@ def test_the_report_states_the_decision_gate_by_gate():
     text = render_decision(summary)
     assert "**do not promote**" in text
     assert "| beats_baseline | **FAIL** | 95% CI lower bound -0.0100 ≤ margin 0.0 |" in text
+
+
+def test_the_champion_is_scored_as_it_serves_and_only_an_unrecorded_model_is_tuned(tmp_path):
+    """hybrid(champion) was re-tuned (β, w) on this week's validation queries, though its live index
+    had its own β baked into its vectors and its own fusion weight."""
+    import numpy as np
+
+    from pipeline.retrieval.served import ServedConfig
+    from pipeline.stages.evaluate import Embedded, KeywordLists, keyword_depth, score_configurations
+
+    test = _test_set(tmp_path)
+    val = load_test_set(tmp_path / "pairs.parquet", tmp_path / "images.parquet", EvaluateConfig(), split="val")
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda v: v / np.linalg.norm(v, axis=1, keepdims=True))(rng.normal(size=(n, 8)))  # noqa: E731
+    embedded = Embedded(unit(5), unit(5), np.ones(5, bool), {"test": unit(1), "seen": np.zeros((0, 8)),
+                                                             "val": unit(1)}, 1.0)
+    base = ServedConfig(mode="hybrid", title_weight=0.0)
+    keyword = KeywordLists(test, val, keyword_depth(test, val, 50, []))
+    recorded = base.with_(title_weight=0.5, fusion_weight=0.3, model_version="4", tuned="recorded")
+    champion = score_configurations("champion", embedded, test, val, keyword, EvaluateConfig(), "recall@10", base,
+                                    recorded)
+    served = champion.served["hybrid(champion)"]
+    assert (served.title_weight, served.fusion_weight, served.tuned) == (0.5, 0.3, "recorded")
+    assert served.ranking_digest == recorded.ranking_digest  # exactly as it serves
+    assert champion.tuning["how"] == "recorded" and champion.tuning["hybrid_curve"] == []
+    start = score_configurations("start", embedded, test, val, keyword, EvaluateConfig(), "recall@10", base)
+    assert start.tuning["how"] == "validation" and start.tuning["hybrid_curve"]
+    assert start.served["hybrid(start)"].tuned == "validation"

@@ -90,26 +90,54 @@ def test_champion_moves_and_previous_follows(registry):
     assert _aliases(client) == {"champion": "2", "previous": "1"}
 
 
-def test_rollback_and_forced_promotion(registry):
-    from pipeline.registry import force_promote, rollback
-    from pipeline.registry import move_champion as _move_champion
+def _run_config(promote: PromoteConfig, **sections):
+    from pipeline.config import RunConfig
 
-    cfg, client = registry
+    return RunConfig.model_validate({"data": {"events": {"path": "e"}, "images": {"path": "i"}, "image_root": "r"},
+                                     "promote": promote.model_dump(), **sections})
+
+
+def test_rollback_and_forced_promotion_without_an_index(registry):
+    from pipeline.errors import StageError
+    from pipeline.registry import move_champion as _move_champion
+    from pipeline.registry import promotion
+
+    pcfg, client = registry
+    cfg = _run_config(pcfg, publish={"enabled": False})
     _move_champion(client, "m", "1")
     _move_champion(client, "m", "2")
-    summary = rollback(cfg, reason="bad recall in prod")
-    assert summary["champion"] == "1"
+    summary = promotion.rollback(cfg, reason="bad recall in prod")
+    assert summary["champion"] == "1" and summary["rolled_back"] == "2"
     assert _aliases(client) == {"champion": "1"}
     assert "bad recall in prod" in client.get_model_version("m", "2").tags["clickclip.rolled_back"]
-    with pytest.raises(LookupError, match="no 'previous'"):
-        rollback(cfg)
-    forced = force_promote(cfg, "3", reason="hotfix for a broken tokenizer")
+    with pytest.raises(StageError, match="no 'previous'"):
+        promotion.rollback(cfg)
+    forced = promotion.force(cfg, "3", None, reason="hotfix for a broken tokenizer")
     assert forced["champion"] == "3"
     assert _aliases(client) == {"champion": "3", "previous": "1"}
     tags = client.get_model_version("m", "3").tags
     assert tags["clickclip.decision"] == "forced" and tags["clickclip.force_reason"].startswith("hotfix")
-    with pytest.raises(ValueError, match="reason"):
-        force_promote(cfg, "2", reason=" ")
+    with pytest.raises(StageError, match="reason"):
+        promotion.force(cfg, "2", None, reason=" ")
+
+
+def test_force_and_rollback_refuse_to_move_the_alias_without_an_index_to_serve(registry, tmp_path):
+    """--force moved the alias and built no index (search kept serving the old version); rollback
+    deleted `previous` before flipping the index, so a failed flip could not be rerun."""
+    from pipeline.errors import StageError
+    from pipeline.registry import move_champion as _move_champion
+    from pipeline.registry import promotion
+
+    pcfg, client = registry
+    cfg = _run_config(pcfg, publish={"backend": "faiss"}, state_dir=str(tmp_path / "state"))
+    _move_champion(client, "m", "1")
+    _move_champion(client, "m", "2")
+    with pytest.raises(StageError, match="no validated index"):
+        promotion.force(cfg, "3", None, reason="hotfix")
+    with pytest.raises(StageError, match="not rolling back to version 1: it has no index.*nothing was changed"):
+        promotion.rollback(cfg, reason="bad")
+    assert _aliases(client) == {"champion": "2", "previous": "1"}  # both refusals changed nothing
+    assert "clickclip.rolled_back" not in client.get_model_version("m", "2").tags
 
 
 def test_credentials_never_reach_the_manifest_or_mlflow_params(tiny_shop, tmp_path):

@@ -302,6 +302,12 @@ def _save_pyfunc(path: Path, model_dir: Path, onnx_dir: Path, mlflow_run_id: str
     return path
 
 
+def log_report(cfg: PromoteConfig, mlflow_run_id: str, report_dir: Path) -> None:
+    """(Re)log the report folder into the version's MLflow run, over the copy logged before."""
+    with _store(cfg, f"logging the report to run {mlflow_run_id}"):
+        client_for(cfg).log_artifacts(mlflow_run_id, str(report_dir), artifact_path=report_dir.name)
+
+
 def version_tags(cfg: PromoteConfig, version: str) -> dict[str, str]:
     with _store(cfg, f"reading version {version}"):
         return dict(client_for(cfg).get_model_version(cfg.model_name, version).tags)
@@ -345,7 +351,7 @@ def promote_version(cfg: PromoteConfig, version: str, expected_champion: str | N
         move_champion(client_for(cfg), cfg.model_name, version)
 
 
-def _who() -> str:
+def who() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -360,24 +366,20 @@ def force_promote(cfg: PromoteConfig, version: str, reason: str) -> dict:
         client = client_for(cfg)
         client.get_model_version(cfg.model_name, version)  # fails clearly if it does not exist
         move_champion(client, cfg.model_name, version)
-        tags = {"clickclip.decision": "forced", "clickclip.forced_by": _who(), "clickclip.force_reason": reason}
+        tags = {"clickclip.decision": "forced", "clickclip.forced_by": who(), "clickclip.force_reason": reason}
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
     return {"model_name": cfg.model_name, "champion": version, **tags}
 
 
-def rollback(cfg: PromoteConfig, reason: str = "") -> dict:
-    """Point `champion` back at `previous`; the rolled-back version keeps a tag saying so."""
-    with _store(cfg, "rolling back the champion"):
+def set_alias(cfg: PromoteConfig, alias: str, version: str) -> None:
+    with _store(cfg, f"pointing {alias} at version {version}"):
+        client_for(cfg).set_registered_model_alias(cfg.model_name, alias, version)
+
+
+def delete_alias(cfg: PromoteConfig, alias: str) -> None:
+    """Remove `alias` (nothing to do when it is already gone)."""
+    with _store(cfg, f"deleting the {alias} alias"):
         client = client_for(cfg)
-        current_aliases = client.get_registered_model(cfg.model_name).aliases
-    if "previous" not in current_aliases:
-        raise LookupError(f"model {cfg.model_name!r} has no 'previous' version to roll back to")
-    current, previous = current_aliases.get("champion"), current_aliases["previous"]
-    with _store(cfg, "rolling back the champion"):
-        client.set_registered_model_alias(cfg.model_name, "champion", previous)
-        client.delete_registered_model_alias(cfg.model_name, "previous")
-        if current is not None:
-            client.set_model_version_tag(cfg.model_name, current, "clickclip.rolled_back",
-                                         f"by {_who()}: {reason or 'no reason given'}")
-    return {"model_name": cfg.model_name, "champion": str(previous), "rolled_back": current}
+        if alias in client.get_registered_model(cfg.model_name).aliases:
+            client.delete_registered_model_alias(cfg.model_name, alias)

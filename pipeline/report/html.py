@@ -225,7 +225,7 @@ def _section(section: Section, pictures: dict[str, list[str]], files: dict[str, 
 
 
 def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | None, root: Path,
-                      image_paths: dict[str, str]) -> Path:
+                      image_paths: dict[str, str], verdict: str = "") -> Path:
     """report.html: the same sections as recall.md, with the pictures only a page can show."""
     metric = cfg.promote.metric
     ecfg = cfg.evaluate
@@ -246,6 +246,6 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
     files = {Path(f).name: _file_png(Path(f)) for f in (data or {}).get("figures", [])}
     body = "".join(_section(section, pictures, files) for section in sections)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>clickclip recall report "
-            f"{html.escape(summary['run_id'])}</title><style>{STYLE}</style></head><body>{body}</body></html>")
+            f"{html.escape(summary['run_id'])}</title><style>{STYLE}</style></head><body>{verdict}{body}</body></html>")
     path.write_text(page)
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.report.sentences import leak_audit_sentence, reindex_sentence, relevance_sentences, search_sentence
+from pipeline.retrieval.served import ServedConfig
 
 
 @dataclass
@@ -47,7 +48,9 @@ class SliceRule:
 def headline_names(summary: dict) -> list[str]:
     """The headline table's columns: each model dense and hybrid, and keyword search; every other
     configuration is in the served-configurations table."""
-    names = [n for base in ("candidate", "champion", "start") for n in (base, f"hybrid({base})")] + ["bm25"]
+    gated = served(summary)
+    names = [n for base in ("candidate", "champion", "start") for n in (base, f"{base}+title", f"hybrid({base})")
+             if n in (base, f"hybrid({base})") or n in (gated["candidate"], gated["baseline"])] + ["bm25"]
     return [n for n in names if n in summary["models"]]
 
 
@@ -87,10 +90,26 @@ def headline(summary: dict) -> Section:
               f"Baseline for promotion: **{summary['baseline']}**{baseline}. Served as **{gate['as']}** "
               f"(promote.serve_as), so the gate compares **{gate['candidate']}** with **{gate['baseline']}** "
               "on promote.metric.",
+              *served_sentences(summary),
               reindex_sentence(summary)],
         tables=[Table(["metric", *names, f"{gate['candidate']} − {gate['baseline']}",
                        "95% CI (paired BCa bootstrap)"],
                       rows, tones)])
+
+
+def served_sentences(summary: dict) -> list[str]:
+    """How each gated side ranks: what publish builds for the candidate, and what the baseline is."""
+    configs = summary.get("served_config")
+    if not configs:
+        return []
+    candidate, baseline = (ServedConfig.from_dict(configs[side]) for side in ("candidate", "baseline"))
+    how = {"recorded": "as it serves (its recorded configuration, not re-tuned)",
+           "validation": "with weights tuned on this run's validation queries",
+           "untuned": "with untuned default weights (no validation queries)"}
+    return [f"Served configuration the gate decides on, and the one publish builds: **{candidate.describe()}**, "
+            f"queries normalised as extract does ({candidate.query_normalisation}), {candidate.keyword} over "
+            f"titles, {candidate.backend} HNSW (m {candidate.hnsw_m}, ef_search {candidate.ef_search}).",
+            f"Baseline scored {how[baseline.tuned]}: **{baseline.describe()}**."]
 
 
 def decision(summary: dict) -> Section | None:

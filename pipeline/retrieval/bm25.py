@@ -12,13 +12,13 @@ WORD = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default token pattern
 class Bm25Index:
     """BM25 over titles, indexed once and searched many times (the serving path keeps one per table)."""
 
-    def __init__(self, titles: list[str], ids: list[str]):
+    def __init__(self, titles: list[str], ids: list[str], k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
         import bm25s
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # its import sets DEBUG: one line per index built
         # bm25s keeps words of two or more characters and cannot index a vocabulary of none
         self.ids = list(ids) if any(WORD.search(t) for t in titles) else []
-        self.retriever = bm25s.BM25()
+        self.retriever = bm25s.BM25(k1=k1, b=b, method=method)
         if self.ids:
             self.retriever.index(bm25s.tokenize(titles, stopwords=None, show_progress=False), show_progress=False)
 

@@ -20,7 +20,8 @@ import polars as pl
 from pipeline.data.files import atomic_write
 from pipeline.errors import StageError
 from pipeline.retrieval.search import normalise
-from pipeline.serving.index import IDENTIFIER, HnswSettings, IndexStore, Serving
+from pipeline.retrieval.served import ServedConfig
+from pipeline.serving.index import IDENTIFIER, HnswSettings, IndexStore, Row, Serving, ef_for
 
 
 class FaissStore(IndexStore):
@@ -31,9 +32,11 @@ class FaissStore(IndexStore):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._loaded: dict[str, tuple[object, list[str]]] = {}
+        self._rows: dict[str, dict[str, Row]] = {}
 
     def close(self) -> None:
         self._loaded.clear()
+        self._rows.clear()
 
     def _path(self, table: str, suffix: str) -> Path:
         if not IDENTIFIER.fullmatch(table):
@@ -49,9 +52,8 @@ class FaissStore(IndexStore):
             tmp.write_text(json.dumps(records, indent=2, sort_keys=True))
 
     def write(self, table: str, image_ids: Sequence[str], product_ids: Sequence[str | None],
-              titles: Sequence[str | None], digests: Sequence[str], vectors: np.ndarray,
-              hnsw: HnswSettings, model_name: str = "", run_id: str = "", title_weight: float = 0.0,
-              fusion_weight: float = 1.0) -> int:
+              titles: Sequence[str | None], digests: Sequence[str], paths: Sequence[str | None], vectors: np.ndarray,
+              hnsw: HnswSettings, model_name: str, run_id: str, served: ServedConfig) -> int:
         """(Re)build `table`'s index file and rows; returns the row count."""
         import faiss
 
@@ -60,17 +62,19 @@ class FaissStore(IndexStore):
         index.hnsw.efConstruction = int(hnsw.ef_construction)
         index.add(vectors)
         rows = pl.DataFrame({"image_id": list(image_ids), "product_id": list(product_ids), "title": list(titles),
-                             "digest": list(digests)}, schema={"image_id": pl.String, "product_id": pl.String,
-                                                               "title": pl.String, "digest": pl.String})
+                             "digest": list(digests), "path": list(paths)},
+                            schema={"image_id": pl.String, "product_id": pl.String, "title": pl.String,
+                                    "digest": pl.String, "path": pl.String})
         with atomic_write(self._path(table, ".parquet")) as tmp:
             rows.write_parquet(tmp)
         with atomic_write(self._path(table, ".faiss")) as tmp:
             faiss.write_index(index, str(tmp))
         records = self._records("indexes.json")
-        records[table] = {"model_name": model_name, "run_id": run_id, "title_weight": float(title_weight),
-                          "fusion_weight": float(fusion_weight), "built_at": time.time()}
+        records[table] = {"model_name": model_name, "run_id": run_id, "served_config": served.to_dict(),
+                          "built_at": time.time()}
         self._write_records("indexes.json", records)
         self._loaded.pop(table, None)
+        self._rows.pop(table, None)
         return self.count(table)
 
     def _load(self, table: str) -> tuple[object, list[str]]:
@@ -93,19 +97,32 @@ class FaissStore(IndexStore):
     def exists(self, table: str) -> bool:
         return self._path(table, ".faiss").exists() and self._path(table, ".parquet").exists()
 
-    def search(self, table: str, query: np.ndarray, k: int, ef_search: int) -> list[tuple[str, float]]:
-        """Top-k (image_id, cosine similarity) from the HNSW index."""
+    def search(self, table: str, query: np.ndarray, k: int, ef_search: int, exact: bool = False
+               ) -> list[tuple[str, float]]:
+        """Top-k (image_id, cosine similarity) from the HNSW index (its candidate list at least k),
+        or with `exact` from the flat storage beneath it (every vector, FAISS IndexFlatIP)."""
+        import faiss
+
         index, ids = self._load(table)
-        index.hnsw.efSearch = int(ef_search)
-        scores, rows = index.search(np.ascontiguousarray(normalise(query[None]), dtype=np.float32), int(k))
+        searched = faiss.downcast_index(index.storage) if exact else index
+        if not exact:
+            index.hnsw.efSearch = ef_for(k, ef_search)
+        scores, rows = searched.search(np.ascontiguousarray(normalise(query[None]), dtype=np.float32), int(k))
         return [(ids[j], float(s)) for j, s in zip(rows[0], scores[0], strict=True) if j >= 0]
+
+    def rows(self, table: str, image_ids: Sequence[str]) -> dict[str, Row]:
+        if table not in self._rows:
+            frame = pl.read_parquet(self._path(table, ".parquet"))
+            if "path" not in frame.columns:
+                frame = frame.with_columns(pl.lit(None, pl.String).alias("path"))
+            self._rows[table] = {image: Row(title, product, path) for image, title, product, path in
+                                 frame.select("image_id", "title", "product_id", "path").iter_rows()}
+        known = self._rows[table]
+        return {image: known[image] for image in image_ids if image in known}
 
     def titles(self, table: str) -> tuple[list[str], list[str]]:
         rows = pl.read_parquet(self._path(table, ".parquet"), columns=["image_id", "title"]).sort("image_id")
         return rows["image_id"].to_list(), rows["title"].fill_null("").to_list()
-
-    def keyword_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
-        return self.bm25_search(table, query, k)
 
     def flip(self, model_name: str, version: str, table: str) -> None:
         """Point serving at (version, table) with one rename; the table must exist."""
@@ -119,9 +136,13 @@ class FaissStore(IndexStore):
         pointer = self._records("serving.json").get(model_name)
         if pointer is None:
             return None
-        record = self._records("indexes.json").get(pointer["table"], {})
-        return Serving(model_name, pointer["version"], pointer["table"], float(record.get("title_weight", 0.0)),
-                       float(record.get("fusion_weight", 1.0)))
+        run_id = self._records("indexes.json").get(pointer["table"], {}).get("run_id", "")
+        return Serving(model_name, pointer["version"], pointer["table"], self.record(pointer["table"]), run_id)
+
+    def record(self, table: str) -> ServedConfig | None:
+        """The served configuration `table` was built from (None: none recorded, or no such table)."""
+        record = self._records("indexes.json").get(table, {}).get("served_config")
+        return ServedConfig.from_dict(record) if record else None
 
     def drop_old(self, model_name: str, keep: int) -> list[str]:
         """Delete this model's index files but the newest `keep` and the one serving."""

@@ -1,22 +1,23 @@
 """What every index backend shares: table names, HNSW settings, the serving pointer's record, the
-check against exact search, BM25 over the served titles, and the answer to one query.
+check against exact search, BM25 over the served titles, and the query path (`rank_table`, `answer`).
 
 A backend (pgvector.VectorStore, faiss_file.FaissStore) stores one table of catalog vectors per
-publishing run, a record of each table (model, run, tuned weights) and a pointer per model naming
-the version and table that serve.
+publishing run, a record of each table (model, run, and the served configuration it was built
+from: how its queries are ranked) and a pointer per model naming the version and table that serve.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.errors import ConfigError, StageError
 from pipeline.retrieval.search import exact_search
+from pipeline.retrieval.served import ServedConfig, keyword_index, query_text, rank
 
 IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
@@ -49,30 +50,48 @@ class HnswSettings:
 
 @dataclass(frozen=True)
 class Serving:
+    """The pointer of a model and the record of the table it names."""
+
     model_name: str
     version: str
     table: str
-    title_weight: float
-    fusion_weight: float
+    served: ServedConfig | None  # None: a table published before served configurations were recorded
+    run_id: str = ""  # the run that published the table
+
+
+@dataclass(frozen=True)
+class Row:
+    """What a caller needs of a catalog image besides its score."""
+
+    title: str | None
+    product_id: str | None
+    path: str | None  # relative to the image root
+
+
+def ef_for(k: int, ef_search: int) -> int:
+    """HNSW's candidate list: at least k (an index returns at most ef_search rows), at most 1000."""
+    return min(1000, max(int(ef_search), int(k)))
 
 
 class IndexStore:
-    """The parts of a backend that only need its `search` and `titles`."""
+    """The parts of a backend that only need its `search`, `titles` and `rows`."""
 
     def __init__(self) -> None:
-        self._bm25: dict = {}  # table -> its BM25 index, built on the first keyword search
+        self._bm25: dict = {}  # (table, keyword settings) -> its BM25 index, built on the first keyword search
 
-    def search(self, table: str, query: np.ndarray, k: int, ef_search: int) -> list[tuple[str, float]]:
+    def search(self, table: str, query: np.ndarray, k: int, ef_search: int, exact: bool = False
+               ) -> list[tuple[str, float]]:
+        """Top-k (image_id, cosine similarity): through the HNSW index, or every row with `exact`."""
         raise NotImplementedError
 
     def titles(self, table: str) -> tuple[list[str], list[str]]:
         """(image ids, titles, '' where none) of a table, in one order."""
         raise NotImplementedError
 
-    def serving(self, model_name: str) -> Serving | None:
+    def rows(self, table: str, image_ids: Sequence[str]) -> dict[str, Row]:
         raise NotImplementedError
 
-    def keyword_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
+    def serving(self, model_name: str) -> Serving | None:
         raise NotImplementedError
 
     def recall_against_exact(self, table: str, image_ids: Sequence[str], vectors: np.ndarray,
@@ -85,40 +104,63 @@ class IndexStore:
             found += len(expected & {image for image, _ in self.search(table, query, k, ef_search)})
         return found / max(1, exact.size)
 
-    def bm25_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
-        """Top-k (image_id, BM25 score) over the table's titles: the keyword search evaluate tuned the
-        fusion weight with. The BM25 index is built once per table and process."""
-        from pipeline.retrieval.bm25 import Bm25Index
-
-        if table not in self._bm25:
+    def bm25_search(self, table: str, query: str, k: int, served: ServedConfig) -> list[tuple[str, float]]:
+        """Top-k (image_id, BM25 score) over the table's titles, indexed as `served` says (the
+        keyword search evaluate scored). The BM25 index is built once per table and process."""
+        key = (table, served.strip_punctuation, served.bm25_k1, served.bm25_b, served.bm25_method)
+        if key not in self._bm25:
             ids, titles = self.titles(table)
-            self._bm25[table] = Bm25Index(titles, ids)
-        return self._bm25[table].search([query], k)[0]
+            self._bm25[key] = keyword_index(titles, ids, served)
+        return self._bm25[key].search([query], k)[0]
 
 
-def answer(store: IndexStore, model_name: str, loaded_version: str, query_vector: np.ndarray, query: str,
-           k: int, ef_search: int, hybrid: bool, keyword: str = "bm25") -> dict:
-    """One query against what serves now: HNSW top-k from the pointer's table, fused with keyword
-    hits over titles (`keyword`: "bm25", as evaluate tuned it, or "fulltext", PostgreSQL's) when
-    `hybrid`, with the weight the index was built with.
+def rank_table(store: IndexStore, table: str, served: ServedConfig, queries: Sequence[str], vectors: np.ndarray,
+               k: int, exact: bool = False) -> list[list[tuple[str, float]]]:
+    """The query path after encoding: `served`'s ranking of each query from one table."""
+    def dense(query_vectors: np.ndarray, depth: int) -> list[list[tuple[str, float]]]:
+        return [store.search(table, v, depth, served.ef_search, exact) for v in query_vectors]
 
-    Refuses when the pointer names another version than the text tower that encoded the query:
-    vectors of two models are not comparable."""
-    from pipeline.retrieval.fusion import weighted_fusion
+    def keyword(texts: list[str], depth: int) -> list[list[tuple[str, float]]]:
+        return [store.bm25_search(table, text, depth, served) for text in texts]
 
+    return rank(queries, vectors, served, dense, keyword, k)
+
+
+def current_serving(store: IndexStore, model_name: str) -> Serving:
+    """What serves for `model_name`, with its recorded served configuration, or a StageError."""
     current = store.serving(model_name)
     if current is None:
         raise StageError(f"nothing serves for model {model_name!r} yet: no promoted version has a published index")
+    if current.served is None:
+        raise StageError(f"index {current.table} (version {current.version}) has no recorded served configuration: "
+                         "it was published by an older clickclip, which read how to rank from the config file. "
+                         "Rerun publish and promote for a version (clickclip run) so search serves what was gated")
+    return current
+
+
+def answer(store: IndexStore, model_name: str, loaded_version: str, encode: Callable[[list[str]], np.ndarray],
+           query: str, k: int) -> dict:
+    """One query against what serves now, ranked as the serving table's record says (`rank_table`):
+    normalised as extract normalised the logged queries, encoded by `encode` (the loaded version's
+    text tower), searched and fused.
+
+    Refuses when the pointer names another version than the text tower that encoded the query:
+    vectors of two models are not comparable."""
+    current = current_serving(store, model_name)
     if current.version != str(loaded_version):
         raise VersionMismatch(f"the serving index is version {current.version}'s, but the query was encoded by version "
                               f"{loaded_version}'s text tower: reload the model (vectors of two versions do not "
                               "compare)")
-    depth = max(k, 50)
-    results = store.search(current.table, query_vector, depth, ef_search)
-    if hybrid:
-        hits = store.bm25_search(current.table, query, depth) if keyword == "bm25" else \
-            store.keyword_search(current.table, query, depth)
-        results = weighted_fusion(results, hits, current.fusion_weight)
-    return {"query": query, "model_name": model_name, "version": current.version, "table": current.table,
-            "served_as": "hybrid" if hybrid else "dense",
-            "results": [{"image_id": image, "score": round(score, 6)} for image, score in results[:k]]}
+    served = current.served
+    text = query_text(query, served)
+    if not text:
+        raise StageError(f"the query {query!r} is empty once normalised: nothing to search for")
+    results = rank_table(store, current.table, served, [query], encode([text]), k)[0]
+    rows = store.rows(current.table, [image for image, _ in results])
+    return {"query": query, "normalised_query": query_text(query, served), "model_name": model_name,
+            "version": current.version, "table": current.table, "served_as": served.mode,
+            "served_config": served.to_dict(), "k": len(results),
+            "results": [{"image_id": image, "score": round(score, 6), "title": rows[image].title,
+                         "product_id": rows[image].product_id, "path": rows[image].path,
+                         "version": current.version}
+                        for image, score in results]}

@@ -9,7 +9,6 @@ Values are bound parameters; table names are built from validated identifiers on
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StageError
 from pipeline.retrieval.search import normalise
-from pipeline.serving.index import IDENTIFIER, HnswSettings, IndexStore, Serving
+from pipeline.retrieval.served import ServedConfig
+from pipeline.serving.index import IDENTIFIER, HnswSettings, IndexStore, Row, Serving, ef_for
 
 POINTER_TABLE = "clickclip_serving"
 INDEX_TABLE = "clickclip_indexes"
@@ -30,7 +30,8 @@ def _quoted(identifier: str) -> str:
 
 
 def _literal(vector: np.ndarray) -> str:
-    return "[" + ",".join(f"{v:.7g}" for v in vector.tolist()) + "]"
+    # 9 significant digits round-trip a float32 exactly: the stored vector is the one evaluate scored
+    return "[" + ",".join(f"{v:.9g}" for v in vector.astype(np.float32).tolist()) + "]"
 
 
 def embedded_dsn(pgdata: Path) -> str:
@@ -60,38 +61,41 @@ class VectorStore(IndexStore):
         self.connection.execute(
             f"CREATE TABLE IF NOT EXISTS {_quoted(POINTER_TABLE)} (model_name text PRIMARY KEY, version text NOT NULL, "
             "table_name text NOT NULL, flipped_at timestamptz NOT NULL DEFAULT now())")
-        # every index built: which model and run, the weights its vectors and fusion were tuned with
+        # every index built: which model and run, and the served configuration it was built from
         self.connection.execute(
             f"CREATE TABLE IF NOT EXISTS {_quoted(INDEX_TABLE)} (table_name text PRIMARY KEY, "
             "model_name text NOT NULL, run_id text NOT NULL, title_weight double precision NOT NULL, "
             "fusion_weight double precision NOT NULL, "
             "built_at timestamptz NOT NULL DEFAULT now())")
+        # added with served configurations: records of older tables have none (and cannot serve)
+        self.connection.execute(f"ALTER TABLE {_quoted(INDEX_TABLE)} ADD COLUMN IF NOT EXISTS served_config text")
 
     def close(self) -> None:
         self.connection.close()
 
     def write(self, table: str, image_ids: Sequence[str], product_ids: Sequence[str | None],
-              titles: Sequence[str | None], digests: Sequence[str], vectors: np.ndarray,
-              hnsw: HnswSettings, model_name: str = "", run_id: str = "", title_weight: float = 0.0,
-              fusion_weight: float = 1.0) -> int:
+              titles: Sequence[str | None], digests: Sequence[str], paths: Sequence[str | None], vectors: np.ndarray,
+              hnsw: HnswSettings, model_name: str, run_id: str, served: ServedConfig) -> int:
         """(Re)build `table` with these rows and its HNSW index, in one transaction: a crash leaves
         the previous table, or none. Returns the row count."""
         vectors = normalise(vectors)
         name = _quoted(table)
         with self.connection.transaction():
             self.connection.execute(
-                f"INSERT INTO {_quoted(INDEX_TABLE)} (table_name, model_name, run_id, title_weight, fusion_weight) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO UPDATE SET run_id = EXCLUDED.run_id, "
-                "title_weight = EXCLUDED.title_weight, fusion_weight = EXCLUDED.fusion_weight, built_at = now()",
-                (table, model_name, run_id, float(title_weight), float(fusion_weight)))
+                f"INSERT INTO {_quoted(INDEX_TABLE)} (table_name, model_name, run_id, title_weight, fusion_weight, "
+                "served_config) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (table_name) DO UPDATE SET "
+                "run_id = EXCLUDED.run_id, title_weight = EXCLUDED.title_weight, "
+                "fusion_weight = EXCLUDED.fusion_weight, served_config = EXCLUDED.served_config, built_at = now()",
+                (table, model_name, run_id, served.title_weight, served.fusion_weight, served.to_json()))
             self.connection.execute(f"DROP TABLE IF EXISTS {name}")
             self.connection.execute(
                 f"CREATE TABLE {name} (image_id text PRIMARY KEY, product_id text, title text, digest text NOT NULL, "
-                f"embedding vector({vectors.shape[1]}) NOT NULL)")
+                f"path text, embedding vector({vectors.shape[1]}) NOT NULL)")
             with self.connection.cursor() as cursor:
-                with cursor.copy(f"COPY {name} (image_id, product_id, title, digest, embedding) FROM STDIN") as copy:
-                    for row in zip(image_ids, product_ids, titles, digests, vectors, strict=True):
-                        copy.write_row((*row[:4], _literal(row[4])))
+                with cursor.copy(f"COPY {name} (image_id, product_id, title, digest, path, embedding) FROM STDIN"
+                                 ) as copy:
+                    for row in zip(image_ids, product_ids, titles, digests, paths, vectors, strict=True):
+                        copy.write_row((*row[:5], _literal(row[5])))
             self.connection.execute(
                 f"CREATE INDEX ON {name} USING hnsw (embedding vector_cosine_ops) "
                 f"WITH (m = {int(hnsw.m)}, ef_construction = {int(hnsw.ef_construction)})")
@@ -100,15 +104,26 @@ class VectorStore(IndexStore):
     def count(self, table: str) -> int:
         return int(self.connection.execute(f"SELECT count(*) FROM {_quoted(table)}").fetchone()[0])
 
-    def search(self, table: str, query: np.ndarray, k: int, ef_search: int) -> list[tuple[str, float]]:
-        """Top-k (image_id, cosine similarity) from the HNSW index."""
+    def search(self, table: str, query: np.ndarray, k: int, ef_search: int, exact: bool = False
+               ) -> list[tuple[str, float]]:
+        """Top-k (image_id, cosine similarity) from the HNSW index (its candidate list raised to k:
+        pgvector returns at most hnsw.ef_search rows), or from every row with `exact`."""
         with self.connection.transaction():
-            self.connection.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+            if exact:  # a sequential scan: every row's distance, as exact search computes it
+                self.connection.execute("SET LOCAL enable_indexscan = off")
+            else:
+                self.connection.execute(f"SET LOCAL hnsw.ef_search = {ef_for(k, ef_search)}")
             rows = self.connection.execute(
                 f"SELECT image_id, 1 - (embedding <=> %s::vector) FROM {_quoted(table)} "
                 "ORDER BY embedding <=> %s::vector LIMIT %s",
                 (_literal(normalise(query[None])[0]),) * 2 + (int(k),)).fetchall()
         return [(image_id, float(score)) for image_id, score in rows]
+
+    def rows(self, table: str, image_ids: Sequence[str]) -> dict[str, Row]:
+        found = self.connection.execute(
+            f"SELECT image_id, title, product_id, path FROM {_quoted(table)} WHERE image_id = ANY(%s)",
+            (list(image_ids),)).fetchall()
+        return {image: Row(title, product, path) for image, title, product, path in found}
 
     def flip(self, model_name: str, version: str, table: str) -> None:
         """Point serving at (version, table) in one transaction; the table must exist."""
@@ -122,10 +137,18 @@ class VectorStore(IndexStore):
     def serving(self, model_name: str) -> Serving | None:
         """What serves for `model_name`: version, index table and the weights it was built with."""
         row = self.connection.execute(
-            f"SELECT p.version, p.table_name, coalesce(i.title_weight, 0), coalesce(i.fusion_weight, 1) "
+            f"SELECT p.version, p.table_name, i.served_config, coalesce(i.run_id, '') "
             f"FROM {_quoted(POINTER_TABLE)} p LEFT JOIN {_quoted(INDEX_TABLE)} i ON i.table_name = p.table_name "
             "WHERE p.model_name = %s", (model_name,)).fetchone()
-        return Serving(model_name, row[0], row[1], float(row[2]), float(row[3])) if row else None
+        if row is None:
+            return None
+        return Serving(model_name, row[0], row[1], ServedConfig.from_json(row[2]) if row[2] else None, row[3])
+
+    def record(self, table: str) -> ServedConfig | None:
+        """The served configuration `table` was built from (None: none recorded, or no such table)."""
+        row = self.connection.execute(f"SELECT served_config FROM {_quoted(INDEX_TABLE)} WHERE table_name = %s",
+                                      (table,)).fetchone()
+        return ServedConfig.from_json(row[0]) if row and row[0] else None
 
     def exists(self, table: str) -> bool:
         return self.connection.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
@@ -134,19 +157,6 @@ class VectorStore(IndexStore):
         rows = self.connection.execute(
             f"SELECT image_id, coalesce(title, '') FROM {_quoted(table)} ORDER BY image_id").fetchall()
         return [r[0] for r in rows], [r[1] for r in rows]
-
-    def keyword_search(self, table: str, query: str, k: int) -> list[tuple[str, float]]:
-        """Top-k (image_id, rank) by PostgreSQL full-text search over titles: any of the query's
-        words ('simple' configuration: no stemming, no stop words), ranked by ts_rank."""
-        words = re.findall(r"\w+", query.lower())
-        if not words:
-            return []
-        rows = self.connection.execute(
-            f"SELECT image_id, ts_rank(to_tsvector('simple', coalesce(title, '')), q) AS rank "
-            f"FROM {_quoted(table)}, to_tsquery('simple', %s) AS q "
-            "WHERE to_tsvector('simple', coalesce(title, '')) @@ q ORDER BY rank DESC, image_id LIMIT %s",
-            (" | ".join(words), int(k))).fetchall()
-        return [(image_id, float(rank)) for image_id, rank in rows]
 
     def drop_old(self, model_name: str, keep: int) -> list[str]:
         """Drop this model's index tables but the newest `keep` and the one serving."""

@@ -76,9 +76,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "pipeline.stages.train:run", config=("train",), upstream=("split",), shareable=True,
           outputs=("weights", "metrics"), retries=1, retry_minutes=10, timeout_minutes=12 * 60,
           doc="fine-tune the open_clip model on the training pairs with Lightning"),
-    # promote.metric picks the gated slices and worst queries; model_name, the champion; serve_as, the gated pair
+    # promote.metric picks the gated slices and worst queries; model_name, the champion; serve_as, the gated pair;
+    # the query normalisation and the index settings are part of every served configuration evaluate builds
     Stage("evaluate", "pipeline.stages.evaluate:run",
-          config=("evaluate", "promote.metric", "promote.model_name", "promote.serve_as"),
+          config=("evaluate", "promote.metric", "promote.model_name", "promote.serve_as", "extract.strip_punctuation",
+                  "publish.backend", "publish.hnsw_m", "publish.hnsw_ef_construction", "publish.ef_search"),
           upstream=("extract", "split", "train"),
           champion=True, outputs=("metrics", "report"), retries=1, timeout_minutes=4 * 60,
           doc="candidate vs champion vs start vs BM25 on held-out queries; the recall report"),

@@ -28,13 +28,22 @@ from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_report
 from pipeline.report.sections import SliceRule
-from pipeline.retrieval.bm25 import bm25_search
+from pipeline.report.verdict import html_block, markdown_block
 from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.debiased import effective_sample_size, snips_per_query
-from pipeline.retrieval.fusion import Ranked, reciprocal_rank_fusion, tune, weighted_fusion
+from pipeline.retrieval.fusion import Ranked, reciprocal_rank_fusion, tune
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.metrics import mean_metrics, paired_bootstrap, per_query_metrics
 from pipeline.retrieval.search import approximate_recall, exact_search_scored, product_vectors
+from pipeline.retrieval.served import (
+    FUSION_DEPTH,
+    RECORD_TAG,
+    KeywordSearch,
+    ServedConfig,
+    keyword_index,
+    query_text,
+    rank,
+)
 from pipeline.retrieval.slices import query_slices, slice_table
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
@@ -288,68 +297,138 @@ def tuning_metric(metric: str) -> str:
     return metric.removeprefix("snips_")
 
 
-def score_configurations(label: str, embedded: Embedded, test: TestSet, val: TestSet,
-                         keyword: dict[str, list[Ranked]], cfg: EvaluateConfig, metric: str,
-                         ) -> tuple[dict[str, ModelScores], dict]:
-    """A model's served configurations: dense (image vectors), `+title` (image + title vectors),
-    `hybrid` (the better dense vectors fused with BM25, weight tuned on validation) and
-    `hybrid_rrf` (the same lists by reciprocal rank fusion). Returns them and the tuning."""
+def base_served(cfg: RunConfig, mode: str, bundle: ClipBundle) -> ServedConfig:
+    """The served configuration's fixed parts from this run's config: query normalisation (extract's),
+    keyword ranker, index backend and search parameters; the weights are tuned (or recorded) per model."""
+    return ServedConfig(mode=mode, title_weight=0.0, strip_punctuation=cfg.extract.strip_punctuation,
+                        text_context=int(bundle.model_cfg.get("text_cfg", {}).get("context_length", 77)),
+                        backend=cfg.publish.backend, hnsw_m=cfg.publish.hnsw_m,
+                        hnsw_ef_construction=cfg.publish.hnsw_ef_construction, ef_search=cfg.publish.ef_search)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's configurations: their scores, the served configuration of each servable one, and
+    how its weights were chosen."""
+
+    scores: dict[str, ModelScores]
+    served: dict[str, ServedConfig]  # configuration name -> how it ranks (dense: `x+title`; hybrid: `hybrid(x)`)
+    tuning: dict
+
+
+class KeywordLists:
+    """BM25 over titles for every query set, per keyword setting (computed once each): the keyword
+    half of `served.rank`, over the same part of the catalog as the dense lists."""
+
+    def __init__(self, test: TestSet, val: TestSet, depth: int):
+        self.test, self.val, self.depth = test, val, depth
+        self._lists: dict[tuple, dict[str, list[Ranked]]] = {}
+
+    def lists(self, served: ServedConfig) -> dict[str, list[Ranked]]:
+        key = (served.strip_punctuation, served.bm25_k1, served.bm25_b, served.bm25_method)
+        if key not in self._lists:
+            head, seen, tune_on = Side.headline(self.test), Side.seen(self.test), Side.headline(self.val)
+            out = {}
+            for which, source, side in (("test", self.test, head), ("seen", self.test, seen),
+                                        ("val", self.val, tune_on)):
+                titles = [t for t, keep in zip(source.catalog_titles, side.mask, strict=True) if keep]
+                ids = [i for i, keep in zip(source.catalog_ids, side.mask, strict=True) if keep]
+                index = keyword_index(titles, ids, served)
+                out[which] = index.search([query_text(q, served) for q in side.queries], self.depth)
+            self._lists[key] = out
+        return self._lists[key]
+
+    def lookup(self, served: ServedConfig, which: str) -> KeywordSearch:
+        """The keyword search `served.rank` calls, answered from the lists computed for `which`."""
+        rows = self.lists(served)[which]
+
+        def keyword(texts: list[str], depth: int) -> list[Ranked]:
+            if depth > self.depth:
+                raise ValueError(f"keyword lists were computed to depth {self.depth}, not {depth}")
+            return [row[:depth] for row in rows]
+
+        return keyword
+
+
+def keyword_depth(test: TestSet, val: TestSet, k: int, recorded: list[ServedConfig]) -> int:
+    """The deepest list any configuration fuses or scores: every served ranking's keyword half is cut from it."""
+    need = [search_depth(source, k, side.known) for source, side in
+            ((test, Side.headline(test)), (test, Side.seen(test)), (val, Side.headline(val)))]
+    return max(FUSION_DEPTH, *need, *(r.fusion_depth for r in recorded))
+
+
+def score_configurations(label: str, embedded: Embedded, test: TestSet, val: TestSet, keyword: KeywordLists,
+                         cfg: EvaluateConfig, metric: str, base: ServedConfig,
+                         recorded: ServedConfig | None = None) -> Scored:
+    """A model's configurations, each ranked by `served.rank`: dense (image vectors), `+title`
+    (image + title vectors), `hybrid` (the `+title` vectors fused with BM25) and `hybrid_rrf` (the
+    same lists by reciprocal rank fusion, reported, never served). The weights (β, w) are tuned on
+    validation, or with `recorded` (the champion's served configuration) taken as they serve."""
     k = max(cfg.ks)
     head, seen, tune_on = Side.headline(test), Side.seen(test), Side.headline(val)
-    depth = {"test": search_depth(test, k, head.known), "seen": search_depth(test, k, seen.known),
-             "val": search_depth(val, k, tune_on.known)}
     sides = {"test": (test, head), "seen": (test, seen), "val": (val, tune_on)}
+    need = {which: search_depth(source, k, side.known) for which, (source, side) in sides.items()}
+    depth = recorded.fusion_depth if recorded else max(FUSION_DEPTH, *need.values())
+    infos: dict[str, dict] = {}
 
-    def lists(items: np.ndarray, which: str) -> list[Ranked]:
-        return dense_lists(embedded.queries[which], items, sides[which][1], test.catalog_ids, depth[which])[0]
+    def ranked(served: ServedConfig, which: str) -> list[Ranked]:
+        side = sides[which][1]
+        items = item_vectors(embedded, served.title_weight)
 
-    def on_val(ranked: list[Ranked]) -> float:
-        return float(side_metrics(val, tune_on, ranked, cfg.ks)[0][metric].mean())
+        def dense(vectors: np.ndarray, at: int) -> list[Ranked]:
+            found, infos[which] = dense_lists(vectors, items, side, test.catalog_ids, at)
+            return found
 
-    tuned = bool(val.queries)
-    title_weight, title_curve = tune(cfg.title_weights, lambda b: on_val(lists(item_vectors(embedded, b), "val"))) \
-        if tuned else (0.0, [])
-    dense_val = lists(item_vectors(embedded, title_weight), "val")
-    hybrid_weight, hybrid_curve = tune(cfg.hybrid_weights, lambda w: on_val(
-        [weighted_fusion(d, kw, w) for d, kw in zip(dense_val, keyword["val"], strict=True)])) \
-        if tuned else (0.5, [])
+        return rank(side.queries, embedded.queries[which], served, dense, keyword.lookup(served, which),
+                    max(need[which], depth) if served.mode == "dense" else depth)
+
+    def on_val(served: ServedConfig) -> float:
+        return float(side_metrics(val, tune_on, ranked(served, "val"), cfg.ks)[0][metric].mean())
+
+    dense_base = base.with_(mode="dense", fusion_depth=depth)
+    tuned = bool(val.queries) and recorded is None
+    if recorded is not None:
+        title_weight, hybrid_weight, title_curve, hybrid_curve = recorded.title_weight, recorded.fusion_weight, [], []
+        dense_base = recorded.with_(mode="dense")
+    elif tuned:
+        title_weight, title_curve = tune(cfg.title_weights, lambda b: on_val(dense_base.with_(title_weight=b)))
+        hybrid_weight, hybrid_curve = tune(cfg.hybrid_weights, lambda w: on_val(
+            dense_base.with_(mode="hybrid", title_weight=title_weight, fusion_weight=w)))
+    else:
+        title_weight, hybrid_weight, title_curve, hybrid_curve = 0.0, 0.5, [], []
+    how = "recorded" if recorded is not None else "validation" if tuned else "untuned"
+    title = f"{label}+title"
+    configs = {label: dense_base.with_(title_weight=0.0, fusion_weight=1.0, tuned=how),
+               title: dense_base.with_(title_weight=title_weight, fusion_weight=1.0, tuned=how),
+               f"hybrid({label})": dense_base.with_(mode="hybrid", title_weight=title_weight,
+                                                   fusion_weight=hybrid_weight, tuned=how)}
 
     def scores(test_lists: list[Ranked], seen_lists: list[Ranked], search: dict) -> ModelScores:
-        per_query, ranked = side_metrics(test, head, test_lists, cfg.ks)
-        return ModelScores(per_query, side_metrics(test, seen, seen_lists, cfg.ks)[0], ranked, search,
+        per_query, ranked_items = side_metrics(test, head, test_lists, cfg.ks)
+        return ModelScores(per_query, side_metrics(test, seen, seen_lists, cfg.ks)[0], ranked_items, search,
                            embedded.images_per_s, _shown(test_lists, head.known))
 
     out: dict[str, ModelScores] = {}
-    dense: dict[str, list[Ranked]] = {}  # the +title lists, which hybrid fuses: searched once
-    for name, weight in ((label, 0.0), (f"{label}+title", title_weight)):
-        vectors = item_vectors(embedded, weight)
-        test_lists, search = dense_lists(embedded.queries["test"], vectors, head, test.catalog_ids, depth["test"])
-        if len(head.queries) and int(head.mask.sum()) >= cfg.ann_min_gallery:  # what serving from HNSW would lose
+    lists: dict[str, dict[str, list[Ranked]]] = {}
+    for name, served in configs.items():
+        lists[name] = {which: ranked(served, which) for which in ("test", "seen")}
+        search = dict(infos.get("test", {})) if served.mode == "dense" else {"index": "fusion"}
+        if served.mode == "dense" and len(head.queries) and int(head.mask.sum()) >= cfg.ann_min_gallery:
+            vectors = item_vectors(embedded, served.title_weight)  # what serving from HNSW would lose
             position = {image: n for n, image in enumerate(np.asarray(test.catalog_ids)[head.mask])}
-            exact = np.array([[position[i] for i, _ in row[:k]] for row in test_lists])
+            exact = np.array([[position[i] for i, _ in row[:k]] for row in lists[name]["test"]])
             search["hnsw"] = approximate_recall(embedded.queries["test"], vectors[head.mask], k, exact).as_dict()
-        dense = {"test": test_lists, "seen": lists(vectors, "seen")}
-        out[name] = scores(dense["test"], dense["seen"], search)
-    for name, fuse in ((f"hybrid({label})", partial(weighted_fusion, weight=hybrid_weight)),
-                       (f"hybrid_rrf({label})", partial(reciprocal_rank_fusion, k=cfg.rrf_k))):
-        fused = {which: [fuse(d, kw) for d, kw in zip(dense[which], keyword[which], strict=True)]
-                 for which in ("test", "seen")}
-        out[name] = scores(fused["test"], fused["seen"], {"index": "fusion"})
-    tuning = {"tuned_on_queries": len(val.queries), "metric": metric,
-              "keyword_on_val": on_val(keyword["val"]) if tuned else None, "title_weight": title_weight,
-              "title_curve": title_curve, "hybrid_weight": hybrid_weight, "hybrid_curve": hybrid_curve}
-    return out, tuning
-
-
-def keyword_lists(test: TestSet, val: TestSet, k: int) -> dict[str, list[Ranked]]:
-    """BM25 over titles for every query set, to the same depth as the dense lists."""
-    head, seen, tune_on = Side.headline(test), Side.seen(test), Side.headline(val)
-    out = {}
-    for which, source, side in (("test", test, head), ("seen", test, seen), ("val", val, tune_on)):
-        titles = [t for t, keep in zip(source.catalog_titles, side.mask, strict=True) if keep]
-        ids = [i for i, keep in zip(source.catalog_ids, side.mask, strict=True) if keep]
-        out[which] = bm25_search(side.queries, titles, ids, search_depth(source, k, side.known))
-    return out
+        out[name] = scores(lists[name]["test"], lists[name]["seen"], search)
+    rrf = {which: [reciprocal_rank_fusion(d[:depth], kw, k=cfg.rrf_k) for d, kw in
+                   zip(lists[title][which], keyword.lookup(configs[title], which)([], depth), strict=True)]
+           for which in ("test", "seen")}
+    out[f"hybrid_rrf({label})"] = scores(rrf["test"], rrf["seen"], {"index": "fusion"})
+    tuning = {"tuned_on_queries": len(val.queries) if tuned else 0, "metric": metric, "how": how,
+              "keyword_on_val": float(side_metrics(val, tune_on, keyword.lookup(base, "val")([], depth), cfg.ks)[0]
+                                      [metric].mean()) if tuned else None,
+              "title_weight": title_weight, "title_curve": title_curve, "hybrid_weight": hybrid_weight,
+              "hybrid_curve": hybrid_curve, "fusion_depth": depth}
+    return Scored(out, {title: configs[title], f"hybrid({label})": configs[f"hybrid({label})"]}, tuning)
 
 
 def score_bm25(test: TestSet, keyword: dict[str, list[Ranked]], cfg: EvaluateConfig) -> ModelScores:
@@ -360,14 +439,48 @@ def score_bm25(test: TestSet, keyword: dict[str, list[Ranked]], cfg: EvaluateCon
                        shown=_shown(keyword["test"], head.known))
 
 
-def champion_model(cfg: RunConfig, workdir: Path, run_id: str | None = None) -> tuple[ClipBundle, str] | None:
-    """The registry's current champion and its version, or None when there is none yet. With
-    `run_id`, the champion that run compares against (not the run's own version, once promoted)."""
+@dataclass(frozen=True)
+class Champion:
+    bundle: ClipBundle
+    version: str
+    served: ServedConfig | None  # as recorded with the version; None: registered before served configurations
+
+
+def champion_model(cfg: RunConfig, workdir: Path, run_id: str | None = None) -> Champion | None:
+    """The registry's current champion, its version and its served configuration, or None when
+    there is none yet. With `run_id`, the champion that run compares against (not the run's own
+    version, once promoted)."""
     version = registry.champion_version(cfg.promote) if run_id is None else \
         registry.baseline_champion(cfg.promote, run_id)
     if version is None:
         return None
-    return load_checkpoint(registry.download_checkpoint(cfg.promote, version, workdir)), version
+    recorded = registry.version_tags(cfg.promote, version).get(RECORD_TAG)
+    return Champion(load_checkpoint(registry.download_checkpoint(cfg.promote, version, workdir)), version,
+                    ServedConfig.from_json(recorded).with_(model_version=version, tuned="recorded") if recorded
+                    else None)
+
+
+REPLAY_DEPTH = 20  # reference rankings are kept this deep: parity compares the top 10, ties at the cut need more
+
+
+def replay_reference(test: TestSet, embedded: Embedded, served: ServedConfig) -> dict:
+    """The served configuration's ranking of every test query over the whole catalog (what the
+    index will hold), by the same `served.rank`: what publish's replay through the query path must
+    return. With `gallery: catalog` these are the lists the headline metrics scored."""
+    everything = np.ones(len(test.catalog_ids), bool)
+    side = Side(test.queries, test.relevant, test.weights, test.known, everything)
+    items = item_vectors(embedded, served.title_weight)
+    index = keyword_index(test.catalog_titles, test.catalog_ids, served) if served.mode == "hybrid" else None
+
+    def dense(vectors: np.ndarray, depth: int) -> list[Ranked]:
+        return dense_lists(vectors, items, side, test.catalog_ids, depth)[0]
+
+    def keyword(texts: list[str], depth: int) -> list[Ranked]:
+        return index.search(texts, depth)
+
+    rankings = rank(test.queries, embedded.queries["test"], served, dense, keyword, REPLAY_DEPTH)
+    return {"served_config": served.to_dict(), "queries": test.queries,
+            "rankings": [[[image, score] for image, score in row] for row in rankings]}
 
 
 def worst_queries(test: TestSet, scores: dict[str, ModelScores], baseline: str, metric: str,
@@ -409,9 +522,13 @@ def earlier_heldout(test: TestSet, images_path: Path, candidate: np.ndarray, bas
     return {"queries": int(mask.sum()), "delta": mean, "low": low, "high": high}
 
 
-def served_names(serve_as: str, baseline: str) -> tuple[str, str]:
-    """The configurations the gate compares: what production serves, for candidate and baseline."""
-    return ("hybrid(candidate)", f"hybrid({baseline})") if serve_as == "hybrid" else ("candidate", baseline)
+def served_names(serve_as: str, baseline: str, baseline_mode: str | None = None) -> tuple[str, str]:
+    """The configurations the gate compares: the candidate as `promote.serve_as` would publish it,
+    the baseline as it serves (a champion's recorded mode; the start's, as the candidate's)."""
+    def name(label: str, mode: str) -> str:
+        return f"hybrid({label})" if mode == "hybrid" else f"{label}+title"
+
+    return name("candidate", serve_as), name(baseline, baseline_mode or serve_as)
 
 
 def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Path, out_dir: Path,
@@ -425,28 +542,37 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     val = load_test_set(pairs_path, images_path, ecfg, root, split="val")
     k = max(ecfg.ks)
     metric = cfg.promote.metric
-    keyword = keyword_lists(test, val, k)
     bundles = {"candidate": load_checkpoint(model_dir)}
+    base = base_served(cfg, cfg.promote.serve_as, bundles["candidate"])
     with tempfile.TemporaryDirectory() as workdir:
         champion = champion_model(cfg, Path(workdir), run_id)
         if champion is not None:
-            bundles["champion"] = champion[0]
+            bundles["champion"] = champion.bundle
         bundles["start"] = starting_model(cfg.train)
+        recorded = {"champion": champion.served} if champion and champion.served else {}
+        keyword = KeywordLists(test, val, keyword_depth(test, val, k, list(recorded.values())))
         scores: dict[str, ModelScores] = {}
+        served_configs: dict[str, ServedConfig] = {}
         tuning: dict[str, dict] = {}
         images_per_s = {}
         for label, bundle in bundles.items():
             embedded = embed_model(bundle, test, val, root, ecfg, label)
             images_per_s[label] = embedded.images_per_s
+            scored = score_configurations(label, embedded, test, val, keyword, ecfg, tuning_metric(metric), base,
+                                          recorded.get(label))
             if label == "candidate":  # publish indexes these rather than embedding the catalog again
                 save_candidate_vectors(out_dir / "candidate_vectors.npz", model_dir, images_path, test, embedded)
-            configurations, tuning[label] = score_configurations(label, embedded, test, val, keyword, ecfg,
-                                                                 tuning_metric(metric))
-            scores.update(configurations)
-    scores["bm25"] = score_bm25(test, keyword, ecfg)
+                candidate_served = scored.served[served_names(cfg.promote.serve_as, "start")[0]]
+                (out_dir / "served_rankings.json").write_text(json.dumps(
+                    replay_reference(test, embedded, candidate_served)))
+            scores.update(scored.scores)
+            served_configs.update(scored.served)
+            tuning[label] = scored.tuning
+    scores["bm25"] = score_bm25(test, keyword.lists(base), ecfg)
     per_query = {name: s.per_query for name, s in scores.items()}
     baseline = "champion" if champion else "start"
-    served, served_baseline = served_names(cfg.promote.serve_as, baseline)
+    served, served_baseline = served_names(cfg.promote.serve_as, baseline,
+                                           champion.served.mode if champion and champion.served else None)
     families = query_slices(test.queries, test.relevant, pl.read_parquet(pairs_path), pl.read_parquet(images_path))
     gated = {"candidate": scores[served], "baseline": scores[served_baseline], "bm25": scores["bm25"]}
     if test.seen_queries:  # one family of slices over both query sets, so Holm's correction spans them all
@@ -471,8 +597,12 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
                      f"since): left out of the catalog and of every query's relevant images, e.g. "
                      f"{', '.join(test.missing[:5])}"] if test.missing else [],
         "filtered_per_query": round(float(np.mean([len(drop) for drop in test.known])), 2) if test.known else 0.0,
-        "champion_version": champion[1] if champion else None, "baseline": baseline,
+        "champion_version": champion.version if champion else None, "baseline": baseline,
         "served": {"as": cfg.promote.serve_as, "candidate": served, "baseline": served_baseline},
+        # how each gated side ranks: the candidate's is what publish builds, the baseline's what serves
+        # now (a champion's recorded configuration) or the start's, tuned like the candidate
+        "served_config": {"candidate": served_configs[served].to_dict(),
+                          "baseline": served_configs[served_baseline].to_dict()},
         "models": {name: mean_metrics(values) for name, values in per_query.items()},
         "delta_vs_baseline": {
             name: dict(zip(("mean", "low", "high"), paired_bootstrap(values, per_query[served_baseline][name]),
@@ -495,6 +625,11 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         "worst_queries": worst_queries(test, scores, served_baseline, metric, candidate=served),
         "hubness": hubness(scores[served].ranked, k=10),
     }
+    if champion is not None and champion.served is None:
+        summary["warnings"].append(
+            f"champion version {champion.version} has no recorded served configuration (registered before "
+            "clickclip recorded one): it was scored with weights re-tuned on this run's validation queries, "
+            "which is not necessarily how it serves")
     if not val.queries:
         summary["warnings"].append(
             "no clicked validation pairs: the title and fusion weights could not be tuned (title weight 0, "
@@ -523,9 +658,11 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         for figure in data["figures"]:
             shutil.copyfile(figure, report_dir / figure.name)
     rule = SliceRule(ecfg.slice_tolerance, ecfg.slice_min_queries, ecfg.slice_alpha)
-    report_path.write_text(render_report(summary, rule, metric, data))
+    verdict = {"by": "evaluate", **{key: summary["decision"][key] for key in ("promoted", "reason")}} \
+        if "decision" in summary else {"by": "evaluate", "promoted": None, "reason": "no gate inputs: not decided"}
+    report_path.write_text(markdown_block(verdict) + render_report(summary, rule, metric, data))
     write_html_report(report_dir / "report.html", summary, cfg, data, root,
-                      dict(zip(test.catalog_ids, test.catalog_paths, strict=True)))
+                      dict(zip(test.catalog_ids, test.catalog_paths, strict=True)), html_block(verdict))
     return EvaluateResult(metrics_path, report_path, summary)
 
 
@@ -541,4 +678,5 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     result = evaluate(cfg, inputs.output("split", "pairs"), inputs.output("split", "images"),
                       inputs.output("train", "weights").parent, out_dir, inputs.report_dir, inputs.run_id, data)
     return StageOutput({"metrics": result.metrics, "report": result.report,
-                        "catalog_vectors": out_dir / "candidate_vectors.npz"}, result.summary)
+                        "catalog_vectors": out_dir / "candidate_vectors.npz",
+                        "served_rankings": out_dir / "served_rankings.json"}, result.summary)

@@ -1,7 +1,9 @@
-"""Promote: log the run to MLflow, register the model, and move `champion` only if it wins.
+"""Promote: log the run to MLflow, register the model, and make it champion only if it wins.
 
-Idempotent per run: a second promote of the same run finds its registered version (by the
-MLflow run id) and registers nothing new. Writes `runs/<id>/promote/promotion.json`.
+The state changes (flip the serving pointer, tag the version, move the alias) go through
+`registry.promotion`, whose docstring lists the states and the order. Idempotent per run: a second
+promote of the same run finds its registered version (by its `clickclip.run_id` tag), registers
+nothing new and completes whatever a kill interrupted. Writes `runs/<id>/promote/promotion.json`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from pathlib import Path
 
 from pipeline import registry
 from pipeline.config import RunConfig
+from pipeline.registry import promotion
+from pipeline.report.verdict import rewrite_verdict
 from pipeline.retrieval.gates import GateInputs, decide
-from pipeline.serving.stores import open_store
+from pipeline.retrieval.served import RECORD_TAG, ServedConfig
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.onnx_export import export_onnx
 
@@ -31,29 +35,20 @@ def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, s
             **{f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}" for g in gates}}
 
 
-def serve_index(cfg: RunConfig, version: str, index: dict | None) -> str:
-    """Point search at the champion's index (publish's table) in one transaction, right after the
-    alias moved; a no-op when it already does or nothing was published. Old tables are dropped
-    (the newest publish.keep_versions and the serving one stay). Returns a note for the reason."""
-    if not index or not index.get("published"):
-        return ""
-    model = cfg.promote.model_name
-    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
-    try:
-        current = store.serving(model)
-        if current is not None and (current.version, current.table) == (str(version), index["table"]):
-            return ""
-        store.flip(model, str(version), index["table"])
-        store.drop_old(model, cfg.publish.keep_versions)
-    finally:
-        store.close()
-    registry.set_version_tags(cfg.promote, str(version), {"clickclip.index_table": index["table"]})
-    return f"; search now serves version {version} from index {index['table']}"
+def served_record(evaluation: dict) -> str:
+    """The served configuration the gate decided on, as stored with the registered version: next
+    week's evaluate scores this version exactly as it serves, from this record."""
+    return ServedConfig.from_dict(evaluation["served_config"]["candidate"]).to_json()
+
+
+def published_table(index: dict | None) -> str | None:
+    """The run's validated index table, or None when publish built none (publishing off, gates failed)."""
+    return index["table"] if index and index.get("published") else None
 
 
 def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: dict, gate_inputs: GateInputs,
             lineage: dict[str, str], model_dir: Path, artifacts: list[Path], out_dir: Path,
-            index: dict | None = None) -> PromoteResult:
+            index: dict | None = None, report_dir: Path | None = None) -> PromoteResult:
     """Decide by the gates, log the run and its lineage tags, register, and move the alias.
 
     The alias moves only while it still points at the champion evaluate compared against
@@ -69,24 +64,22 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         # registered by an earlier attempt of this run: re-decide under the current gates (a changed
         # margin or gate decides again), never register twice
         version = existing[0]
+        registry.set_version_tags(pcfg, str(version.version), {RECORD_TAG: served_record(evaluation)})
         tags = registry.version_tags(pcfg, str(version.version))
         champion = registry.champion_version(pcfg)
         if "clickclip.rolled_back" in tags:
             promoted = False
             reason += f"; not promoted again: it was rolled back ({tags['clickclip.rolled_back']})"
         elif promoted and champion != str(version.version):
-            registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
+            note = promotion.make_champion(cfg, str(version.version), published_table(index), baseline)
             reason += ("; the interrupted alias move was completed" if tags.get("clickclip.decision") == "promoted"
-                       else "; promoted now under the current gates")
-            reason += serve_index(cfg, str(version.version), index)
+                       else "; promoted now under the current gates") + note
         elif not promoted and champion == str(version.version):
             promoted = True  # it stays champion: an earlier decision promoted it
             reason += ("; it is champion by an earlier decision, which these gates would not make: roll back with "
                        "`clickclip rollback` if that is meant")
-        elif promoted:  # champion already: a crash between the alias move and the index flip is repaired here
-            repaired = serve_index(cfg, str(version.version), index)
-            reason += repaired.replace("; search now serves", "; the interrupted index flip was completed: search "
-                                                                "serves") if repaired else ""
+        elif promoted:  # champion already: a kill after the alias move is repaired here
+            reason += promotion.ensure_serving(cfg, str(version.version), published_table(index))
         reason += f" (version {version.version} was already registered for this run; nothing new registered)"
         registry.set_version_tags(pcfg, str(version.version), decision_tags(promoted, reason, gates))
     else:
@@ -98,17 +91,22 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
                 "evaluate compares against the new champion")
         onnx = export_onnx(model_dir, out_dir / "onnx")
         tags = {"clickclip.run_id": run_id, **decision_tags(promoted, reason, gates),
-                **{f"clickclip.{k}": v for k, v in lineage.items()}}
+                **{f"clickclip.{k}": v for k, v in lineage.items()}, RECORD_TAG: served_record(evaluation)}
         metrics = {metric_key(model, k): v
                    for model, values in evaluation["models"].items() for k, v in values.items()}
         metrics |= {f"onnx.{tower}_max_abs_diff": diff for tower, diff in onnx["parity_max_abs_diff"].items()}
         mlflow_run_id = registry.existing_run(pcfg, mlflow_run_id)  # a reset store: log into a fresh run
         mlflow_run_id, version = registry.log_and_register(cfg, mlflow_run_id, run_id, tags, metrics, artifacts,
                                                            model_dir, out_dir / "onnx")
+        promotion.reached("registered")
         if promoted:
-            registry.promote_version(pcfg, str(version.version), expected_champion=baseline)
-            reason += serve_index(cfg, str(version.version), index)
+            reason += promotion.make_champion(cfg, str(version.version), published_table(index), baseline)
 
+    if report_dir is not None:  # the report's verdict line says what was decided now, locally and in MLflow
+        rewrite_verdict(report_dir, {"by": "promote", "promoted": promoted, "reason": reason,
+                                     "version": str(version.version),
+                                     "parity": (index or {}).get("parity_sentence")})
+        registry.log_report(pcfg, version.run_id or mlflow_run_id, report_dir)
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
         "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
@@ -142,5 +140,6 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     artifacts = [inputs.report_dir, inputs.manifest, inputs.output("split", "leak_audit"),
                  inputs.output("extract", "quarantine"), inputs.output("split", "image_quarantine")]
     result = promote(cfg, inputs.run_id, train.get("mlflow_run_id"), evaluation, gate_inputs, lineage,
-                     inputs.output("train", "weights").parent, artifacts, out_dir, inputs.summary("publish"))
+                     inputs.output("train", "weights").parent, artifacts, out_dir, inputs.summary("publish"),
+                     inputs.report_dir)
     return StageOutput({"decision": result.decision}, result.summary)

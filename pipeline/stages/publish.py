@@ -1,13 +1,16 @@
 """Publish: build the index search will serve from the candidate, before promote moves the alias.
 
-When the gates pass (decided here as promote decides), the candidate's vectors of every kept
-catalog image (image + title with the title weight evaluate tuned; evaluate's saved vectors where
-weights, content digest and title still match, the rest embedded here) go to a new table with an
-HNSW index (cosine): pgvector, or a FAISS file with `publish.backend: faiss`. The index must hold
-the whole kept catalog and reach
-`publish.min_recall` recall@10 against exact search on up to `publish.check_queries` held-out
-queries (topped up with catalog titles) at `publish.ef_search`; otherwise the stage fails and
-nothing is promoted. Promote then moves the alias and flips the serving pointer to this table.
+When the gates pass (decided here as promote decides), the candidate's served configuration (the
+one evaluate scored and the gate decided on) is built: the vectors of every kept catalog image
+(image + title with its title weight; evaluate's saved vectors where weights, content digest and
+title still match, the rest embedded here) go to a new table with an HNSW index (cosine):
+pgvector, or a FAISS file with `publish.backend: faiss`, and the served configuration is recorded
+with the table. The index must hold the whole kept catalog and reach `publish.min_recall` recall@10
+against exact search on up to `publish.check_queries` held-out queries (topped up with catalog
+titles); and the replay must pass: the run's test queries through the query path, with exact
+search, return evaluate's rankings identically, and through HNSW overlap them by at least
+`publish.min_recall`. Otherwise the stage fails and nothing is promoted. Promote then moves the
+alias and flips the serving pointer to this table.
 Rebuilding is idempotent: the table is named by the run and rewritten in one transaction.
 Writes `runs/<id>/publish/index.json`.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +32,8 @@ from pipeline.errors import StageError
 from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.search import product_vectors
-from pipeline.serving.index import HnswSettings, run_key, table_name
+from pipeline.retrieval.served import Parity, ServedConfig, query_text, replay_parity
+from pipeline.serving.index import HnswSettings, IndexStore, rank_table, run_key, table_name
 from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
@@ -78,45 +83,85 @@ def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images:
     return vectors, title_vectors, has_title, int(reused.sum())
 
 
+def served_of(evaluation: dict) -> ServedConfig:
+    """The candidate's served configuration, as evaluate scored and the gate decided on it."""
+    record = (evaluation.get("served_config") or {}).get("candidate")
+    if record is None:
+        raise StageError("the evaluation has no served configuration (written by an older clickclip): rerun evaluate")
+    return ServedConfig.from_dict(record)
+
+
+def replay(store: IndexStore, table: str, served: ServedConfig, encode: Callable[[list[str]], np.ndarray],
+           reference: dict, count: int, k: int = 10) -> Parity:
+    """Up to `count` of the run's test queries through the query path (`rank_table` on the written
+    table, the queries normalised and encoded as serving does) against evaluate's rankings of the
+    same served configuration: exact search must return them identically, HNSW overlap them."""
+    queries, rankings = reference["queries"], [[(i, float(s)) for i, s in row] for row in reference["rankings"]]
+    if len(queries) > count:
+        keep = sorted(np.random.default_rng(0).choice(len(queries), count, replace=False).tolist())
+        queries, rankings = [queries[i] for i in keep], [rankings[i] for i in keep]
+    vectors = encode([query_text(q, served) for q in queries])
+    exact = rank_table(store, table, served, queries, vectors, k, exact=True)
+    approximate = rank_table(store, table, served, queries, vectors, k)
+    return replay_parity(queries, rankings, exact, approximate, k)
+
+
 def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, model_dir: Path, evaluation: dict,
-            promoted: bool, out_dir: Path, saved: Path | None = None) -> dict:
-    """`saved`: evaluate's candidate vectors (reused where they still match)."""
+            promoted: bool, out_dir: Path, saved: Path | None = None, reference: Path | None = None) -> dict:
+    """`saved`: evaluate's candidate vectors (reused where they still match); `reference`: evaluate's
+    rankings of the served configuration (served_rankings.json), which the replay must reproduce."""
     pcfg = cfg.publish
     if not pcfg.enabled:
         return {"published": False, "reason": "publish.enabled is false: search keeps its index"}
     if not promoted:
         return {"published": False, "reason": "the gates did not pass: the serving index stays as it is"}
+    if reference is None or not reference.is_file():
+        raise StageError(f"evaluate's served rankings ({reference or 'served_rankings.json'}) are missing: the "
+                         "replay that proves serving ranks as evaluate scored cannot run; rerun evaluate")
     started = time.perf_counter()
+    served = served_of(evaluation)
+    if served.backend != pcfg.backend:
+        raise StageError(f"publish.backend is {pcfg.backend}, but evaluate scored it for backend {served.backend}: "
+                         "rerun evaluate with this config (the served configuration names its backend)")
     images = pl.read_parquet(images_path).sort("image_id")
     titles = images["title"].fill_null("").to_list() if "title" in images.columns else [""] * images.height
     bundle = load_checkpoint(model_dir)
     vectors, title_vectors, has_title, reused = catalog_vectors(cfg, bundle, model_dir, images, titles, saved)
-    tuning = (evaluation.get("tuning") or {}).get("candidate", {})
-    title_weight, fusion_weight = float(tuning.get("title_weight", 0.0)), float(tuning.get("hybrid_weight", 1.0))
-    served = product_vectors(vectors, title_vectors, has_title, title_weight)
+    vectors = product_vectors(vectors, title_vectors, has_title, served.title_weight)
     table = table_name(cfg.promote.model_name, run_key(run_id))
     store = open_store(pcfg, cfg.state_dir / cfg.name)
     try:
         ids = images["image_id"].to_list()
         products = images["product_id"].to_list() if "product_id" in images.columns else [None] * len(ids)
-        rows = store.write(table, ids, products, [t or None for t in titles], images["digest"].to_list(), served,
-                           HnswSettings(pcfg.hnsw_m, pcfg.hnsw_ef_construction, pcfg.ef_search),
-                           cfg.promote.model_name, run_id, title_weight, fusion_weight)
+        rows = store.write(table, ids, products, [t or None for t in titles], images["digest"].to_list(),
+                           images["path"].to_list(), vectors,
+                           HnswSettings(served.hnsw_m, served.hnsw_ef_construction, served.ef_search),
+                           cfg.promote.model_name, run_id, served)
         if rows != len(ids):
             raise StageError(f"index table {table} holds {rows} rows, the kept catalog {len(ids)}: not served")
         queries = check_queries(pl.read_parquet(pairs_path), titles, pcfg.check_queries)
-        recall = store.recall_against_exact(table, ids, served, embed_texts(bundle, queries), 10, pcfg.ef_search)
+        recall = store.recall_against_exact(table, ids, vectors, embed_texts(bundle, queries), 10, served.ef_search)
+        parity = replay(store, table, served, partial(embed_texts, bundle), json.loads(reference.read_text()),
+                        pcfg.check_queries)
     finally:
         store.close()
     if recall < pcfg.min_recall:
         raise StageError(f"index {table}: HNSW recall@10 against exact search {recall:.4f} on {len(queries)} queries "
-                         f"is below publish.min_recall {pcfg.min_recall} at ef_search {pcfg.ef_search}; raise "
+                         f"is below publish.min_recall {pcfg.min_recall} at ef_search {served.ef_search}; raise "
                          "publish.ef_search (or hnsw_m, hnsw_ef_construction) and rerun. Nothing was promoted")
+    if parity.identical < parity.queries:
+        raise StageError(f"index {table}: {parity.sentence()} — {parity.queries - parity.identical} queries came back "
+                         f"differently from evaluate's ranking of the gated configuration (first: "
+                         f"{parity.first_mismatch!r}); serving would not be what was gated. Nothing was promoted")
+    if parity.overlap < pcfg.min_recall:
+        raise StageError(f"index {table}: {parity.sentence()}, below publish.min_recall {pcfg.min_recall}; raise "
+                         "publish.ef_search and rerun. Nothing was promoted")
     return {"published": True, "table": table, "rows": rows, "recall_at_10_vs_exact": round(recall, 4),
-            "check_queries": len(queries), "ef_search": pcfg.ef_search, "hnsw_m": pcfg.hnsw_m,
-            "hnsw_ef_construction": pcfg.hnsw_ef_construction, "title_weight": title_weight,
-            "fusion_weight": fusion_weight, "serve_as": cfg.promote.serve_as,
-            "backend": pcfg.backend, "keyword": pcfg.keyword,
+            "check_queries": len(queries), "ef_search": served.ef_search, "hnsw_m": served.hnsw_m,
+            "hnsw_ef_construction": served.hnsw_ef_construction, "title_weight": served.title_weight,
+            "fusion_weight": served.fusion_weight, "serve_as": served.mode, "served_config": served.to_dict(),
+            "parity": parity.as_dict(), "parity_sentence": parity.sentence(),
+            "backend": pcfg.backend, "keyword": served.keyword,
             "database": "files" if pcfg.backend == "faiss" else "embedded" if pcfg.dsn is None else "publish.dsn",
             "reused_vectors": reused, "embedded_now": len(ids) - reused,
             "seconds": round(time.perf_counter() - started, 1)}
@@ -129,7 +174,8 @@ def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:
     promoted, _, _ = decide(evaluation, cfg.promote, gate_inputs)
     summary = publish(cfg, inputs.run_id, inputs.output("split", "images"), inputs.output("split", "pairs"),
                       inputs.output("train", "weights").parent, evaluation, promoted, out_dir,
-                      inputs.outputs["evaluate"].get("catalog_vectors"))
+                      inputs.outputs["evaluate"].get("catalog_vectors"),
+                      inputs.outputs["evaluate"].get("served_rankings"))
     index = out_dir / "index.json"
     index.write_text(json.dumps(summary, indent=2))
     return StageOutput({"index": index}, summary)

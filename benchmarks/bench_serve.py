@@ -115,8 +115,8 @@ def newest_demo_run() -> Path:
 
 def end_to_end(args: argparse.Namespace) -> dict:
     from pipeline.config import PublishConfig
-    from pipeline.retrieval.fusion import weighted_fusion
     from pipeline.retrieval.search import product_vectors
+    from pipeline.retrieval.served import ServedConfig, fuse, query_text
     from pipeline.serving.index import HnswSettings, answer
     from pipeline.serving.stores import open_store
     from pipeline.training.model import embed_image_files, embed_titles, load_checkpoint
@@ -126,10 +126,14 @@ def end_to_end(args: argparse.Namespace) -> dict:
     run = Path(args.run) if args.run else newest_demo_run()
     model_dir = Path(args.model) if args.model else run / "train" / "model"
     metrics = run / "evaluate" / "metrics.json"
-    tuning = json.loads(metrics.read_text())["tuning"]["candidate"] if metrics.exists() else {}
-    title_weight, fusion_weight = tuning.get("title_weight", 0.5), tuning.get("hybrid_weight", 0.3)
+    recorded = (json.loads(metrics.read_text()).get("served_config") or {}).get("candidate") if metrics.exists() \
+        else None
     publish = PublishConfig(backend=args.backend)
-    hnsw = HnswSettings(publish.hnsw_m, publish.hnsw_ef_construction, publish.ef_search)
+    # the run's gated configuration, as publish records it (the demo's: hybrid); else the demo's weights
+    served_config = (ServedConfig.from_dict(recorded) if recorded else
+                     ServedConfig(mode="hybrid", title_weight=0.5, fusion_weight=0.3)).with_(backend=args.backend)
+    title_weight, fusion_weight = served_config.title_weight, served_config.fusion_weight
+    hnsw = HnswSettings(served_config.hnsw_m, served_config.hnsw_ef_construction, served_config.ef_search)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -158,43 +162,46 @@ def end_to_end(args: argparse.Namespace) -> dict:
             table, ids = "vectors_bench_r1", catalog["image_id"].to_list()
             started = time.perf_counter()
             store.write(table, ids, catalog["product_id"].to_list(), [t or None for t in titles],
-                        ["-"] * len(ids), served, hnsw, "bench", "bench", title_weight, fusion_weight)
+                        ["-"] * len(ids), catalog["path"].to_list(), served, hnsw, "bench", "bench", served_config)
             publish_seconds = time.perf_counter() - started
             print(f"published {len(ids)} vectors ({served.shape[1]} dims) to {args.backend} in {publish_seconds:.1f} s")
             store.flip("bench", "1", table)
             query_vectors = encoder(queries)
             recall = store.recall_against_exact(table, ids, served, query_vectors, 10, hnsw.ef_search)
-            store.bm25_search(table, "warm up", 10)  # the BM25 index is built once per process
+            store.bm25_search(table, "warm up", 10, served_config)  # the BM25 index is built once per process
             for q in queries[:20]:
-                answer(store, "bench", "1", encoder([q])[0], q, args.k, hnsw.ef_search, True)
+                answer(store, "bench", "1", encoder, q, args.k)
             request = []
             for q in queries:
                 begun = time.perf_counter()
-                answer(store, "bench", "1", encoder([q])[0], q, args.k, hnsw.ef_search, True)
+                answer(store, "bench", "1", encoder, q, args.k)
                 request.append((time.perf_counter() - begun) * 1000)
             parts: dict[str, list[float]] = {"encode": [], "ann": [], "keyword": [], "fusion": []}
-            depth = max(args.k, 50)
+            depth = served_config.fusion_depth if served_config.mode == "hybrid" else args.k
             for q in queries:
+                text = query_text(q, served_config)
                 begun = time.perf_counter()
-                vector = encoder([q])[0]
+                vector = encoder([text])[0]
                 parts["encode"].append(time.perf_counter() - begun)
                 begun = time.perf_counter()
                 dense = store.search(table, vector, depth, hnsw.ef_search)
                 parts["ann"].append(time.perf_counter() - begun)
                 begun = time.perf_counter()
-                hits = store.bm25_search(table, q, depth)
+                hits = store.bm25_search(table, text, depth, served_config)
                 parts["keyword"].append(time.perf_counter() - begun)
                 begun = time.perf_counter()
-                weighted_fusion(dense, hits, fusion_weight)
+                fuse(dense, hits, served_config)
                 parts["fusion"].append(time.perf_counter() - begun)
         finally:
             store.close()
     figures = {name: percentiles([v * 1000 for v in values]) for name, values in parts.items()}
     request_p = percentiles(request)
-    print(f"{len(queries)} requests (hybrid, k={args.k}): p50 {request_p[0]} ms, p95 {request_p[1]} ms, "
+    print(f"{len(queries)} requests ({served_config.describe()}, k={args.k}): p50 {request_p[0]} ms, "
+          f"p95 {request_p[1]} ms, "
           f"p99 {request_p[2]} ms; parts p95: " + ", ".join(f"{n} {v[1]} ms" for n, v in figures.items()))
     print(f"HNSW recall@10 against exact search: {recall:.4f}")
-    return {"mode": "end_to_end", "backend": args.backend, "keyword": "bm25", "served_as": "hybrid",
+    return {"mode": "end_to_end", "backend": args.backend, "keyword": "bm25", "served_as": served_config.mode,
+            "fusion_depth": served_config.fusion_depth,
             "catalog_vectors": len(ids), "dims": int(served.shape[1]), "queries": len(queries), "k": args.k,
             "m": hnsw.m, "ef_construction": hnsw.ef_construction, "ef_search": hnsw.ef_search,
             "threads": args.threads, "model_dir": str(model_dir), "title_weight": title_weight,

@@ -74,8 +74,9 @@ def verify_serving(cfg: RunConfig) -> dict:
 
 
 def http_app(searcher: Searcher):
-    """GET /search?q=...&k=20 -> JSON {query, version, results: [{image_id, score}]}; 409 when the
-    serving pointer moved to another version than the loaded text tower (restart to reload)."""
+    """GET /search?q=...&k=20 -> JSON {query, normalised_query, version, table, served_config,
+    results: [{image_id, score, title, product_id, path, version}]} (`answer`); 409 when the serving
+    pointer moved to another version than the loaded text tower (restart to reload)."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route

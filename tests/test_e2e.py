@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -250,7 +252,7 @@ def test_mlflow_models_serve_embeds_a_query_over_http(first_and_second_run):
     np.testing.assert_allclose(served, local, atol=1e-5)
 
 
-def _promote_again(cfg, work, run_id=None, champion=None, index=None):
+def _promote_again(cfg, work, run_id=None, champion=None, index=None, report_dir=None):
     """promote() of the first run's model under another clickclip run id, as if evaluated against `champion`."""
     from pipeline.stages.promote import GateInputs, promote
 
@@ -262,7 +264,7 @@ def _promote_again(cfg, work, run_id=None, champion=None, index=None):
         cfg = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"enabled": False})})
     return lambda mlflow_run_id, out: promote(
         cfg, run_id or run_dir.name, mlflow_run_id, evaluation, GateInputs(0.0, True, True), lineage,
-        run_dir / "train" / "model", [], out, index)
+        run_dir / "train" / "model", [], out, index, report_dir)
 
 
 def test_promotion_interrupted_before_the_alias_move_is_finished_by_the_rerun(first_and_second_run, tmp_path,
@@ -354,11 +356,26 @@ def test_a_changed_gate_re_decides_and_a_changed_model_name_logs_to_a_fresh_mlfl
     training_run = client.create_run(experiment).info.run_id
     (tmp_path / "out").mkdir()
     out = tmp_path / "out"
-    rejected = _promote_again(cfg.model_copy(update={"promote": strict}), work, "week-1")(training_run, out)
+    import shutil
+
+    report = tmp_path / _run_dir(work).name  # a copy of the run's report folder, as promote logs it
+    shutil.copytree(cfg.reports_dir / _run_dir(work).name, report)
+    rejected = _promote_again(cfg.model_copy(update={"promote": strict}), work, "week-1",
+                              report_dir=report)(training_run, out)
     assert not rejected.summary["promoted"] and "beats_baseline" in rejected.summary["reason"]
+    assert (report / "recall.md").read_text().splitlines()[1].startswith("**Verdict: NOT PROMOTED: version 1")
     lenient = strict.model_copy(update={"margin": -1.0})
-    again = _promote_again(cfg.model_copy(update={"promote": lenient}), work, "week-1")(training_run, out)
+    again = _promote_again(cfg.model_copy(update={"promote": lenient}), work, "week-1",
+                           report_dir=report)(training_run, out)
     assert again.summary["promoted"] and again.summary["version"] == "1"
+    # the report says what promote decided now, at the top, here and in the copy MLflow holds
+    verdict = (report / "recall.md").read_text().splitlines()[1]
+    assert verdict.startswith("**Verdict: PROMOTED: version 1 is champion") and "promoted now" in verdict
+    assert "Verdict:</b> PROMOTED: version 1" in (report / "report.html").read_text()
+    (tmp_path / "download").mkdir()
+    logged = client.download_artifacts(client.get_model_version(lenient.model_name, "1").run_id,
+                                       f"{report.name}/recall.md", str(tmp_path / "download"))
+    assert Path(logged).read_text().splitlines()[1] == verdict
     assert "promoted now under the current gates" in again.summary["reason"]
     assert client.get_model_version(lenient.model_name, "1").tags["clickclip.decision"] == "promoted"
     assert len(client.search_model_versions(f"name='{lenient.model_name}'")) == 1
@@ -492,6 +509,37 @@ def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path)
     finally:
         searcher.close()
     assert hits >= 1
+
+
+def test_publish_refuses_a_replay_that_differs_and_verify_serving_checks_what_serves(first_and_second_run, tmp_path):
+    from pipeline.stages.publish import publish
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    run_dir = _run_dir(work)
+    index = json.loads((run_dir / "publish" / "index.json").read_text())
+    parity = index["parity"]
+    assert parity["identical"] == parity["queries"] > 0 and parity["overlap"] >= cfg.publish.min_recall
+    assert index["parity_sentence"] in first.output  # the run's summary prints it
+    assert index["parity_sentence"] in (cfg.reports_dir / run_dir.name / "recall.md").read_text().splitlines()[1]
+    # what serves now, replayed through the serving version's ONNX text tower
+    result = CliRunner().invoke(app, ["verify-serving", "--config", str(work / "tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"{parity['queries']}/{parity['queries']} test queries identical top-10" in result.output
+    assert "PASSED" in result.output
+    # a reference the query path does not reproduce: publish refuses, and so nothing is promoted
+    reference = json.loads((run_dir / "evaluate" / "served_rankings.json").read_text())
+    reference["rankings"][3] = reference["rankings"][3][::-1]
+    tampered = tmp_path / "served_rankings.json"
+    tampered.write_text(json.dumps(reference))
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    evaluation["served_config"]["candidate"]["backend"] = "faiss"
+    files = cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"backend": "faiss"}),
+                                   "state_dir": tmp_path / "state"})
+    differs = "1 queries came back differently.*" + re.escape(repr(reference["queries"][3]))
+    with pytest.raises(StageError, match=differs):
+        publish(files, "tampered", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
+                run_dir / "train" / "model", evaluation, True, tmp_path, None, tampered)
 
 
 class Killed(BaseException):

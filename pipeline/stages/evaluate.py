@@ -661,9 +661,12 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     verdict = {"by": "evaluate", **{key: summary["decision"][key] for key in ("promoted", "reason")}} \
         if "decision" in summary else {"by": "evaluate", "promoted": None, "reason": "no gate inputs: not decided"}
     report_path.write_text(markdown_block(verdict) + render_report(summary, rule, metric, data))
+    # the run folder keeps the report as evaluate wrote it (its recorded output, so reuse checks it); the
+    # published copy's verdict line is promote's to rewrite
+    shutil.copyfile(report_path, out_dir / "recall.md")
     write_html_report(report_dir / "report.html", summary, cfg, data, root,
                       dict(zip(test.catalog_ids, test.catalog_paths, strict=True)), html_block(verdict))
-    return EvaluateResult(metrics_path, report_path, summary)
+    return EvaluateResult(metrics_path, out_dir / "recall.md", summary)
 
 
 def run(cfg: RunConfig, inputs: StageInputs, out_dir: Path) -> StageOutput:

@@ -661,3 +661,35 @@ def test_serve_answers_over_http_on_loopback(first_and_second_run):
         assert answer["version"] == "1" and len(answer["results"]) == 3
     finally:
         _stop(process)
+
+
+def test_promote_force_builds_and_flips_the_index_of_a_version_the_gates_refused(first_and_second_run, tmp_path):
+    """`promote --force` moved the alias and built no index: search kept serving the old version while
+    the registry named another. Runs last: it re-decides the shared run folder under other settings."""
+    from pipeline import registry
+    from pipeline.serving.stores import open_store
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = ["--set", f"promote.tracking_uri={uri}", "--set", f"state_dir={tmp_path / 'state'}",
+                "--set", "promote.margin=0.99"]
+    refused = CliRunner().invoke(app, ["run", "--config", str(work / "tiny.yaml"), "--run-id", _run_dir(work).name,
+                                       *settings])
+    assert refused.exit_code == 0 and "not promoted" in refused.output and "not published" in refused.output
+    result = CliRunner().invoke(app, ["promote", "--config", str(work / "tiny.yaml"), "--run-id",
+                                      _run_dir(work).name, *settings, "--force", "--reason", "hotfix"])
+    assert result.exit_code == 0, result.output
+    assert "forced: clickclip-tiny version 1 is champion (hotfix); search serves version 1" in result.output
+    forced = cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"tracking_uri": uri}),
+                                    "state_dir": tmp_path / "state"})
+    tags = registry.version_tags(forced.promote, "1")
+    assert tags["clickclip.decision"] == "forced" and registry.aliases(forced.promote) == {"champion": "1"}
+    store = open_store(forced.publish, forced.state_dir / forced.name)
+    try:
+        current = store.serving("clickclip-tiny")
+    finally:
+        store.close()
+    assert (current.version, current.table) == ("1", tags["clickclip.index_table"])
+    verdict = (cfg.reports_dir / _run_dir(work).name / "recall.md").read_text().splitlines()[1]
+    assert verdict.startswith("**Verdict: PROMOTED: version 1 is champion — FORCED by")

@@ -124,7 +124,9 @@ for _stage in STAGE_NAMES:
 @app.command("promote")
 def promote(
     config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
-    force: Annotated[bool, typer.Option(help="make this run's version champion even if its gates failed")] = False,
+    force: Annotated[bool, typer.Option(help="make this run's version champion even if its gates failed: its index "
+                                              "is built and validated (replay included) first, or nothing moves")
+                     ] = False,
     reason: Annotated[str, typer.Option(metavar="TEXT",
                                         help="why (required with --force; recorded on the version)")] = "",
     as_json: JsonOption = False,
@@ -155,7 +157,8 @@ def rollback(
     reason: Annotated[str, typer.Option(metavar="TEXT", help="why; recorded on the rolled-back version")] = "",
     as_json: JsonOption = False,
 ) -> None:
-    """Move `champion` back to the `previous` version."""
+    """Point search and `champion` back at the `previous` version (its index first); refuses, changing
+    nothing, when `previous` has no index to serve. Rerun it to finish an interrupted rollback."""
     from pipeline.config import load_config
     from pipeline.registry.promotion import rollback as roll_back
 

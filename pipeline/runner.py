@@ -203,6 +203,8 @@ def force_promote(run: Run, decision: dict, reason: str) -> dict:
         "by": "promote", "promoted": True, "version": str(decision["version"]),
         "reason": f"FORCED by {forced['clickclip.forced_by']} past the gates ({reason}); the gates said: "
                   f"{decision['reason']}", "parity": index.get("parity_sentence")})
+    registry.log_report(cfg.promote, registry.version_run_id(cfg.promote, str(decision["version"])),
+                        run.config.reports_dir / run.run_id)
     return {"model_name": cfg.promote.model_name, **forced}
 
 

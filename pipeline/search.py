@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
-from pipeline.serving.index import IndexStore, VersionMismatch, answer, current_serving
+from pipeline.serving.index import IndexStore, VersionMismatch, answer, current_serving, replay
 from pipeline.serving.stores import open_store
 from pipeline.training.onnx_export import OnnxTextEncoder
 
@@ -54,8 +54,6 @@ def verify_serving(cfg: RunConfig) -> dict:
     """Publish's replay against what serves now: the publishing run's test queries through the query
     path (the serving version's ONNX text tower, the serving table, its recorded configuration),
     compared with that run's evaluate rankings. Fails loudly when they differ."""
-    from pipeline.stages.publish import replay
-
     searcher = Searcher(cfg)
     try:
         current = current_serving(searcher.store, cfg.promote.model_name)
@@ -63,8 +61,8 @@ def verify_serving(cfg: RunConfig) -> dict:
         if not current.run_id or not reference.is_file():
             raise StageError(f"cannot verify index {current.table}: the rankings evaluate scored for it ({reference}) "
                              "are not here; run verify-serving where the pipeline's runs folder is")
-        parity = replay(searcher.store, current.table, current.served, searcher.encoder,
-                        json.loads(reference.read_text()), cfg.publish.check_queries)
+        parity = replay(searcher.store, current, searcher.encoder, json.loads(reference.read_text()),
+                        cfg.publish.check_queries)
     finally:
         searcher.close()
     ok = parity.identical == parity.queries and parity.overlap >= cfg.publish.min_recall

@@ -611,6 +611,27 @@ def test_a_kill_at_each_point_of_promotion_is_repaired_by_the_rerun(two_weeks, m
     assert registry.version_tags(fresh.promote, "2")["clickclip.index_table"] == week2["table"]
 
 
+def test_a_champion_moved_between_the_check_and_the_alias_flips_serving_back(two_weeks, monkeypatch):
+    """The pointer flipped before the alias's compare-and-set failed, leaving search on a version the
+    registry did not name."""
+    from pipeline import registry
+    from pipeline.registry import promotion
+
+    fresh, week2, week1, promote_week, serving = two_weeks
+
+    client = MlflowClient(tracking_uri=fresh.promote.tracking_uri)
+
+    def someone_else_promotes(point):  # a hand-registered version made champion while week-2 promotes
+        if point == "tagged":
+            other = client.create_model_version("clickclip-tiny", source=str(fresh.state_dir))
+            client.set_registered_model_alias("clickclip-tiny", "champion", other.version)
+
+    monkeypatch.setattr(promotion, "reached", someone_else_promotes)
+    with pytest.raises(registry.ChampionMoved):
+        promote_week("week-2", champion="1", index=week2)
+    assert serving() == ("1", week1["table"])  # search serves what it served before, not week-2
+
+
 @pytest.mark.parametrize("point", ["flipped", "tagged", "alias_moved"])
 def test_a_kill_during_rollback_is_repaired_by_rerunning_it(two_weeks, monkeypatch, point):
     """Rollback deleted `previous` before the index followed, so a failed flip could not be rerun."""

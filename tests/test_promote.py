@@ -299,3 +299,13 @@ def test_a_regression_on_earlier_runs_held_out_queries_blocks_promotion():
     evaluation["earlier_heldout"]["delta"] = -0.01
     assert decide(evaluation, PromoteConfig(), FINE)[0]
     assert decide(evaluation | {"earlier_heldout": {"queries": 0}}, PromoteConfig(), FINE)[0]
+
+
+def test_rollback_sets_champion_when_only_previous_is_left(registry):
+    """With `previous` set and no `champion` alias, rollback deleted `previous` and set no champion."""
+    from pipeline.registry import promotion
+
+    pcfg, client = registry
+    client.set_registered_model_alias("m", "previous", "1")
+    summary = promotion.rollback(_run_config(pcfg, publish={"enabled": False}), reason="x")
+    assert summary["champion"] == "1" and _aliases(client) == {"champion": "1"}

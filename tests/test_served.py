@@ -61,7 +61,8 @@ def test_fusion_uses_the_recorded_depth_of_each_list():
 
 
 @pytest.mark.parametrize(("typed", "expected"), [("ＮＡＶＹ rain shell", "navy rain shell"), ("ﬁtted", "fitted"),
-                                                 ("Straße", "strasse"), ("NV\u20111042", "nv\u20101042")])
+                                                 ("Straße", "strasse"), ("NV\u20111042", "nv\u20101042"),
+                                                 ("navy rain shell\u200b", "navy rain shell")])
 def test_served_queries_are_normalised_exactly_as_extract_normalised_the_logs(typed, expected):
     extracted = normalise_queries(pa.array([typed])).to_pylist()[0]
     assert query_text(typed, HYBRID) == extracted == expected

@@ -213,3 +213,18 @@ def test_served_queries_are_normalised_as_extract_normalised_the_logs(store):
         assert served["normalised_query"] == extracted and seen[-1] == extracted  # the tower sees extract's text
         assert served["results"][0]["image_id"] == image  # and BM25 meets the title
         assert served["results"] == answer(store, "norm", "1", encode, extracted, 5)["results"]
+
+
+def test_a_replay_refuses_a_reference_of_another_configuration_or_of_no_queries(store):
+    from pipeline.serving.index import Serving, replay
+
+    ids, vectors = _catalog(30, seed=2)
+    table = table_name("replay", "r1")
+    _write(store, table, ids, vectors, "replay", served=HYBRID)
+    current = Serving("replay", "1", table, HYBRID)
+    with pytest.raises(StageError, match="another served configuration"):
+        replay(store, current, _encode(vectors, 0), {"served_config": DENSE.to_dict(), "queries": ["q"],
+                                                     "rankings": [[]]}, 10)
+    with pytest.raises(StageError, match="no test queries to replay"):
+        replay(store, current, _encode(vectors, 0), {"served_config": HYBRID.to_dict(), "queries": [],
+                                                     "rankings": []}, 10)

@@ -12,12 +12,12 @@ import pyarrow as pa
 
 PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufeff]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")  # and zero-width characters
 
 
 def normalise_query(text: str, strip_punctuation: bool = False) -> str:
-    """NFKC, case folding, control characters and byte-order marks to spaces, optional punctuation
-    stripping, whitespace collapse."""
+    """NFKC, case folding, control characters, zero-width characters and byte-order marks to spaces,
+    optional punctuation stripping, whitespace collapse."""
     text = unicodedata.normalize("NFKC", text).casefold()
     text = CONTROL.sub(" ", text)
     if strip_punctuation:

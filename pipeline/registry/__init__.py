@@ -308,6 +308,12 @@ def log_report(cfg: PromoteConfig, mlflow_run_id: str, report_dir: Path) -> None
         client_for(cfg).log_artifacts(mlflow_run_id, str(report_dir), artifact_path=report_dir.name)
 
 
+def version_run_id(cfg: PromoteConfig, version: str) -> str:
+    """The MLflow run a version was registered from (where its report is logged)."""
+    with _store(cfg, f"reading version {version}"):
+        return client_for(cfg).get_model_version(cfg.model_name, version).run_id
+
+
 def version_tags(cfg: PromoteConfig, version: str) -> dict[str, str]:
     with _store(cfg, f"reading version {version}"):
         return dict(client_for(cfg).get_model_version(cfg.model_name, version).tags)

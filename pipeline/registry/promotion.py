@@ -52,6 +52,15 @@ def _flip(cfg: RunConfig, version: str, table: str) -> bool:
         store.close()
 
 
+def _serving(cfg: RunConfig) -> tuple[str, str] | None:
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+    try:
+        current = store.serving(cfg.promote.model_name)
+        return (current.version, current.table) if current else None
+    finally:
+        store.close()
+
+
 def _tag(cfg: RunConfig, version: str, table: str) -> bool:
     if registry.version_tags(cfg.promote, version).get(INDEX_TAG) == table:
         return False
@@ -74,6 +83,7 @@ def make_champion(cfg: RunConfig, version: str, table: str | None, expected_cham
             f"{expected_champion or '(none)'}, but the registry's champion is now {champion or '(none)'}. Rerun the "
             "pipeline (clickclip run) so evaluate compares against the new champion")
     flipped = tagged = False
+    before = _serving(cfg) if table is not None else None
     if table is not None:
         flipped = _flip(cfg, version, table)
         reached("flipped")
@@ -81,7 +91,12 @@ def make_champion(cfg: RunConfig, version: str, table: str | None, expected_cham
         reached("tagged")
     moved = champion != version
     if moved:
-        registry.promote_version(pcfg, version, expected_champion=expected_champion)
+        try:
+            registry.promote_version(pcfg, version, expected_champion=expected_champion)
+        except registry.ChampionMoved:
+            if flipped and before is not None:  # the alias moved since the check: serve what it names again
+                _flip(cfg, *before)
+            raise
     reached("alias_moved")
     if table is None:
         return ""
@@ -140,11 +155,12 @@ def rollback(cfg: RunConfig, reason: str = "") -> dict:
                              "nothing was changed. Rerun publish for its run, or promote --force another version")
         _flip(cfg, previous, table)
         reached("flipped")
-    rolled_back = current if current != previous else None  # None: a rerun, the alias had moved already
+    rolled_back = current if current not in (previous, None) else None  # None: a rerun after the alias moved
     if rolled_back is not None:
         registry.set_version_tags(pcfg, rolled_back, {"clickclip.rolled_back":
                                                       f"by {registry.who()}: {reason or 'no reason given'}"})
         reached("tagged")
+    if current != previous:
         registry.set_alias(pcfg, "champion", previous)
         reached("alias_moved")
     registry.delete_alias(pcfg, "previous")

@@ -11,6 +11,8 @@ import html
 import re
 from pathlib import Path
 
+from pipeline.errors import StageError
+
 START, END = "<!-- clickclip:verdict -->", "<!-- /clickclip:verdict -->"
 BLOCK = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
 
@@ -47,7 +49,8 @@ def rewrite_verdict(report_dir: Path, verdict: dict) -> list[Path]:
         if path.is_file():
             text = path.read_text()
             if not BLOCK.search(text):
-                raise ValueError(f"{path} has no verdict line to rewrite (written by an older clickclip)")
+                raise StageError(f"{path} has no verdict line to rewrite (written by an older clickclip): rerun "
+                                 "evaluate for this run to write the report anew")
             path.write_text(BLOCK.sub(lambda _, line=block: line, text, count=1))
             done.append(path)
     return done

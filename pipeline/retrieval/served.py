@@ -56,7 +56,7 @@ class ServedConfig:
     bm25_k1: float = 1.5  # bm25s's defaults, written down so a new bm25s cannot change them unseen
     bm25_b: float = 0.75
     bm25_method: str = "lucene"
-    query_normalisation: str = "nfkc+casefold+whitespace"
+    query_normalisation: str = "nfkc+casefold+control+whitespace"
     strip_punctuation: bool = False  # extract.strip_punctuation
     text_context: int = 77  # the text tower's context: longer queries are truncated
     backend: Literal["pgvector", "faiss"] = "pgvector"

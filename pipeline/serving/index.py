@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StageError
 from pipeline.retrieval.search import exact_search
-from pipeline.retrieval.served import ServedConfig, keyword_index, query_text, rank
+from pipeline.retrieval.served import Parity, ServedConfig, keyword_index, query_text, rank, replay_parity
 
 IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
@@ -140,9 +140,7 @@ def current_serving(store: IndexStore, model_name: str) -> Serving:
 
 def answer(store: IndexStore, model_name: str, loaded_version: str, encode: Callable[[list[str]], np.ndarray],
            query: str, k: int) -> dict:
-    """One query against what serves now, ranked as the serving table's record says (`rank_table`):
-    normalised as extract normalised the logged queries, encoded by `encode` (the loaded version's
-    text tower), searched and fused.
+    """One query against what serves now (`answer_from` the pointer's table and record).
 
     Refuses when the pointer names another version than the text tower that encoded the query:
     vectors of two models are not comparable."""
@@ -151,16 +149,48 @@ def answer(store: IndexStore, model_name: str, loaded_version: str, encode: Call
         raise VersionMismatch(f"the serving index is version {current.version}'s, but the query was encoded by version "
                               f"{loaded_version}'s text tower: reload the model (vectors of two versions do not "
                               "compare)")
+    return answer_from(store, current, encode, query, k)
+
+
+def answer_from(store: IndexStore, current: Serving, encode: Callable[[list[str]], np.ndarray], query: str, k: int,
+                exact: bool = False) -> dict:
+    """The query path: `query` normalised as extract normalised the logged queries, encoded by
+    `encode` (the version's text tower), ranked from the table as its record says (`rank_table`),
+    and each result with what a caller needs. `exact` searches every row (the replay's check)."""
     served = current.served
     text = query_text(query, served)
     if not text:
         raise StageError(f"the query {query!r} is empty once normalised: nothing to search for")
-    results = rank_table(store, current.table, served, [query], encode([text]), k)[0]
+    results = rank_table(store, current.table, served, [query], encode([text]), k, exact)[0]
     rows = store.rows(current.table, [image for image, _ in results])
-    return {"query": query, "normalised_query": query_text(query, served), "model_name": model_name,
+    return {"query": query, "normalised_query": text, "model_name": current.model_name,
             "version": current.version, "table": current.table, "served_as": served.mode,
-            "served_config": served.to_dict(), "k": len(results),
+            "served_config": served.to_dict(), "k_requested": k, "k": len(results),
             "results": [{"image_id": image, "score": round(score, 6), "title": rows[image].title,
                          "product_id": rows[image].product_id, "path": rows[image].path,
                          "version": current.version}
                         for image, score in results]}
+
+
+def replay(store: IndexStore, current: Serving, encode: Callable[[list[str]], np.ndarray], reference: dict,
+           count: int, k: int = 10) -> Parity:
+    """Up to `count` of a run's test queries through the query path (`answer_from`: normalised,
+    encoded, searched, fused, as `clickclip search` answers) against evaluate's rankings of the same
+    served configuration: exact search must return them identically, HNSW overlap them. Refuses a
+    reference of another configuration, or of no queries."""
+    recorded = ServedConfig.from_dict(reference["served_config"])
+    if recorded.ranking_digest != current.served.ranking_digest:
+        raise StageError(f"the replay's reference rankings were scored for another served configuration "
+                         f"({recorded.describe()}) than index {current.table} records ({current.served.describe()})")
+    queries, rankings = reference["queries"], [[(i, float(s)) for i, s in row] for row in reference["rankings"]]
+    if not queries:
+        raise StageError(f"no test queries to replay against index {current.table}: parity cannot be shown")
+    if len(queries) > count:
+        keep = sorted(np.random.default_rng(0).choice(len(queries), count, replace=False).tolist())
+        queries, rankings = [queries[i] for i in keep], [rankings[i] for i in keep]
+
+    def ranked(exact: bool) -> list[list[tuple[str, float]]]:
+        return [[(r["image_id"], r["score"]) for r in answer_from(store, current, encode, q, k, exact)["results"]]
+                for q in queries]
+
+    return replay_parity(queries, rankings, ranked(True), ranked(False), k)

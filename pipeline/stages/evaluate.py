@@ -625,6 +625,13 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         "worst_queries": worst_queries(test, scores, served_baseline, metric, candidate=served),
         "hubness": hubness(scores[served].ranked, k=10),
     }
+    needed = keyword_depth(test, val, k, [])
+    if champion is not None and champion.served is not None and champion.served.mode == "hybrid" \
+            and champion.served.fusion_depth < needed:
+        summary["warnings"].append(
+            f"the champion's recorded fusion depth {champion.served.fusion_depth} is below the {needed} results "
+            "filtered scoring needs this week: after its known right answers are removed, some of its lists run "
+            "short of the cut-off, which counts against the champion (it serves that depth)")
     if champion is not None and champion.served is None:
         summary["warnings"].append(
             f"champion version {champion.version} has no recorded served configuration (registered before "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import registry
 from pipeline.config import RunConfig
+from pipeline.errors import StageError
 from pipeline.registry import promotion
 from pipeline.report.verdict import rewrite_verdict
 from pipeline.retrieval.gates import GateInputs, decide
@@ -38,7 +39,10 @@ def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, s
 def served_record(evaluation: dict) -> str:
     """The served configuration the gate decided on, as stored with the registered version: next
     week's evaluate scores this version exactly as it serves, from this record."""
-    return ServedConfig.from_dict(evaluation["served_config"]["candidate"]).to_json()
+    record = (evaluation.get("served_config") or {}).get("candidate")
+    if record is None:
+        raise StageError("the evaluation has no served configuration (written by an older clickclip): rerun evaluate")
+    return ServedConfig.from_dict(record).to_json()
 
 
 def published_table(index: dict | None) -> str | None:
@@ -64,8 +68,9 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         # registered by an earlier attempt of this run: re-decide under the current gates (a changed
         # margin or gate decides again), never register twice
         version = existing[0]
-        registry.set_version_tags(pcfg, str(version.version), {RECORD_TAG: served_record(evaluation)})
         tags = registry.version_tags(pcfg, str(version.version))
+        if RECORD_TAG not in tags:  # registered before configurations were recorded; never rewritten after
+            registry.set_version_tags(pcfg, str(version.version), {RECORD_TAG: served_record(evaluation)})
         champion = registry.champion_version(pcfg)
         if "clickclip.rolled_back" in tags:
             promoted = False

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from pipeline.errors import StageError
 from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.search import product_vectors
-from pipeline.retrieval.served import Parity, ServedConfig, query_text, replay_parity
-from pipeline.serving.index import HnswSettings, IndexStore, rank_table, run_key, table_name
+from pipeline.retrieval.served import ServedConfig
+from pipeline.serving.index import HnswSettings, Serving, replay, run_key, table_name
 from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.model import (
@@ -91,21 +90,6 @@ def served_of(evaluation: dict) -> ServedConfig:
     return ServedConfig.from_dict(record)
 
 
-def replay(store: IndexStore, table: str, served: ServedConfig, encode: Callable[[list[str]], np.ndarray],
-           reference: dict, count: int, k: int = 10) -> Parity:
-    """Up to `count` of the run's test queries through the query path (`rank_table` on the written
-    table, the queries normalised and encoded as serving does) against evaluate's rankings of the
-    same served configuration: exact search must return them identically, HNSW overlap them."""
-    queries, rankings = reference["queries"], [[(i, float(s)) for i, s in row] for row in reference["rankings"]]
-    if len(queries) > count:
-        keep = sorted(np.random.default_rng(0).choice(len(queries), count, replace=False).tolist())
-        queries, rankings = [queries[i] for i in keep], [rankings[i] for i in keep]
-    vectors = encode([query_text(q, served) for q in queries])
-    exact = rank_table(store, table, served, queries, vectors, k, exact=True)
-    approximate = rank_table(store, table, served, queries, vectors, k)
-    return replay_parity(queries, rankings, exact, approximate, k)
-
-
 def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, model_dir: Path, evaluation: dict,
             promoted: bool, out_dir: Path, saved: Path | None = None, reference: Path | None = None) -> dict:
     """`saved`: evaluate's candidate vectors (reused where they still match); `reference`: evaluate's
@@ -141,8 +125,8 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
             raise StageError(f"index table {table} holds {rows} rows, the kept catalog {len(ids)}: not served")
         queries = check_queries(pl.read_parquet(pairs_path), titles, pcfg.check_queries)
         recall = store.recall_against_exact(table, ids, vectors, embed_texts(bundle, queries), 10, served.ef_search)
-        parity = replay(store, table, served, partial(embed_texts, bundle), json.loads(reference.read_text()),
-                        pcfg.check_queries)
+        parity = replay(store, Serving(cfg.promote.model_name, "candidate", table, served, run_id),
+                        partial(embed_texts, bundle), json.loads(reference.read_text()), pcfg.check_queries)
     finally:
         store.close()
     if recall < pcfg.min_recall:

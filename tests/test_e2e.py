@@ -479,9 +479,12 @@ def test_search_answers_from_the_champions_index(first_and_second_run, tmp_path)
         publish(files, "files-run", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
                 model, evaluation, True, tmp_path, None, run_dir / "evaluate" / "served_rankings.json")
     evaluation["served_config"]["candidate"]["backend"] = "faiss"  # as evaluate records it with backend: faiss
+    reference = json.loads((run_dir / "evaluate" / "served_rankings.json").read_text())
+    reference["served_config"]["backend"] = "faiss"
+    (tmp_path / "served_rankings.json").write_text(json.dumps(reference))
     built = publish(files, "files-run", run_dir / "split" / "images.parquet", run_dir / "split" / "pairs.parquet",
                     model, evaluation, True, tmp_path, run_dir / "evaluate" / "candidate_vectors.npz",
-                    run_dir / "evaluate" / "served_rankings.json")
+                    tmp_path / "served_rankings.json")
     assert built["published"] and built["backend"] == "faiss" and built["rows"] == kept
     assert built["recall_at_10_vs_exact"] >= 0.95 and (tmp_path / "state" / files.name / "faiss").is_dir()
     assert built["parity"]["identical"] == built["parity"]["queries"] > 0  # FAISS flat: the same ids, in order
@@ -530,6 +533,7 @@ def test_publish_refuses_a_replay_that_differs_and_verify_serving_checks_what_se
     # a reference the query path does not reproduce: publish refuses, and so nothing is promoted
     reference = json.loads((run_dir / "evaluate" / "served_rankings.json").read_text())
     reference["rankings"][3] = reference["rankings"][3][::-1]
+    reference["served_config"]["backend"] = "faiss"  # published below with backend: faiss
     tampered = tmp_path / "served_rankings.json"
     tampered.write_text(json.dumps(reference))
     evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())

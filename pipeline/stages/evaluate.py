@@ -368,7 +368,7 @@ def score_configurations(label: str, embedded: Embedded, test: TestSet, val: Tes
     head, seen, tune_on = Side.headline(test), Side.seen(test), Side.headline(val)
     sides = {"test": (test, head), "seen": (test, seen), "val": (val, tune_on)}
     need = {which: search_depth(source, k, side.known) for which, (source, side) in sides.items()}
-    depth = recorded.fusion_depth if recorded else max(FUSION_DEPTH, *need.values())
+    depth = recorded.fusion_depth if recorded else keyword_depth(test, val, k, [])
     infos: dict[str, dict] = {}
 
     def ranked(served: ServedConfig, which: str) -> list[Ranked]:

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.data.queries import normalise_query
+from pipeline.errors import StageError
 from pipeline.retrieval.bm25 import Bm25Index
 from pipeline.retrieval.fusion import Ranked, weighted_fusion
 
@@ -109,6 +110,15 @@ class ServedConfig:
     def depth(self, k: int) -> int:
         """How many results a request for k gets: k for dense, at most fusion_depth for hybrid."""
         return k if self.mode == "dense" else min(k, self.fusion_depth)
+
+
+def gated(evaluation: dict) -> ServedConfig:
+    """The candidate's served configuration in evaluate's summary: what the gate decided on, what
+    publish builds and promote records with the version."""
+    record = (evaluation.get("served_config") or {}).get("candidate")
+    if record is None:
+        raise StageError("the evaluation has no served configuration (written by an older clickclip): rerun evaluate")
+    return ServedConfig.from_dict(record)
 
 
 def query_text(query: str, served: ServedConfig) -> str:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 from pipeline import registry
 from pipeline.config import RunConfig
-from pipeline.errors import StageError
 from pipeline.registry import promotion
 from pipeline.report.verdict import rewrite_verdict
 from pipeline.retrieval.gates import GateInputs, decide
-from pipeline.retrieval.served import RECORD_TAG, ServedConfig
+from pipeline.retrieval.served import RECORD_TAG, gated
 from pipeline.stages import StageInputs, StageOutput
 from pipeline.training.onnx_export import export_onnx
 
@@ -39,10 +38,7 @@ def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, s
 def served_record(evaluation: dict) -> str:
     """The served configuration the gate decided on, as stored with the registered version: next
     week's evaluate scores this version exactly as it serves, from this record."""
-    record = (evaluation.get("served_config") or {}).get("candidate")
-    if record is None:
-        raise StageError("the evaluation has no served configuration (written by an older clickclip): rerun evaluate")
-    return ServedConfig.from_dict(record).to_json()
+    return gated(evaluation).to_json()
 
 
 def published_table(index: dict | None) -> str | None:

@@ -31,7 +31,7 @@ from pipeline.errors import StageError
 from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.gates import GateInputs, decide
 from pipeline.retrieval.search import product_vectors
-from pipeline.retrieval.served import ServedConfig
+from pipeline.retrieval.served import gated
 from pipeline.serving.index import HnswSettings, Serving, replay, run_key, table_name
 from pipeline.serving.stores import open_store
 from pipeline.stages import StageInputs, StageOutput
@@ -82,14 +82,6 @@ def catalog_vectors(cfg: RunConfig, bundle: ClipBundle, model_dir: Path, images:
     return vectors, title_vectors, has_title, int(reused.sum())
 
 
-def served_of(evaluation: dict) -> ServedConfig:
-    """The candidate's served configuration, as evaluate scored and the gate decided on it."""
-    record = (evaluation.get("served_config") or {}).get("candidate")
-    if record is None:
-        raise StageError("the evaluation has no served configuration (written by an older clickclip): rerun evaluate")
-    return ServedConfig.from_dict(record)
-
-
 def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, model_dir: Path, evaluation: dict,
             promoted: bool, out_dir: Path, saved: Path | None = None, reference: Path | None = None) -> dict:
     """`saved`: evaluate's candidate vectors (reused where they still match); `reference`: evaluate's
@@ -103,7 +95,7 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
         raise StageError(f"evaluate's served rankings ({reference or 'served_rankings.json'}) are missing: the "
                          "replay that proves serving ranks as evaluate scored cannot run; rerun evaluate")
     started = time.perf_counter()
-    served = served_of(evaluation)
+    served = gated(evaluation)
     if served.backend != pcfg.backend:
         raise StageError(f"publish.backend is {pcfg.backend}, but evaluate scored it for backend {served.backend}: "
                          "rerun evaluate with this config (the served configuration names its backend)")

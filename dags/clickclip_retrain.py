@@ -65,17 +65,24 @@ def retry_policy(stage) -> dict:
     return policy
 
 
-def extract_window(context) -> dict[str, str]:
-    """The dates the run reads: its data interval [start, end) as whole days, start's day to the day
-    before end's, so a backfilled week never reads events after its interval. The `since` / `until`
-    params override it; asset-triggered runs have no interval and read the config's window."""
+def data_interval(context) -> str | None:
+    """The dates the run reads, as `clickclip --data-interval FIRST/LAST`: its data interval [start,
+    end) as whole days, start's day to the day before end's, so a backfilled week never reads events
+    after its interval; the `since` / `until` params override either end. clickclip applies one rule
+    (WindowConfig): the window ends on LAST and starts on FIRST, or `extract.window.last_days` before
+    LAST, so every config that loads from the CLI runs here. Asset-triggered runs (no interval, no
+    params) read the config's window."""
     params = context["params"]
-    if params.get("since") or params.get("until"):
-        return {key: params[key] for key in ("since", "until") if params.get(key)}
     start, end = context.get("data_interval_start"), context.get("data_interval_end")
-    if start is None or end is None or end <= start:
-        return {}
-    return {"since": start.date().isoformat(), "until": (end - timedelta(days=1)).date().isoformat()}
+    interval = (start.date(), (end - timedelta(days=1)).date()) if start and end and end > start else (None, None)
+    first = params.get("since") or (interval[0] and interval[0].isoformat())
+    last = params.get("until") or (interval[1] and interval[1].isoformat())
+    if not first and not last:
+        return None
+    if not first or not last:  # one param on a run without an interval: the other end is open
+        raise ValueError(f"params since={params.get('since')!r}, until={params.get('until')!r}: a run without a data "
+                         "interval needs both")
+    return f"{first}/{last}"
 
 
 def run_id_for(context) -> str:
@@ -89,9 +96,8 @@ def stage_arguments(stage: str) -> list[str]:
     """The `clickclip` arguments of one stage in the running DAG run."""
     context = get_current_context()
     arguments = [stage, "--config", context["params"]["config"], "--run-id", run_id_for(context), "--json"]
-    for key, day in extract_window(context).items():
-        arguments += ["--set", f"extract.window.{key}={day}"]
-    return arguments
+    interval = data_interval(context)
+    return arguments + (["--data-interval", interval] if interval else [])
 
 
 def clickclip(stage: str) -> str:

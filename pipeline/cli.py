@@ -70,39 +70,78 @@ def _emit(summary: dict, as_json: bool, text: str | None = None) -> None:
                                                       if not isinstance(value, dict | list)))
 
 
-def _open(config: Path, run_id: str | None, overrides: list[str] | None):
-    from pipeline.config import load_config
+IntervalOption = Annotated[str | None, typer.Option(
+    "--data-interval", metavar="FIRST/LAST",
+    help="a scheduler's data interval (inclusive dates, e.g. 2026-11-02/2026-11-08); it replaces the configured "
+         "window: the window ends on LAST and starts on FIRST, or extract.window.last_days before LAST")]
+
+
+def _open(config: Path, run_id: str | None, overrides: list[str] | None, interval: str | None = None):
+    from pipeline.config import load_config, parse_interval
     from pipeline.runs import open_run
 
-    return open_run(load_config(config, overrides or []), run_id)
+    return open_run(load_config(config, overrides or [], parse_interval(interval) if interval else None), run_id)
 
 
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Option(metavar="FOLDER", help="folder to write the demo shop into")] = Path("data/demo"),
     products: Annotated[int, typer.Option(min=10, metavar="N", help="catalog products")] = 600,
-    sessions: Annotated[int, typer.Option(min=10, metavar="N", help="search sessions in the click log")] = 20000,
+    sessions: Annotated[int, typer.Option(min=10, metavar="N", help="search sessions in the click log (per week "
+                                                                   "with --weeks)")] = 20000,
     seed: Annotated[int, typer.Option(metavar="N", help="random seed: the same seed, the same shop")] = 0,
+    weeks: Annotated[int, typer.Option(min=0, metavar="N", help="a shop that changes over N weeks (new, retired "
+                                                                 "and re-shot products, seasonal queries, one bad "
+                                                                 "week), standing at week 1; move it on with "
+                                                                 "`clickclip demo-advance`")] = 0,
+    bad_week: Annotated[int, typer.Option(metavar="K", help="with --weeks: the week with a day of scraper traffic "
+                                                           "(0: none)")] = 4,
     force: Annotated[bool, typer.Option(help="regenerate even if the folder already holds demo data")] = False,
 ) -> None:
     """Generate a demo catalog and click log in the input data contract's format."""
-    from pipeline.demo.shop import generate
-
     if (out / "images.parquet").is_file() and not force:
         console.print(f"demo data already in {out} (use --force to regenerate)")
         return
+    if weeks:
+        from pipeline.demo.season import generate_season
+
+        try:
+            season = generate_season(out, weeks, products=products, sessions=sessions, seed=seed,
+                                     bad_week=bad_week or None)
+        except ClickclipError as exc:
+            _fail(exc)
+        console.print(f"wrote a {weeks}-week season to {out}/season (bad week: {season.bad_week or 'none'}); the "
+                      f"shop in {out} stands at week 1: `clickclip demo-advance --out {out} --week 2` moves it on")
+        return
+    from pipeline.demo.shop import generate
+
     summary = generate(out, products=products, sessions=sessions, seed=seed)
     console.print(f"wrote {summary.images} images of {summary.products} products, {summary.impressions} "
                   f"impressions and {summary.planted_duplicates} planted near-duplicates to {out}")
 
 
+@app.command("demo-advance")
+def demo_advance(
+    week: Annotated[int, typer.Option(min=1, metavar="K", help="the week to move the shop to")],
+    out: Annotated[Path, typer.Option(metavar="FOLDER", help="the shop `demo-data --weeks` wrote")] = Path("data/demo"),
+) -> None:
+    """Move a demo season's shop forward to the end of week K: its log, catalog and image folder."""
+    from pipeline.demo.season import advance
+
+    try:
+        advance(out, week)
+    except ClickclipError as exc:
+        _fail(exc)
+    console.print(f"the shop in {out} stands at the end of week {week}")
+
+
 def _stage_command(stage: str):
     def command(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
-                as_json: JsonOption = False) -> None:
+                data_interval: IntervalOption = None, as_json: JsonOption = False) -> None:
         from pipeline.runner import run_stage, stage_report
 
         try:
-            run = _open(config, run_id, set_)
+            run = _open(config, run_id, set_, data_interval)
             summary = run_stage(run, stage)
         except ClickclipError as exc:
             _fail(exc)
@@ -123,7 +162,7 @@ for _stage in STAGE_NAMES:
 
 @app.command("promote")
 def promote(
-    config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
+    config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None, data_interval: IntervalOption = None,
     force: Annotated[bool, typer.Option(help="make this run's version champion even if its gates failed: its index "
                                               "is built and validated (replay included) first, or nothing moves")
                      ] = False,
@@ -137,7 +176,7 @@ def promote(
     try:
         if force and not reason.strip():
             raise ClickclipError("--force needs --reason: say why the gates are overridden")
-        run = _open(config, run_id, set_)
+        run = _open(config, run_id, set_, data_interval)
         summary = run_stage(run, "promote")
         text = stage_report(run, "promote", summary)
         if force:
@@ -284,12 +323,13 @@ def init(
 
 
 @app.command("run")
-def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None) -> None:
+def run(config: ConfigOption, run_id: RunIdOption = None, set_: SetOption = None,
+        data_interval: IntervalOption = None) -> None:
     """Run every stage in order, reusing any whose inputs and config are unchanged."""
     from pipeline.runner import format_summary, run_all
 
     try:
-        run = _open(config, run_id, set_)
+        run = _open(config, run_id, set_, data_interval)
         summaries = run_all(run)
     except ClickclipError as exc:
         _fail(exc)

@@ -80,7 +80,12 @@ class SparkConfig(Strict):
 
 
 class WindowConfig(Strict):
-    """Which events to read: [since, until] (inclusive dates), or the last N days of the log."""
+    """Which events to read: [since, until] (inclusive dates), or the last N days of the log.
+
+    Under a scheduler (`--data-interval FIRST/LAST`, which the DAG passes), one rule replaces the
+    configured window: it ends on the interval's last day; it starts on the interval's first day,
+    or, when `last_days` is set, `last_days` days before its end (a four-week window retrained
+    weekly). Configured `since` / `until` are replaced (see `apply_interval`)."""
 
     since: date | None = None
     until: date | None = None
@@ -450,8 +455,41 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML run config, apply overrides, and validate it strictly."""
+def parse_interval(text: str) -> tuple[date, date]:
+    """`FIRST/LAST` (inclusive ISO dates, as the DAG passes its data interval) as two dates."""
+    first, sep, last = text.partition("/")
+    try:
+        interval = date.fromisoformat(first.strip()), date.fromisoformat(last.strip())
+    except ValueError:
+        interval = None
+    if not sep or interval is None:
+        raise ConfigError(f"--data-interval {text!r} is not FIRST/LAST as two dates, e.g. 2026-11-02/2026-11-08")
+    if interval[0] > interval[1]:
+        raise ConfigError(f"--data-interval {text!r}: its first day is after its last")
+    return interval
+
+
+def apply_interval(tree: dict[str, Any], interval: tuple[date, date]) -> None:
+    """The scheduler's rule for the window (WindowConfig): the data interval's last day is `until`;
+    `since` is its first day unless the config counts `last_days` back from `until`."""
+    extract = tree.setdefault("extract", {})
+    if not isinstance(extract, dict):
+        raise ConfigError("extract is not a section")
+    window = extract["window"] = extract.get("window") or {}
+    if not isinstance(window, dict):
+        raise ConfigError("extract.window is not a section")
+    first, last = interval
+    window["until"] = last.isoformat()
+    if window.get("last_days") is None:
+        window["since"] = first.isoformat()
+    else:
+        window.pop("since", None)
+
+
+def load_config(path: Path, overrides: list[str] | tuple[str, ...] = (),
+                interval: tuple[date, date] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides and the scheduler's data interval (after the
+    overrides: it decides the window), and validate it strictly."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -462,6 +500,8 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunC
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for assignment in overrides:
         apply_override(tree, assignment)
+    if interval is not None:
+        apply_interval(tree, interval)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
@@ -501,6 +541,7 @@ def starting_config(name: str, events: Path, images: Path, image_root: Path, eve
         events_format=_source_format(events), images_format=_source_format(images),
         events_table=_table_line(events_table), images_table=_table_line(images_table),
         model=model, pretrained=pretrained if pretrained else "null",
+        incremental=str(events.is_dir() and _source_format(events) == "parquet").lower(),
         precision="bf16-mixed" if _gpu_visible() else "32-true")
 
 

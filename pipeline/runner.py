@@ -214,7 +214,8 @@ def stage_report(run: Run, stage: str, summary: dict) -> str:
     lines = [f"{stage} · run {run.run_id}"]
     if stage == "extract":
         lines.append(f"rows read {summary['rows_read']}: kept {summary['rows_kept']}, quarantined "
-                     f"{summary['rows_quarantined']}; {summary['pairs']} pairs over {summary['queries']} queries")
+                     f"{summary['rows_quarantined']}{_outside(summary)}; {summary['pairs']} pairs over "
+                     f"{summary['queries']} queries")
     elif stage == "split":
         lines.append(f"images kept {summary['images_kept']}, quarantined {summary['images_quarantined']}; "
                      f"{summary['groups']} groups; " + leak_audit_sentence(summary.get("leak_audit")))
@@ -232,6 +233,11 @@ def stage_report(run: Run, stage: str, summary: dict) -> str:
                   f"registered: {summary['model_name']} version {summary['version']}", champion_line(summary)]
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     return "\n".join([*lines, f"summary: {run.manifest_path} (or rerun with --json)"])
+
+
+def _outside(extract: dict) -> str:
+    outside = extract.get("rows_outside_window", 0)
+    return f", outside the window {outside} (counted apart, not quarantined)" if outside else ""
 
 
 def champion_line(decision: dict) -> str:
@@ -252,7 +258,7 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
     lines = [
         f"run {run.run_id}  ({run.root})",
         f"rows read {extract['rows_read']}: kept {extract['rows_kept']}, quarantined {extract['rows_quarantined']}"
-        f" {extract['quarantined_by_reason']}",
+        f" {extract['quarantined_by_reason']}{_outside(extract)}",
         f"images kept {summaries['split']['images_kept']}, quarantined {summaries['split']['images_quarantined']}; "
         + leak_audit_sentence(summaries["split"].get("leak_audit")).replace("Leak audit", "leak audit", 1),
     ]

@@ -1,8 +1,10 @@
+from datetime import date
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig, load_config, parse_interval
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,42 @@ def test_init_writes_a_config_for_a_shops_own_data(tmp_path):
     assert cfg.train.model == "ViT-B-32" and cfg.extract.window.last_days == 28
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def _init(tmp_path, events: Path) -> Path:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "shop.yaml"
+    done = CliRunner().invoke(app, ["init", "--out", str(out), "--events", str(events)])
+    assert done.exit_code == 0, done.output
+    return out
+
+
+@pytest.mark.parametrize("window", [None, {"last_days": 28}, {"since": "2026-01-01"},
+                                    {"since": "2026-01-01", "until": "2026-02-01"}, {"until": "2026-03-01"}])
+def test_the_data_interval_replaces_any_window_that_loads(tmp_path, window):
+    """The DAG passes --data-interval FIRST/LAST; every window a config may hold loads under it (init's
+    last_days 28 used to fail: the DAG set since beside it). The window ends on LAST and starts on
+    FIRST, or last_days before LAST."""
+    (tmp_path / "events").mkdir()
+    path = _init(tmp_path, tmp_path / "events")
+    text = path.read_text()
+    assert "last_days: 28" in text and "incremental: true" in text  # a folder of partitions: incremental
+    tree = yaml.safe_load(text)
+    tree["extract"]["window"] = window
+    path.write_text(yaml.safe_dump(tree))
+    cfg = load_config(path, ["extract.weighting=raw"], (date(2026, 11, 2), date(2026, 11, 8)))
+    last_days = (window or {}).get("last_days")
+    assert cfg.extract.window.until == date(2026, 11, 8)
+    assert cfg.extract.window.since == (None if last_days else date(2026, 11, 2))
+    assert cfg.extract.window.last_days == last_days
+    assert cfg.extract.weighting == "raw"
+    assert parse_interval("2026-11-02/2026-11-08") == (date(2026, 11, 2), date(2026, 11, 8))
+    for wrong in ("2026-11-02", "2026-11-08/2026-11-02", "monday/sunday"):
+        with pytest.raises(ConfigError, match="--data-interval"):
+            parse_interval(wrong)
 
 
 def test_mistakes_are_named_by_the_cli(tmp_path):

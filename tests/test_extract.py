@@ -1,4 +1,4 @@
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -9,6 +9,7 @@ import pytest
 from pipeline.config import RunConfig
 from pipeline.data.queries import normalise_query
 from pipeline.errors import DataContractError
+from pipeline.retrieval.gates import GateInputs
 from pipeline.stages.extract import extract
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
@@ -206,12 +207,12 @@ def test_vectorised_normalisation_equals_the_python_one_on_random_queries(strip_
 def test_demo_log_counts_add_up(tiny_config, tmp_path):
     result = extract(tiny_config, tmp_path)
     s = result.summary
-    assert s["rows_kept"] + s["rows_quarantined"] == s["rows_read"]
+    assert s["rows_kept"] + s["rows_quarantined"] == s["rows_read"] and s["rows_outside_window"] == 0
     assert s["impressions_in_pairs"] == s["rows_kept"]
     # the generator plants 2 empty queries, 2 bad positions, 1 unknown image, 1 duplicate,
     # one 90-word query (kept and counted under the default "truncate" policy) and a 200-row bot
     assert s["quarantined_by_reason"] == {"empty_query": 2, "missing_value": 0, "bad_position": 2,
-                                          "unknown_image": 1, "outside_window": 0, "duplicate": 1,
+                                          "unknown_image": 1, "duplicate": 1,
                                           "query_too_long": 0, "bot": 200}
     assert s["long_queries_truncated"] == 1
     assert s["bot_sessions"] == 1
@@ -242,12 +243,24 @@ def test_window_reads_only_its_partitions(tmp_path):
     assert last.summary["window"] == {"since": "2026-11-02", "until": "2026-11-04", "files_read": 3}
 
 
-def test_rows_outside_the_window_in_a_read_file_are_quarantined(tmp_path):
-    rows = [GOOD, (datetime(2026, 10, 1), "s1", "mug", "a", 1, True, None)]
-    cfg = _with_extract(_config(tmp_path, _events(rows)), window={"since": "2026-11-01"})
-    result = extract(cfg, tmp_path)
-    assert result.summary["quarantined_by_reason"]["outside_window"] == 1
-    assert result.summary["rows_kept"] == 1
+def test_rows_outside_the_window_in_a_read_file_are_counted_apart_not_quarantined(tmp_path):
+    """70 days of CSV with last_days 28: the 42 older days are neither kept nor quarantined (before,
+    they were quarantined `outside_window`, a quarantine rate of 0.60 that no run could promote
+    past); a bad row outside the window is outside it, not bad data of this window."""
+    start = datetime(2026, 9, 1, 10)
+    rows = [(start + timedelta(days=d), f"s{d}", "mug", "a", 1, True, 900) for d in range(70)]
+    rows.append((start + timedelta(days=3), "s-bad", None, "a", 1, True, 900))  # an empty query, long ago
+    cfg = _with_extract(_config(tmp_path, _events(rows), fmt="csv"), window={"last_days": 28})
+    s = extract(cfg, tmp_path).summary
+    assert (s["rows_read"], s["rows_outside_window"], s["rows_in_window"], s["rows_kept"], s["rows_quarantined"]) == (
+        71, 43, 28, 28, 0)
+    assert "outside_window" not in s["quarantined_by_reason"]
+    assert pl.read_parquet(tmp_path / "quarantine.parquet").height == 0
+    gate = GateInputs.from_summaries(s, {"passed": True}, {"finished_without_nan": True})
+    assert gate.quarantine_rate == 0.0
+    bad = extract(_with_extract(cfg, window={"last_days": 70}), tmp_path).summary
+    assert (bad["rows_outside_window"], bad["rows_quarantined"], bad["quarantined_by_reason"]["empty_query"]) == (
+        0, 1, 1)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])  # a single unpartitioned file: no date= folder to count from
@@ -256,7 +269,7 @@ def test_last_days_counts_back_from_the_newest_event_without_date_partitions(tmp
     rows = [(ts, f"s{i}", "mug", "a", 1, True, 900) for i, ts in enumerate(days)]
     cfg = _with_extract(_config(tmp_path, _events(rows), fmt=fmt), window={"last_days": 2})
     result = extract(cfg, tmp_path)
-    assert result.summary["quarantined_by_reason"]["outside_window"] == 1  # 1 November
+    assert result.summary["rows_outside_window"] == 1 and result.summary["rows_quarantined"] == 0  # 1 November
     assert result.summary["rows_kept"] == 2
     assert (result.summary["window"]["since"], result.summary["window"]["until"]) == ("2026-11-02", "2026-11-03")
 

@@ -178,11 +178,14 @@ def _identifier_query(rng: np.random.Generator, number: str, brand_of: dict[str,
 
 
 def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int,
-               identifier_share: float = IDENTIFIER_SHARE) -> tuple[pl.DataFrame, pl.DataFrame]:
+               identifier_share: float = IDENTIFIER_SHARE, start: datetime = START, session_prefix: str = "S",
+               seasonal: tuple[str, ...] = ()) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Sessions under a position-based model: click = examined(position) and attracted(relevance).
 
     Most sessions describe what they want (category, colour, pattern); IDENTIFIER_SHARE of them
-    type a product's model number. Returns the events and, per query, its kind and target."""
+    type a product's model number; with `seasonal` words, a sixth of the descriptive ones add one
+    ("red mug gift"). Sessions fall in the DAYS days from `start`. Returns the events and, per
+    query, its kind and target."""
     propensity = np.array(true_propensities())
     ids = catalog["image_id"].to_numpy()
     attrs = list(zip(catalog["category"], catalog["colour"], catalog["pattern"], strict=True))
@@ -213,6 +216,8 @@ def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int,
             which = int(rng.choice(len(intents), p=zipf))
             intent = intents[which]
             key, query = which, _surface_form(rng, intent)
+            if seasonal and rng.random() < 1 / 6:
+                query = f"{query} {rng.choice(seasonal)}"
             kinds.setdefault(query, ("descriptive", "/".join(str(part) for part in intent)))
             if key not in pools:
                 # the production ranker's candidates and its (noisy) idea of their relevance, per intent
@@ -223,13 +228,13 @@ def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int,
         pool, rel, score = pools[key]
         # per-session jitter moves the same image across positions, which makes position bias estimable
         order = np.argsort(-(score + rng.normal(0, 0.4, len(pool))))[:RESULTS_PER_QUERY]
-        start = START + timedelta(seconds=int(rng.integers(0, DAYS * 86400)))
-        session_id = f"S{session:07d}"
+        begins = start + timedelta(seconds=int(rng.integers(0, DAYS * 86400)))
+        session_id = f"{session_prefix}{session:07d}"
         for position, pick in enumerate(order, start=1):
             attract = 0.02 + 0.78 * rel[pick] ** 2  # partial matches are rarely clicked
             clicked = bool(rng.random() < propensity[position - 1] * attract)
             dwell = int(rng.lognormal(8.5 + 1.5 * rel[pick], 0.5)) if clicked else None
-            ts = start + timedelta(milliseconds=int(position * 150 + rng.integers(0, 100)))
+            ts = begins + timedelta(milliseconds=int(position * 150 + rng.integers(0, 100)))
             rows.append((ts, session_id, query, str(ids[pool[pick]]), position, clicked, dwell, float(rel[pick])))
     events = pl.DataFrame(
         rows, orient="row",
@@ -242,7 +247,8 @@ def _click_log(rng: np.random.Generator, catalog: pl.DataFrame, n_sessions: int,
     return events, queries
 
 
-def _bad_rows(rng: np.random.Generator, events: pl.DataFrame) -> pl.DataFrame:
+def _bad_rows(rng: np.random.Generator, events: pl.DataFrame, start: datetime = START,
+              bot_id: str = "S_BOT_0001") -> pl.DataFrame:
     """A few rows of each kind extract must quarantine."""
     sample = events.sample(n=6, seed=int(rng.integers(2**31)))
     null_query = sample[0:1].with_columns(pl.lit(None, pl.Utf8).alias("query"))
@@ -253,16 +259,16 @@ def _bad_rows(rng: np.random.Generator, events: pl.DataFrame) -> pl.DataFrame:
     duplicate = sample[5:6]
     too_long = sample[0:1].with_columns(pl.lit(" ".join(["very"] * 90) + " long trainers").alias("query"))
     return pl.concat([null_query, empty_query, unknown, bad_position, null_position, duplicate, too_long,
-                      _bot_session(rng, events)])
+                      _bot_session(rng, events, start=start + timedelta(days=2, hours=3), session_id=bot_id)])
 
 
-def _bot_session(rng: np.random.Generator, events: pl.DataFrame, impressions: int = 200) -> pl.DataFrame:
+def _bot_session(rng: np.random.Generator, events: pl.DataFrame, impressions: int = 200,
+                 start: datetime = START + timedelta(days=2, hours=3), session_id: str = "S_BOT_0001") -> pl.DataFrame:
     """A scraper: hundreds of impressions within a minute, clicking nearly everything."""
-    start = START + timedelta(days=2, hours=3)
     ids = events["image_id"].unique().sort().to_list()
     return pl.DataFrame({
         "event_ts": [start + timedelta(milliseconds=250 * i) for i in range(impressions)],
-        "session_id": ["S_BOT_0001"] * impressions,
+        "session_id": [session_id] * impressions,
         "query": [str(rng.choice(["cheap", "sale", "shoes"])) for _ in range(impressions)],
         "image_id": [ids[int(i)] for i in rng.integers(0, len(ids), impressions)],
         "position": [(i % RESULTS_PER_QUERY) + 1 for i in range(impressions)],

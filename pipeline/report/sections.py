@@ -221,7 +221,10 @@ def input_data(extract: dict, split: dict) -> Section:
         text=[f"Pair weighting: configured `{weighting.get('configured', '?')}`, applied "
               f"`{weighting.get('effective', '?')}`.",
               f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} + quarantined "
-              f"{extract['rows_quarantined']}. Bot sessions: {extract['bot_sessions']}; queries over the model's "
+              f"{extract['rows_quarantined']}" + (f" + outside the window {extract['rows_outside_window']} (read "
+                                                  "whole from a source without date partitions; not bad data, not "
+                                                  "in the quarantine rate)" if extract.get("rows_outside_window")
+                                                  else "") + f". Bot sessions: {extract['bot_sessions']}; queries over the model's "
               f"{extract.get('text_context', 77)}-token text context (kept, truncated): "
               f"{extract['long_queries_truncated']}.",
               f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images ({bands}).",

@@ -19,7 +19,9 @@ class GateInputs:
     @classmethod
     def from_summaries(cls, extract: dict, leak_audit: dict, train: dict) -> GateInputs:
         """From extract's and train's summaries and the leak audit's result (leak_audit.json)."""
-        return cls(quarantine_rate=extract["rows_quarantined"] / max(1, extract["rows_read"]),
+        # rows outside the window are not bad data: the rate is over the rows in it
+        in_window = extract.get("rows_in_window", extract["rows_read"])
+        return cls(quarantine_rate=extract["rows_quarantined"] / max(1, in_window),
                    leak_audit_passed=bool(leak_audit["passed"]),
                    finished_without_nan=train["finished_without_nan"])
 
@@ -57,7 +59,7 @@ def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> 
         {"gate": "leak_audit", "passed": inputs.leak_audit_passed,
          "detail": "no group straddles splits" if inputs.leak_audit_passed else "groups straddle splits"},
         {"gate": "quarantine_rate", "passed": rate_ok,
-         "detail": f"{inputs.quarantine_rate:.4f} of event rows quarantined {'≤' if rate_ok else '>'} "
+         "detail": f"{inputs.quarantine_rate:.4f} of the window's event rows quarantined {'≤' if rate_ok else '>'} "
                    f"{cfg.gates.max_quarantine_rate}"},
         {"gate": "no_nan", "passed": inputs.finished_without_nan,
          "detail": "training finished without NaN" if inputs.finished_without_nan else "training stopped on a NaN"},

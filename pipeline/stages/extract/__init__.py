@@ -3,7 +3,9 @@
 Outputs in `runs/<id>/extract/`: `pairs.parquet` (query, image_id, product_id, clicks,
 impressions, weight, first_seen, last_seen), `quarantine.parquet` (the input row, its source file
 and 1-based row, and a reason code), `propensity.json` and `propensity.png` (the examination
-curve estimated by EM). kept + quarantined = read, always.
+curve estimated by EM). kept + quarantined + outside the window = read, always. Rows of a source
+read whole (CSV, a DuckDB table, one Parquet file) that fall outside the window are counted
+apart: not bad data, not in the quarantine file, not in the quarantine rate.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pipeline.stages import StageInputs, StageOutput
 from pipeline.stages.extract import incremental
 from pipeline.stages.extract.engines import DuckDBEngine, SparkEngine, spark_events, spark_session, stop_spark
 
-REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "outside_window",
-           "duplicate", "query_too_long", "bot")
+REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "duplicate", "query_too_long", "bot")
+OUTSIDE = "outside_window"  # the classifier's mark for rows outside the window: counted, not quarantined
 
 
 @dataclass(frozen=True)
@@ -292,7 +294,8 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
         con.table("pairs").write_parquet(str(pairs_path))
     with timings.step("quarantine"):
         con.sql("SELECT * EXCLUDE (query_norm, query_too_long, bot_session) FROM flagged WHERE reason IS NOT NULL "
-                "ORDER BY source_file, source_row").write_parquet(str(quarantine_path))
+                "AND reason <> $outside ORDER BY source_file, source_row", params={"outside": OUTSIDE}
+                ).write_parquet(str(quarantine_path))
     propensity_path = out_dir / "propensity.json"
     propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
     plot_propensities(propensities, out_dir / "propensity.png")
@@ -342,12 +345,14 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
     """Counts from the outputs themselves: kept rows from the statistics of this run's rows,
     quarantined rows from the quarantine file; with the rows read they must add up."""
     read = con.execute("SELECT count(*) FROM events_raw").fetchone()[0]
+    outside = con.execute("SELECT count(*) FROM flagged WHERE reason = ?", [OUTSIDE]).fetchone()[0]
     by_reason = dict.fromkeys(REASONS, 0)
     by_reason.update(dict(con.execute(
         "SELECT reason, count(*) FROM read_parquet(?) GROUP BY reason", [str(quarantine)]).fetchall()))
     quarantined = sum(by_reason.values())
-    if kept + quarantined != read:
-        raise StageError(f"extract lost rows: read {read:,}, kept {kept:,} + quarantined {quarantined:,}")
+    if kept + quarantined + outside != read:
+        raise StageError(f"extract lost rows: read {read:,}, kept {kept:,} + quarantined {quarantined:,} + outside "
+                         f"the window {outside:,}")
     pairs, queries, images, clicks, impressions = con.execute(
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
         "FROM pairs").fetchone()
@@ -356,7 +361,9 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
     dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
                           "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]
     return {
-        "rows_read": read, "rows_kept": kept, "rows_quarantined": quarantined,
+        # the quarantine rate's denominator is the rows in the window (read − outside it)
+        "rows_read": read, "rows_outside_window": int(outside), "rows_in_window": read - int(outside),
+        "rows_kept": kept, "rows_quarantined": quarantined,
         "quarantined_by_reason": by_reason, "pairs": pairs, "queries": queries, "images": images,
         "clicks": int(clicks or 0), "impressions_in_pairs": int(impressions or 0),
         "bot_sessions": int(bots), "long_queries_truncated": int(long_kept),

@@ -20,12 +20,14 @@ SELECT
     coalesce(n.too_long, false) AS query_too_long,
     coalesce(f.bot, false) AS bot_session,
     CASE
+        -- first: a row outside the window is not this run's to judge (extract counts it apart, never
+        -- as quarantined), as if its partition had not been read
+        WHEN e.event_ts < p.since OR e.event_ts >= p.until THEN 'outside_window'
         WHEN e.query IS NULL OR n.query IS NULL OR n.query = '' THEN 'empty_query'
         WHEN e.event_ts IS NULL OR e.session_id IS NULL OR e.image_id IS NULL OR e.clicked IS NULL
             THEN 'missing_value'
         WHEN e.position IS NULL OR e.position < 1 THEN 'bad_position'
         WHEN c.image_id IS NULL THEN 'unknown_image'
-        WHEN e.event_ts < p.since OR e.event_ts >= p.until THEN 'outside_window'
         WHEN f.repeats_a_row THEN 'maybe_duplicate'
         WHEN p.quarantine_long AND n.too_long THEN 'query_too_long'
         WHEN f.bot THEN 'bot'

@@ -68,8 +68,7 @@ def _reshoot(rng: np.random.Generator, catalog: pl.DataFrame, image_ids: list[st
     """New photos of the same products, saved under the same file names."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = catalog.filter(pl.col("image_id").is_in(image_ids))
-    for image_id, path, category, colour, pattern in rows.select(
-            "image_id", "path", "category", "colour", "pattern").iter_rows():
+    for path, category, colour, pattern in rows.select("path", "category", "colour", "pattern").iter_rows():
         render_photo(draw_look(rng, category, colour, pattern), rng).save(folder / path)
 
 

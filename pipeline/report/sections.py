@@ -211,6 +211,13 @@ def training(train: dict) -> Section:
                         str(h.get("val_recall_at_10", "–"))] for h in history])] if history else [])
 
 
+def outside_sentence(extract: dict) -> str:
+    """Rows outside the window, when a source read whole had some: counted apart, never bad data."""
+    outside = extract.get("rows_outside_window", 0)
+    return (f" + outside the window {outside} (a source read whole, without date partitions: not bad data, not "
+            "in the quarantine rate)") if outside else ""
+
+
 def input_data(extract: dict, split: dict) -> Section:
     weighting = extract.get("weighting", {})
     bands = ", ".join(f"{name} {band['queries']} queries / {band['impressions']} impressions"
@@ -221,11 +228,8 @@ def input_data(extract: dict, split: dict) -> Section:
         text=[f"Pair weighting: configured `{weighting.get('configured', '?')}`, applied "
               f"`{weighting.get('effective', '?')}`.",
               f"Impressions read: **{extract['rows_read']}** = kept {extract['rows_kept']} + quarantined "
-              f"{extract['rows_quarantined']}" + (f" + outside the window {extract['rows_outside_window']} (read "
-                                                  "whole from a source without date partitions; not bad data, not "
-                                                  "in the quarantine rate)" if extract.get("rows_outside_window")
-                                                  else "") + f". Bot sessions: {extract['bot_sessions']}; queries over the model's "
-              f"{extract.get('text_context', 77)}-token text context (kept, truncated): "
+              f"{extract['rows_quarantined']}{outside_sentence(extract)}. Bot sessions: {extract['bot_sessions']}; "
+              f"queries over the model's {extract.get('text_context', 77)}-token text context (kept, truncated): "
               f"{extract['long_queries_truncated']}.",
               f"Pairs: {extract['pairs']} over {extract['queries']} queries and {extract['images']} images ({bands}).",
               f"Catalog: {split['catalog_rows']} rows = kept {split['images_kept']} + quarantined "

@@ -394,6 +394,29 @@ def test_incremental_extract_reads_only_new_partitions_and_matches_a_full_extrac
     (tmp_path / "r5").mkdir()
     rebuilt = extract(strict, tmp_path / "r5", "r5").summary["incremental"]
     assert rebuilt["status"].startswith("rebuilt") and len(rebuilt["partitions_read"]) == len(days)
+    assert "strip_punctuation False -> True" in rebuilt["status"]
+
+
+@pytest.mark.parametrize("change", [{"extract": {"time_zone": "Pacific/Kiritimati"}},
+                                    {"train": {"model": "ClickCLIP-TinyRN"}},
+                                    {"extract": {"long_queries": "quarantine"}},
+                                    {"extract": {"satisfied_dwell_ms": 1}},
+                                    {"extract": {"bots": {"max_impressions_per_minute": 3}}}])
+def test_every_setting_the_kept_statistics_depend_on_rebuilds_them(tiny_config, tmp_path, change):
+    """Before, the time zone and the tokenizer (its text context) were left out of the state's key:
+    a changed zone merged statistics bucketed on other days. Each one rebuilds and is named."""
+    cfg = tiny_config.model_copy(update={"extract": tiny_config.extract.model_copy(update={"incremental": True})})
+    (tmp_path / "r1").mkdir()
+    extract(cfg, tmp_path / "r1", "r1")
+    tree = cfg.model_dump()
+    for section, values in change.items():
+        for key, value in values.items():
+            tree[section][key] = {**tree[section][key], **value} if isinstance(value, dict) else value
+    (tmp_path / "r2").mkdir()
+    status = extract(RunConfig.model_validate(tree), tmp_path / "r2", "r2").summary["incremental"]["status"]
+    key = next(iter(next(iter(change.values()))))
+    named = {"model": "tokenizer"}.get(key, key)
+    assert status.startswith("rebuilt") and f"{named} " in status, status
 
 
 def _incremental_shop(tmp_path, by_day: dict[str, list[tuple]], catalog: pl.DataFrame, **extract_settings) -> RunConfig:

@@ -19,8 +19,9 @@ in tests/test_extract.py:
   the days already read are not read again. Delete `<state_dir>/<name>/extract/` to rebuild.
 An image that later leaves the catalog drops out of the pairs and is counted in the summary
 (`pairs_dropped_image_left_catalog`).
-Settings that change how rows are classified or weighted invalidate the state: the run reads
-every partition in the window again and says so.
+Settings that change the kept statistics (`settings_of`: time zone, query normalisation, the
+tokenizer and text context that judge long queries, long-query policy, bot and dwell settings)
+invalidate the state: the run reads every partition in the window again and says which changed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class IncrementalPlan:
     state_dir: Path
     run_id: str
     settings: str
+    settings_values: dict
     read_files: list[Path]
     read_days: list[date]
     reused_days: list[date]
@@ -61,10 +63,30 @@ class IncrementalPlan:
                 "partitions_read": [str(d) for d in self.read_days], "partitions_reused": len(self.reused_days)}
 
 
-def settings_key(ecfg: ExtractConfig) -> str:
-    """What the kept statistics depend on besides the data: changing any of it rebuilds them."""
-    return text_sha256(STATE_VERSION, ecfg.strip_punctuation, ecfg.long_queries, ecfg.bots.model_dump(),
-                       ecfg.satisfied_dwell_ms)
+def settings_of(cfg: RunConfig) -> dict:
+    """What the kept statistics depend on besides the data: the day a row falls on (time zone), the
+    query it is summed under (normalisation), which queries are too long (the tokenizer and its
+    context, the policy), which sessions are bots and which clicks satisfied: changing any of it
+    rebuilds them."""
+    from pipeline.training.model import text_encoder_limits  # open_clip loads slowly: only here
+
+    ecfg: ExtractConfig = cfg.extract
+    _, context, tokenizer = text_encoder_limits(cfg.train)
+    return {"time_zone": ecfg.time_zone, "strip_punctuation": ecfg.strip_punctuation, "tokenizer": tokenizer,
+            "text_context": context, "long_queries": ecfg.long_queries, "bots": ecfg.bots.model_dump(mode="json"),
+            "satisfied_dwell_ms": ecfg.satisfied_dwell_ms}
+
+
+def settings_key(settings: dict) -> str:
+    return text_sha256(STATE_VERSION, settings)
+
+
+def changed_settings(before: dict | None, now: dict) -> str:
+    """`time_zone 'UTC' -> 'Europe/Berlin'` for each setting that differs (all, for an old state)."""
+    if not before:
+        return "the watermark does not record its settings"
+    return ", ".join(f"{key} {before.get(key)!r} -> {value!r}" for key, value in now.items()
+                     if before.get(key) != value)
 
 
 def _load(state_dir: Path, run_id: str) -> dict | None:
@@ -105,13 +127,15 @@ def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: da
         by_day.setdefault(day, []).append(path)
     snapshot = {str(p): _snapshot(p) for p in files}
     state_dir = cfg.state_dir / cfg.name / "extract"
-    settings = settings_key(cfg.extract)
+    values = settings_of(cfg)
+    settings = settings_key(values)
     state = _load(state_dir, run_id)
     status, old_files, old_days = "first run", {}, set()
     if state and state.get("corrupt"):
         status = "rebuilt: the kept statistics are missing or damaged"
     elif state and state["settings"] != settings:
-        status = "rebuilt: extract settings changed since the watermark was written"
+        status = (f"rebuilt: settings the kept statistics depend on changed since the watermark was written "
+                  f"({changed_settings(state.get('settings_values'), values)})")
     elif state:
         status, old_files, old_days = "resumed", state["files"], {date.fromisoformat(d) for d in state["days"]}
 
@@ -129,7 +153,7 @@ def plan(cfg: RunConfig, files: list[Path] | None, since: date | None, until: da
     read_days = sorted(d for d in by_day if d not in reused)
     kept_files = {p: s for p, s in old_files.items() if partition_date(p) in set(reused)}
     return IncrementalPlan(
-        state_dir=state_dir, run_id=run_id, settings=settings,
+        state_dir=state_dir, run_id=run_id, settings=settings, settings_values=values,
         read_files=[p for d in read_days for p in by_day[d]], read_days=read_days, reused_days=sorted(reused),
         previous_stats=state_dir / state["stats"] if status == "resumed" else None, status=status,
         previous_run=state.get("run_id") if status == "resumed" else None,
@@ -148,7 +172,8 @@ def commit(plan: IncrementalPlan, stats: Path, days: list[date]) -> None:
         before = before.get("previous")
     if before:
         before.pop("previous", None)
-    state = {"version": STATE_VERSION, "run_id": plan.run_id, "settings": plan.settings, "stats": name,
+    state = {"version": STATE_VERSION, "run_id": plan.run_id, "settings": plan.settings,
+             "settings_values": plan.settings_values, "stats": name,
              "sha256": file_sha256(plan.state_dir / name), "days": [str(d) for d in days],
              "files": plan.files, "previous": before}
     with atomic_write(current) as tmp:

@@ -670,6 +670,30 @@ def test_force_builds_validates_and_flips_the_index_before_the_alias_moves(two_w
     assert forced["clickclip.decision"] == "forced" and serving() == ("1", week2["table"])
 
 
+def test_an_image_gone_after_split_is_left_out_by_evaluate_and_publish_alike(tiny_shop, tmp_path):
+    """Regression: evaluate left out (and warned about) an image whose file went missing after
+    split, while publish crashed on it (UnusableImage missing_file) after the report said promoted."""
+    import shutil
+
+    from pipeline.runner import run_stage
+    from pipeline.runs import open_run
+
+    shutil.copytree(tiny_shop / "images", tmp_path / "images")
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1}, promote={"margin": -1.0})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_root": tmp_path / "images"})})
+    run = open_run(cfg, "gone")
+    for stage in ("extract", "split", "train"):
+        run_stage(run, stage)
+    kept = pl.read_parquet(run.output("split", "images"))
+    gone = kept.filter(pl.col("split") == "test").sort("image_id")[0]
+    (tmp_path / "images" / gone["path"][0]).unlink()
+    evaluation, index = run_stage(run, "evaluate"), run_stage(run, "publish")
+    assert evaluation["images_missing"] == index["images_missing"] == gone["image_id"].to_list()
+    assert any("gone from" in w for w in evaluation["warnings"]) and any("gone from" in w for w in index["warnings"])
+    assert index["published"] and index["rows"] == kept.height - 1
+    assert index["parity"]["identical"] == index["parity"]["queries"] > 0
+
+
 def test_serve_answers_over_http_on_loopback(first_and_second_run):
     import urllib.request
 

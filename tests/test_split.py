@@ -296,6 +296,22 @@ def test_earlier_runs_registrations_are_the_sticky_held_out_set_but_a_retried_ru
     assert next_week["registered_earlier"].all()
 
 
+def test_a_run_that_adopts_a_split_sees_its_images_as_held_out_earlier(tiny_shop, tmp_path):
+    """Regression: week 2 adopted week 1's split folder (same inputs), whose images.parquet says
+    nothing was registered earlier, and the earlier-held-out gate compared 0 queries. The run's own
+    view comes from the registry: what runs other than itself registered."""
+    from pipeline.data.split_registry import registered_before
+
+    cfg = shop_config(tiny_shop, tmp_path / "work")
+    (tmp_path / "a").mkdir()
+    adopted = pl.read_parquet(split(cfg, _extracted_pairs(cfg, tmp_path), tmp_path / "a", run_id="week-1").images)
+    assert not adopted["registered_earlier"].any()  # week 1's own view, which week 2 adopts unchanged
+    registry = cfg.state_dir / cfg.name / "split_registry.parquet"
+    kept = set(adopted["image_id"].to_list())
+    assert registered_before(registry, "week-2") == kept
+    assert registered_before(registry, "week-1") == set()
+
+
 def test_an_unchanged_catalog_is_not_read_again_and_a_rewritten_file_is(tiny_shop, tmp_path):
     from pipeline.config import SplitConfig
     from pipeline.data.near_duplicates import hash_catalog

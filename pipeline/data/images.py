@@ -38,6 +38,15 @@ def resolve_image_path(root: Path, relative: str) -> Path:
     return candidate
 
 
+def still_there(root: Path, relative: str) -> bool:
+    """Whether a catalog path split kept still names a file: evaluate and publish leave out the
+    images gone since (deleted, moved), count them and warn, rather than failing on them."""
+    try:
+        return resolve_image_path(root, relative).is_file()
+    except (UnusableImage, OSError):
+        return False
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)

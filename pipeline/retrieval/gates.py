@@ -26,6 +26,10 @@ class GateInputs:
                    finished_without_nan=train["finished_without_nan"])
 
 
+def _of(earlier: dict) -> str:
+    return f" of {earlier['of_queries']}" if "of_queries" in earlier else ""
+
+
 def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> list[dict]:
     """Each gate with pass/fail and the numbers behind it."""
     models = evaluation["models"]
@@ -53,9 +57,11 @@ def evaluate_gates(evaluation: dict, cfg: PromoteConfig, inputs: GateInputs) -> 
         {"gate": "no_slice_regression", "passed": not evaluation.get("flagged_slices"),
          "detail": "flagged slices: " + (", ".join(evaluation.get("flagged_slices") or []) or "none")},
         {"gate": "earlier_heldout", "passed": earlier_ok,
-         "detail": (f"{name} − {baseline} {cfg.metric} on {earlier['queries']} queries held out by earlier runs "
-                    f"{earlier['delta']:+.4f} {'≥' if earlier_ok else '<'} −{tolerance}") if earlier["queries"] else
-                   "no champion, or no held-out queries from earlier runs: nothing to compare"},
+         "detail": (f"{name} − {baseline} {cfg.metric} on {earlier['queries']}{_of(earlier)} queries held out by "
+                    f"earlier runs {earlier['delta']:+.4f} {'≥' if earlier_ok else '<'} −{tolerance}")
+                   if earlier["queries"] else "no champion: nothing to compare" if "of_queries" not in earlier else
+                   f"0{_of(earlier)} held-out queries have all their clicked images registered by earlier runs "
+                   "(the first week, or a reset split registry): nothing to compare"},
         {"gate": "leak_audit", "passed": inputs.leak_audit_passed,
          "detail": "no group straddles splits" if inputs.leak_audit_passed else "groups straddle splits"},
         {"gate": "quarantine_rate", "passed": rate_ok,

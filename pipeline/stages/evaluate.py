@@ -23,7 +23,8 @@ from rich.progress import track
 from pipeline import registry
 from pipeline.config import EvaluateConfig, RunConfig
 from pipeline.data.groups import look_alikes
-from pipeline.data.images import UnusableImage, resolve_image_path
+from pipeline.data.images import still_there
+from pipeline.data.split_registry import registered_before
 from pipeline.errors import StageError
 from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_report
@@ -159,7 +160,7 @@ def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root
     images = pl.read_parquet(images_path).sort("image_id")
     missing: list[str] = []
     if root is not None:
-        gone = [not _still_there(root, path) for path in images["path"].to_list()]
+        gone = [not still_there(root, path) for path in images["path"].to_list()]
         missing = images.filter(pl.Series(gone))["image_id"].to_list()
         images = images.filter(~pl.Series(gone))
     pairs = pl.read_parquet(pairs_path).filter((pl.col("clicks") > 0) & ~pl.col("image_id").is_in(missing))
@@ -183,13 +184,6 @@ def load_test_set(pairs_path: Path, images_path: Path, cfg: EvaluateConfig, root
     return TestSet(queries, relevant, weights, seen_queries, seen_relevant, seen_weights, images["image_id"].to_list(),
                    images["path"].to_list(), titles, in_gallery, cfg.gallery, known, seen_known, item_of, clicked,
                    missing)
-
-
-def _still_there(root: Path, relative: str) -> bool:
-    try:
-        return resolve_image_path(root, relative).is_file()
-    except (UnusableImage, OSError):
-        return False
 
 
 @dataclass
@@ -509,17 +503,17 @@ def hubness(ranked: list[list[str]], k: int, images: int = 10) -> dict:
             "most_frequent": [item for item, _ in counts.most_common(images)]}
 
 
-def earlier_heldout(test: TestSet, images_path: Path, candidate: np.ndarray, baseline: np.ndarray) -> dict:
-    """candidate − baseline over the held-out queries whose relevant test images were all registered
-    by earlier runs (split's `registered_earlier`): the queries the champion was judged on."""
-    images = pl.read_parquet(images_path)
-    earlier = set(images.filter(pl.col("registered_earlier"))["image_id"].to_list()) \
-        if "registered_earlier" in images.columns else set()
+def earlier_heldout(test: TestSet, earlier: set[str], candidate: np.ndarray, baseline: np.ndarray) -> dict:
+    """candidate − baseline over the held-out queries whose clicked test images were all registered
+    by earlier runs (`earlier`, this run's own view: split_registry.registered_before): the queries
+    the champion was judged on. Counts say how many were compared, of how many."""
     mask = np.array([bool(clicked) and set(clicked) <= earlier for clicked in test.clicked])
+    counts = {"queries": int(mask.sum()), "of_queries": len(test.queries),
+              "earlier_images": len(earlier & set(test.catalog_ids))}
     if not mask.any():
-        return {"queries": 0}
+        return counts
     mean, low, high = paired_bootstrap(candidate[mask], baseline[mask])
-    return {"queries": int(mask.sum()), "delta": mean, "low": low, "high": high}
+    return counts | {"delta": mean, "low": low, "high": high}
 
 
 def served_names(serve_as: str, baseline: str, baseline_mode: str | None = None) -> tuple[str, str]:
@@ -583,8 +577,8 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
         families["query"][len(test.queries):] = ["new query / seen image"] * len(test.seen_queries)
     else:
         per_query_all = {name: s.per_query for name, s in gated.items()}
-    earlier = earlier_heldout(test, images_path, per_query[served][metric], per_query[served_baseline][metric]) \
-        if champion else None
+    earlier = earlier_heldout(test, registered_before(cfg.state_dir / cfg.name / "split_registry.parquet", run_id),
+                              per_query[served][metric], per_query[served_baseline][metric]) if champion else None
     slices = slice_table(per_query_all, "baseline", families, metric, ecfg.slice_tolerance, ecfg.slice_min_queries,
                          ecfg.slice_alpha)
     weighting = ((data or {}).get("extract") or {}).get("weighting", {}).get("effective")

@@ -11,7 +11,8 @@ titles); and the replay must pass: the run's test queries through the query path
 search, return evaluate's rankings identically, and through HNSW overlap them by at least
 `publish.min_recall`. Otherwise the stage fails and nothing is promoted. Promote then moves the
 alias and flips the serving pointer to this table.
-Rebuilding is idempotent: the table is named by the run and rewritten in one transaction.
+Catalog images whose file is gone since split are left out, counted and warned about, as
+evaluate leaves them out. Rebuilding is idempotent: the table is named by the run and rewritten in one transaction.
 Writes `runs/<id>/publish/index.json`.
 """
 
@@ -27,6 +28,7 @@ import polars as pl
 from rich.progress import track
 
 from pipeline.config import RunConfig
+from pipeline.data.images import still_there
 from pipeline.errors import StageError
 from pipeline.retrieval.catalog_vectors import CatalogVectors
 from pipeline.retrieval.gates import GateInputs, decide
@@ -100,6 +102,10 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
         raise StageError(f"publish.backend is {pcfg.backend}, but evaluate scored it for backend {served.backend}: "
                          "rerun evaluate with this config (the served configuration names its backend)")
     images = pl.read_parquet(images_path).sort("image_id")
+    # as evaluate does: an image whose file is gone since split is left out, counted and warned about
+    gone = pl.Series([not still_there(cfg.data.image_root, p) for p in images["path"].to_list()], dtype=pl.Boolean)
+    missing = images.filter(gone)["image_id"].to_list()
+    images = images.filter(~gone)
     titles = images["title"].fill_null("").to_list() if "title" in images.columns else [""] * images.height
     bundle = load_checkpoint(model_dir)
     vectors, title_vectors, has_title, reused = catalog_vectors(cfg, bundle, model_dir, images, titles, saved)
@@ -140,6 +146,10 @@ def publish(cfg: RunConfig, run_id: str, images_path: Path, pairs_path: Path, mo
             "backend": pcfg.backend, "keyword": served.keyword,
             "database": "files" if pcfg.backend == "faiss" else "embedded" if pcfg.dsn is None else "publish.dsn",
             "reused_vectors": reused, "embedded_now": len(ids) - reused,
+            "images_missing": missing[:100], "images_missing_count": len(missing),
+            "warnings": [f"{len(missing)} catalog images kept by split are gone from {cfg.data.image_root} (deleted or "
+                         f"moved since): left out of the index, as evaluate left them out, e.g. "
+                         f"{', '.join(missing[:5])}"] if missing else [],
             "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -32,6 +32,7 @@ from pipeline.data.groups import (
 from pipeline.data.images import UnusableImage, load_rgb, resolve_image_path
 from pipeline.data.leak_audit import leak_audit
 from pipeline.data.near_duplicates import hash_catalog
+from pipeline.data.split_registry import read_registered_by, registered_before
 from pipeline.errors import DataContractError, LeakError, StageError
 from pipeline.stages import StageInputs, StageOutput
 
@@ -86,15 +87,6 @@ def read_registry(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     stamps = frame["registered_at"].to_list() if "registered_at" in frame.columns else [""] * frame.height
     return (dict(zip(frame["image_id"], frame["split"], strict=True)),
             dict(zip(frame["image_id"], [s or "" for s in stamps], strict=True)))
-
-
-def read_registered_by(path: Path) -> dict[str, str]:
-    """image -> the run that registered it ("" for registries written before runs were recorded)."""
-    if not path.is_file():
-        return {}
-    frame = pl.read_parquet(path)
-    runs = frame["registered_by"].to_list() if "registered_by" in frame.columns else [""] * frame.height
-    return dict(zip(frame["image_id"], [r or "" for r in runs], strict=True))
 
 
 def write_registry(path: Path, registry: dict[str, str], registered_at: dict[str, str], images: pl.DataFrame,
@@ -179,8 +171,7 @@ def split(cfg: RunConfig, pairs_path: Path, out_dir: Path, run_id: str = "") -> 
     registry_path = state / "split_registry.parquet"
     registry, registered_at = read_registry(registry_path)
     # registered by an earlier run (not by an interrupted attempt of this one): the sticky held-out set
-    registered_by = read_registered_by(registry_path)
-    earlier = [image for image in registry if registered_by.get(image, "") != run_id or not run_id]
+    earlier = registered_before(registry_path, run_id) & set(registry)
     splits, sticky = assign_sticky_splits(good["image_id"].to_list(), labels, registry, scfg, registered_at)
     sticky |= {"cross_product_links_cut": int(len(cut)),
                "images_excluded_by_cut_links": exclude_crossing_links(splits, cut)}

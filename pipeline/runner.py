@@ -279,5 +279,7 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
                      f"{ServedConfig.from_dict(index['served_config']).describe()})")
     elif index:
         lines.append(f"index: not published ({index['reason']})")
+    if evaluation.get("history") and len(evaluation["history"]["weeks"]) > 1:
+        lines.append(evaluation["history"]["sentence"] + " (the report's \"Week by week\")")
     lines.append(f"report: {cfg.reports_dir / run.run_id / 'report.html'} (Markdown: recall.md beside it)")
     return "\n".join(lines)

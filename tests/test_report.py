@@ -51,3 +51,44 @@ def test_markdown_and_html_say_the_same_things(tmp_path):
                     assert cell.replace("**", "") in page
                 assert "| " + " | ".join(row) + " |" in markdown
     assert "not gated (< 30 queries)" in markdown and "keyword (bm25)" in page
+
+
+def _manifest(run_id: str, until: str, candidate: float, baseline: float, promoted: bool, name: str = "shop") -> dict:
+    served = {"as": "hybrid", "candidate": "hybrid(candidate)", "baseline": "hybrid(champion)"}
+    return {"run_id": run_id, "config": {"name": name}, "stages": {
+        "extract": {"summary": {"window": {"until": until}}},
+        "evaluate": {"finished_at": until, "summary": {
+            "served": served, "baseline": "champion", "champion_version": "1",
+            "models": {"hybrid(candidate)": {"recall@10": candidate}, "hybrid(champion)": {"recall@10": baseline}}}},
+        "promote": {"summary": {"version": run_id[-1], "promoted": promoted}}}}
+
+
+def test_history_reads_earlier_weeks_and_says_where_quality_is_going(tmp_path):
+    import json
+
+    from pipeline.report.history import earlier_weeks, history
+    from pipeline.report.markdown import render_markdown
+    from pipeline.report.sections import weeks
+
+    weeks_in = [("w2", "2026-09-20", 0.30, 0.28, True), ("w1", "2026-09-13", 0.28, 0.10, True),
+                ("w3", "2026-09-27", 0.25, 0.30, False)]
+    for run_id, until, candidate, baseline, promoted in weeks_in:
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "manifest.json").write_text(json.dumps(_manifest(run_id, until, candidate, baseline,
+                                                                              promoted)))
+    (tmp_path / "other").mkdir()  # another shop's run is not this shop's history
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(_manifest("other", "2026-09-27", 0.9, 0.1, True,
+                                                                           name="another")))
+    earlier = earlier_weeks(tmp_path, "shop", "w4", "recall@10")
+    assert [w["run_id"] for w in earlier] == ["w1", "w2", "w3"]  # by window, not by folder name
+    this = {"run_id": "w4", "until": "2026-10-04", "candidate": 0.36, "baseline": 0.30, "baseline_name": "champion",
+            "champion_version": "2", "version": None, "promoted": True}
+    record = history(earlier, this, "recall@10")
+    # served after each week: 0.28 (w1 promoted), 0.30 (w2), 0.30 (w3 refused: the champion), 0.36 (w4)
+    assert record["trend"] == "rising" and "0.2800 → 0.3000 → 0.3000 → 0.3600" in record["sentence"]
+    falling = history(earlier, this | {"candidate": 0.2, "baseline": 0.2, "promoted": True}, "recall@10")
+    assert falling["trend"] == "falling"
+    assert history([], this, "recall@10")["trend"] == "too few weeks to tell"
+    text = render_markdown([weeks({"history": record})])
+    assert "| 2026-09-27 | w3 | refused (version 3) | 0.2500 | champion 1 | 0.3000 | 0.3000 |" in text
+    assert "w4 (this run)" in text and "![served recall@10 week by week](history.png)" in text

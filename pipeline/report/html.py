@@ -244,6 +244,7 @@ def write_html_report(path: Path, summary: dict, cfg: RunConfig, data: dict | No
     if data is not None:
         pictures["groups:before"] = [f'<img src="{group_sizes(data["split"])}" alt="group size histogram">']
     files = {Path(f).name: _file_png(Path(f)) for f in (data or {}).get("figures", [])}
+    files["history.png"] = _file_png(path.parent / "history.png")  # evaluate draws it beside the report
     body = "".join(_section(section, pictures, files) for section in sections)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>clickclip recall report "
             f"{html.escape(summary['run_id'])}</title><style>{STYLE}</style></head><body>{verdict}{body}</body></html>")

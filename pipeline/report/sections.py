@@ -59,8 +59,9 @@ def served(summary: dict) -> dict:
 
 
 def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | None = None) -> list[Section]:
-    sections = [headline(summary), decision(summary), configurations(summary, metric, (data or {}).get("train")),
-                slices(summary, rule, metric), worst(summary, metric)]
+    sections = [headline(summary), decision(summary), weeks(summary),
+                configurations(summary, metric, (data or {}).get("train")), slices(summary, rule, metric),
+                worst(summary, metric)]
     if data is not None:
         if "train" in data:
             sections.append(training(data["train"]))
@@ -95,6 +96,39 @@ def headline(summary: dict) -> Section:
         tables=[Table(["metric", *names, f"{gate['candidate']} − {gate['baseline']}",
                        "95% CI (paired BCa bootstrap)"],
                       rows, tones)])
+
+
+def weeks(summary: dict) -> Section | None:
+    """Earlier weeks of this shop beside this one: what each measured, decided and served after."""
+    record = summary.get("history")
+    if not record or len(record["weeks"]) < 2:
+        return None
+    metric = record["metric"]
+
+    def decided(week: dict) -> str:
+        if week["promoted"] is None:
+            return "not decided"
+        return ("promoted" if week["promoted"] else "refused") + (f" (version {week['version']})"
+                                                                 if week["version"] else "")
+
+    def fmt(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    rows = [[str(w["until"] or "–"), w["run_id"] + (" (this run)" if i == len(record["weeks"]) - 1 else ""),
+             decided(w), fmt(w["candidate"]),
+             f"{w['baseline_name']}{' ' + str(w['champion_version']) if w['champion_version'] else ''}",
+             fmt(w["baseline"]), fmt(w["candidate"] if w["promoted"] else w["baseline"]
+                                     if w["promoted"] is not None else None)]
+            for i, w in enumerate(record["weeks"])]
+    return Section(
+        "history", "Week by week", level=3,
+        text=[f"**{record['sentence'][0].upper() + record['sentence'][1:]}.** Each week is measured on its own "
+              "test queries (the sticky test split grows with the catalog), read from the earlier runs' manifests "
+              "under runs_dir."],
+        tables=[Table(["window ends", "run", "decision", f"candidate {metric}", "baseline", f"baseline {metric}",
+                       f"served after {metric}"], rows,
+                      tones=["good" if w["promoted"] else "" for w in record["weeks"]])],
+        figures=[("history.png", f"served {metric} week by week")])
 
 
 def served_sentences(summary: dict) -> list[str]:

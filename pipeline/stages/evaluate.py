@@ -26,6 +26,7 @@ from pipeline.data.groups import look_alikes
 from pipeline.data.images import still_there
 from pipeline.data.split_registry import registered_before
 from pipeline.errors import StageError
+from pipeline.report.history import earlier_weeks, history, plot_history
 from pipeline.report.html import write_html_report
 from pipeline.report.markdown import render_report
 from pipeline.report.sections import SliceRule
@@ -651,6 +652,13 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     if data is not None and "gate_inputs" in data:
         promoted, reason, gates = decide(summary, cfg.promote, data["gate_inputs"])
         summary["decision"] = {"promoted": promoted, "reason": reason, "gates": gates}
+    this_week = {"run_id": run_id, "until": (((data or {}).get("extract") or {}).get("window") or {}).get("until"),
+                 "candidate": models[served][metric], "baseline": models[served_baseline][metric],
+                 "baseline_name": baseline, "champion_version": summary["champion_version"], "version": None,
+                 "promoted": summary.get("decision", {}).get("promoted")}
+    summary["history"] = history(earlier_weeks(cfg.runs_dir, cfg.name, run_id, metric), this_week, metric)
+    if len(summary["history"]["weeks"]) > 1:
+        plot_history(summary["history"], report_dir / "history.png")
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(summary, indent=2))
     shutil.copyfile(metrics_path, report_dir / "metrics.json")  # the report folder stands on its own

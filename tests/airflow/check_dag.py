@@ -56,6 +56,7 @@ def main() -> None:
             report["data_interval"] = [str(run.data_interval_start), str(run.data_interval_end)]
             report["state"] = str(run.state)
             report["task_states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+            report["task_seconds"] = {ti.task_id: ti.duration for ti in run.get_task_instances()}
             report["run_id"] = run.run_id
     print(json.dumps(report, default=str))
 

@@ -275,9 +275,15 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
                 con.register(name, engine.arrow(f"SELECT * FROM {name}"))
             con.register("query_norms", norms)
     kept, long_kept = _kept(con)
+    dropped = 0
     if plan and plan.previous_stats and plan.reused_days:
         con.execute("INSERT INTO stats SELECT * FROM read_parquet(?) WHERE list_contains(?, day)",
                     [str(plan.previous_stats), plan.reused_days])
+        # kept statistics of images the catalog has dropped since are counted, then left out of the
+        # propensities and pairs alike, as a full extract quarantines their rows (unknown_image)
+        dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
+                              "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]
+        con.execute("DELETE FROM stats WHERE image_id NOT IN (SELECT image_id FROM catalog_ids)")
 
     with timings.step("per_position"):
         engine.table("per_position", _sql("extract_per_position.sql"), {"max_position": ecfg.propensity.max_position})
@@ -300,7 +306,8 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
     propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
     plot_propensities(propensities, out_dir / "propensity.png")
     with timings.step("summary"):
-        summary = _summary(con, plan.read_files if plan else files, since, until, quarantine_path, kept, long_kept)
+        summary = _summary(con, plan.read_files if plan else files, since, until, quarantine_path, kept, long_kept,
+                           dropped)
     summary["propensity"] = propensities.as_dict()
     summary["text_context"] = context
     summary["weighting"] = effective_weighting(ecfg.weighting, learned=propensities.iterations > 0)
@@ -341,7 +348,7 @@ def query_frequency_bands(con: duckdb.DuckDBPyConnection) -> dict:
 
 
 def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Path, kept: int,
-             long_kept: int) -> dict:
+             long_kept: int, dropped: int) -> dict:
     """Counts from the outputs themselves: kept rows from the statistics of this run's rows,
     quarantined rows from the quarantine file; with the rows read they must add up."""
     read = con.execute("SELECT count(*) FROM events_raw").fetchone()[0]
@@ -357,9 +364,6 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
         "SELECT count(*), count(DISTINCT query), count(DISTINCT image_id), sum(clicks), sum(impressions) "
         "FROM pairs").fetchone()
     bots = con.execute("SELECT count(*) FROM session_flags WHERE bot").fetchone()[0]
-    # only statistics kept from earlier incremental runs can name an image the catalog since dropped
-    dropped = con.execute("SELECT count(*) FROM (SELECT DISTINCT query, image_id FROM stats "
-                          "ANTI JOIN catalog_ids USING (image_id))").fetchone()[0]
     return {
         # the quarantine rate's denominator is the rows in the window (read − outside it)
         "rows_read": read, "rows_outside_window": int(outside), "rows_in_window": read - int(outside),

@@ -17,8 +17,9 @@ in tests/test_extract.py:
   judged per part, where a full extract judges it whole.
 - Rows quarantined as `unknown_image` stay quarantined: when their image joins the catalog later,
   the days already read are not read again. Delete `<state_dir>/<name>/extract/` to rebuild.
-An image that later leaves the catalog drops out of the pairs and is counted in the summary
-(`pairs_dropped_image_left_catalog`).
+An image that later leaves the catalog drops out of the kept statistics, and so of the
+propensities and the pairs, as a full extract quarantines its rows (`unknown_image`); its pairs
+are counted in the summary (`pairs_dropped_image_left_catalog`).
 Settings that change the kept statistics (`settings_of`: time zone, query normalisation, the
 tokenizer and text context that judge long queries, long-query policy, bot and dwell settings)
 invalidate the state: the run reads every partition in the window again and says which changed.

@@ -86,9 +86,12 @@ def data_interval(context) -> str | None:
 
 
 def run_id_for(context) -> str:
-    """The run id derives from the logical date (or, for asset-triggered runs, when it ran), so a
-    rerun of the same interval lands in the same run folder and reuses what is done."""
-    moment = context.get("logical_date") or context["dag_run"].run_after
+    """The run id derives from the end of the run's data interval (or, for asset-triggered runs, when
+    it ran), so a rerun of the same interval lands in the same run folder and reuses what is done.
+    The interval's end, not the logical date: a scheduled run's logical date is its trigger time, a
+    backfilled run's the start of its interval, and one week must have one run folder either way."""
+    end = context.get("data_interval_end")
+    moment = end if end is not None else context.get("logical_date") or context["dag_run"].run_after
     return f"weekly-{moment:%Y%m%dT%H%M}"
 
 

@@ -107,3 +107,25 @@ def test_full_dag_run_registers_a_model(airflow_env, tiny_shop, tmp_path):
     versions = MlflowClient(tracking_uri=cfg.promote.tracking_uri).search_model_versions("name='clickclip-tiny'")
     assert len(versions) == 1
     assert versions[0].tags["clickclip.run_id"].startswith("weekly-")
+
+
+def test_a_three_week_backfill_runs_one_week_at_a_time_in_order(airflow_env):
+    """`airflow backfill create` over three weeks makes three runs, oldest first (not --run-backwards),
+    one at a time (the DAG's max_active_runs=1 and the backfill's), each reading its own week and
+    landing in its own run folder. A backfilled run's logical date is its interval's start, a
+    scheduled one's its trigger time: run ids derive from the interval's end, so either way one
+    week has one run folder. (Creating the backfill needs no scheduler; executing it does, and the
+    season replay, tests/test_season.py, executes weeks in this order with `dag.test()`.)"""
+    airflow = str(AIRFLOW_PYTHON.parent / "airflow")
+    done = subprocess.run([airflow, "backfill", "create", "--dag-id", "clickclip_retrain", "--from-date", "2026-09-14",
+                           "--to-date", "2026-09-29", "--max-active-runs", "1"], env=airflow_env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _check(airflow_env, "--list-runs")
+    assert report["max_active_runs"] == 1
+    runs = [r for r in report["runs"] if r["run_type"].endswith("backfill")]
+    assert [r["data_interval"] for r in runs] == ["2026-09-07/2026-09-13", "2026-09-14/2026-09-20",
+                                                  "2026-09-21/2026-09-27"]
+    assert [r["clickclip_run_id"] for r in runs] == ["weekly-20260914T0300", "weekly-20260921T0300",
+                                                     "weekly-20260928T0300"]
+    assert {r["backfill_max_active_runs"] for r in runs} == {1}

@@ -43,6 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", help="config file to test-run the DAG on")
     parser.add_argument("--logical-date", help="the run's logical date (ISO), as a backfill would set it")
+    parser.add_argument("--list-runs", action="store_true",
+                        help="the DAG runs in the database (a backfill creates them), oldest logical date first, with "
+                             "the run id and --data-interval the DAG's tasks would pass")
     args = parser.parse_args()
     bag = DagBag(dag_folder=str(REPO / "dags"))
     report = {"import_errors": {path: str(error) for path, error in bag.import_errors.items()},
@@ -58,7 +61,30 @@ def main() -> None:
             report["task_states"] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
             report["task_seconds"] = {ti.task_id: ti.duration for ti in run.get_task_instances()}
             report["run_id"] = run.run_id
+        if args.list_runs:
+            report["runs"] = list_runs()
     print(json.dumps(report, default=str))
+
+
+def list_runs() -> list[dict]:
+    import importlib.util
+
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    spec = importlib.util.spec_from_file_location("clickclip_dag", REPO / "dags" / "clickclip_retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with create_session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == "clickclip_retrain").order_by(DagRun.logical_date).all()
+        out = []
+        for run in runs:
+            context = {"params": {}, "data_interval_start": run.data_interval_start,
+                       "data_interval_end": run.data_interval_end, "logical_date": run.logical_date, "dag_run": run}
+            out.append({"airflow_run_id": run.run_id, "run_type": str(run.run_type), "logical_date": run.logical_date,
+                        "clickclip_run_id": module.run_id_for(context), "data_interval": module.data_interval(context),
+                        "backfill_max_active_runs": run.backfill.max_active_runs if run.backfill else None})
+        return out
 
 
 if __name__ == "__main__":

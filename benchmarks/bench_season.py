@@ -291,8 +291,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the test's size and relaxed decision gates")
     parser.add_argument("--rollback-week", type=int, default=5, help="0: no rollback")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's 10, the test's 2)")
     parser.add_argument("--home", type=Path, help="deployment folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.epochs:
+        (TINY_TRAIN if args.tiny else DEMO_TRAIN)["epochs"] = args.epochs
     products = args.products or (100 if args.tiny else 600)
     sessions = args.sessions or (1200 if args.tiny else 20000)
     home = (args.home or Path(tempfile.mkdtemp(prefix="clickclip-season-"))).resolve()
@@ -308,6 +311,7 @@ def main() -> None:
     failed = [c for c in checks if not c["passed"]]
     print(json.dumps({"weeks": len(rows), "products": products, "sessions_per_week": sessions, "tiny": args.tiny,
                       "checks": len(checks), "checks_failed": len(failed), "failed": failed, "per_week": rows,
+                      "per_check": checks,
                       "seconds": round(time.perf_counter() - started, 1)}))
     sys.exit(1 if failed or len(rows) < args.weeks else 0)
 

@@ -120,12 +120,12 @@ def incremental_equals_full(cfg, run_dir: Path, scratch: Path) -> tuple[bool, st
     return same, f"{ours.height} pairs incremental, {full.height} full"
 
 
-def serving_versions(cfg, query: str) -> dict:
-    """What each of the three places says serves: the registry's alias, the index pointer, search."""
+def serving_versions(home: Path, cfg, query: str) -> dict:
+    """What each of the three places says serves: the registry's alias, the index pointer, and the
+    version `clickclip search` answers with."""
     from mlflow.tracking import MlflowClient
 
     from pipeline import registry
-    from pipeline.search import Searcher
     from pipeline.serving.stores import open_store
 
     client = MlflowClient(tracking_uri=registry.tracking_uri(cfg.promote))
@@ -140,11 +140,7 @@ def serving_versions(cfg, query: str) -> dict:
         store.close()
     answered = None
     if pointer is not None:
-        searcher = Searcher(cfg)
-        try:
-            answered = searcher(query, 5)["version"]
-        finally:
-            searcher.close()
+        answered = json.loads(clickclip(home, "search", "--config", CONFIG, query, "--k", "5").stdout)["version"]
     return {name: None if value is None else str(value)
             for name, value in (("alias", alias), ("index", pointer.version if pointer else None),
                                 ("search", answered))}
@@ -248,7 +244,7 @@ def replay(home: Path, env: dict, weeks: int, rollback_week: int | None) -> tupl
         if week == rollback_week:
             done = clickclip(home, "rollback", "--config", CONFIG, "--reason", f"season replay: week {week}", "--json")
             rolled_back_to = json.loads(done.stdout.strip().splitlines()[-1])["champion"]
-        serving = serving_versions(cfg, "red mug")
+        serving = serving_versions(home, cfg, "red mug")
         check(week, "serving_agrees", serving["alias"] == serving["index"] == serving["search"]
               and serving["alias"] is not None, f"alias {serving['alias']}, index {serving['index']}, search "
               f"{serving['search']}")

@@ -8,6 +8,9 @@ open_clip and mlflow are never imported by the scheduler or the DAG processor.
 Environment (set on the workers, e.g. in the deployment's env):
 - CLICKCLIP_HOME: the clickclip checkout the commands run in (paths in configs are relative to it)
 - CLICKCLIP_BIN: the clickclip executable (default: $CLICKCLIP_HOME/.venv/bin/clickclip)
+- CLICKCLIP_CONFIG: the run config scheduled runs use, relative to CLICKCLIP_HOME (default
+  configs/demo.yaml; `clickclip init` writes configs/myshop.yaml); a triggered run's `config` param
+  overrides it
 - CLICKCLIP_EVENTS_URI: the asset URI that producers of new click-log partitions update
 - MLFLOW_TRACKING_URI: the tracking and registry server, if not the config's
 - CLICKCLIP_TRAIN_ON: `local` (default: train runs on the worker like every stage) or `kubernetes`:
@@ -40,6 +43,7 @@ TRAIN_ON = os.environ.get("CLICKCLIP_TRAIN_ON", "local")
 if TRAIN_ON not in ("local", "kubernetes"):
     raise ValueError(f"CLICKCLIP_TRAIN_ON is {TRAIN_ON!r}: use 'local' or 'kubernetes'")
 POD_HOME = "/clickclip"  # where the pod mounts CLICKCLIP_K8S_PVC
+CONFIG = os.environ.get("CLICKCLIP_CONFIG", "configs/demo.yaml")
 
 
 
@@ -68,7 +72,8 @@ def retry_policy(stage) -> dict:
 def data_interval(context) -> str | None:
     """The dates the run reads, as `clickclip --data-interval FIRST/LAST`: its data interval [start,
     end) as whole days, start's day to the day before end's, so a backfilled week never reads events
-    after its interval; the `since` / `until` params override either end. clickclip applies one rule
+    after its interval; the `since` / `until` params override either end (a `since` param also sets
+    `extract.window.last_days` to null, so the window starts on it). clickclip applies one rule
     (WindowConfig): the window ends on LAST and starts on FIRST, or `extract.window.last_days` before
     LAST, so every config that loads from the CLI runs here. Asset-triggered runs (no interval, no
     params) read the config's window."""
@@ -97,9 +102,15 @@ def run_id_for(context) -> str:
 
 def stage_arguments(stage: str) -> list[str]:
     """The `clickclip` arguments of one stage in the running DAG run."""
-    context = get_current_context()
+    return arguments_for(stage, get_current_context())
+
+
+def arguments_for(stage: str, context) -> list[str]:
+    """The `clickclip` arguments of one stage in the DAG run `context` describes."""
     arguments = [stage, "--config", context["params"]["config"], "--run-id", run_id_for(context), "--json"]
     interval = data_interval(context)
+    if context["params"].get("since"):  # an explicit first day: the window starts there, whatever last_days says
+        arguments += ["--set", "extract.window.last_days=null"]
     return arguments + (["--data-interval", interval] if interval else [])
 
 
@@ -145,7 +156,7 @@ def train_in_a_pod() -> tuple:
     max_active_runs=1,
     default_args={"owner": "ml-platform", "retries": 0},
     params={
-        "config": Param("configs/demo.yaml", type="string", description="run config, relative to CLICKCLIP_HOME"),
+        "config": Param(CONFIG, type="string", description="run config, relative to CLICKCLIP_HOME"),
         "since": Param(None, type=["null", "string"], format="date",
                        description="first day of the window (default: the run's data interval)"),
         "until": Param(None, type=["null", "string"], format="date",

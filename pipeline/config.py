@@ -541,8 +541,14 @@ def starting_config(name: str, events: Path, images: Path, image_root: Path, eve
         events_format=_source_format(events), images_format=_source_format(images),
         events_table=_table_line(events_table), images_table=_table_line(images_table),
         model=model, pretrained=pretrained if pretrained else "null",
-        incremental=str(events.is_dir() and _source_format(events) == "parquet").lower(),
+        incremental=str(_date_partitioned(events)).lower(),
         precision="bf16-mixed" if _gpu_visible() else "32-true")
+
+
+def _date_partitioned(events: Path) -> bool:
+    """A folder holding date=YYYY-MM-DD partitions: what incremental extract needs (a flat folder of
+    Parquet files, or one not written yet, gets a full extract)."""
+    return events.is_dir() and any(p.is_dir() and p.name.startswith("date=") for p in events.iterdir())
 
 
 def _table_line(table: str | None) -> str:

@@ -148,7 +148,7 @@ def test_the_data_interval_replaces_any_window_that_loads(tmp_path, window):
     """The DAG passes --data-interval FIRST/LAST; every window a config may hold loads under it (init's
     last_days 28 used to fail: the DAG set since beside it). The window ends on LAST and starts on
     FIRST, or last_days before LAST."""
-    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "date=2026-11-02").mkdir(parents=True)
     path = _init(tmp_path, tmp_path / "events")
     text = path.read_text()
     assert "last_days: 28" in text and "incremental: true" in text  # a folder of partitions: incremental
@@ -165,6 +165,14 @@ def test_the_data_interval_replaces_any_window_that_loads(tmp_path, window):
     for wrong in ("2026-11-02", "2026-11-08/2026-11-02", "monday/sunday"):
         with pytest.raises(ConfigError, match="--data-interval"):
             parse_interval(wrong)
+
+
+def test_init_turns_incremental_extract_on_only_for_date_partitions(tmp_path):
+    """A flat folder of Parquet files has no date= partitions, which incremental extract refuses:
+    init's config for it must run as written."""
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "part-0.parquet").write_bytes(b"")
+    assert not load_config(_init(tmp_path, tmp_path / "flat")).extract.incremental
 
 
 def test_mistakes_are_named_by_the_cli(tmp_path):

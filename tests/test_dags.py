@@ -59,6 +59,20 @@ def test_dag_parses_with_the_documented_shape(airflow_env):
     assert {report["operators"][s] for s in stages} == {"_BashDecoratedOperator"}  # logs stream as they run
 
 
+def test_scheduled_runs_use_the_deployments_config_and_params_set_the_window_rules_ends(airflow_env):
+    """Scheduled runs carry no conf: their config is CLICKCLIP_CONFIG (init writes configs/myshop.yaml;
+    the default configs/demo.yaml). The interval goes to every task as --data-interval; a `since`
+    param starts the window there even under init's last_days (before, it was dropped)."""
+    assert _check(airflow_env)["param_defaults"]["config"] == "configs/demo.yaml"
+    shop = {**airflow_env, "CLICKCLIP_CONFIG": "configs/myshop.yaml"}
+    assert _check(shop)["param_defaults"]["config"] == "configs/myshop.yaml"
+    plain = _check(shop, "--arguments-for", "{}")["arguments"]
+    assert plain == ["extract", "--config", "configs/myshop.yaml", "--run-id", "weekly-20261109T0300", "--json",
+                     "--data-interval", "2026-11-02/2026-11-08"]
+    since = _check(shop, "--arguments-for", json.dumps({"since": "2026-10-01"}))["arguments"]
+    assert since[-4:] == ["--set", "extract.window.last_days=null", "--data-interval", "2026-10-01/2026-11-08"]
+
+
 def test_train_runs_in_a_kubernetes_pod_when_the_deployment_says_so(airflow_env):
     """CLICKCLIP_TRAIN_ON=kubernetes: the DagBag loads the variant whose train task is a
     KubernetesPodOperator fed the same clickclip arguments; a wrong value is an import error

@@ -92,3 +92,18 @@ def test_history_reads_earlier_weeks_and_says_where_quality_is_going(tmp_path):
     text = render_markdown([weeks({"history": record})])
     assert "| 2026-09-27 | w3 | refused (version 3) | 0.2500 | champion 1 | 0.3000 | 0.3000 |" in text
     assert "w4 (this run)" in text and "![served recall@10 week by week](history.png)" in text
+
+    # a redone or backfilled week sees only the weeks before it; a week run twice counts once (its
+    # last evaluation); a version rolled back since served its baseline after (the registry says which)
+    (tmp_path / "w2-again").mkdir()
+    again = _manifest("w2-again", "2026-09-20", 0.31, 0.28, True)
+    again["stages"]["evaluate"]["finished_at"] = "2026-09-21"
+    (tmp_path / "w2-again" / "manifest.json").write_text(json.dumps(again))
+    before_w3 = earlier_weeks(tmp_path, "shop", "w3", "recall@10", until="2026-09-27", rolled_back={"n"})
+    assert [w["run_id"] for w in before_w3] == ["w1", "w2-again"]
+    rolled = earlier_weeks(tmp_path, "shop", "w4", "recall@10", until="2026-10-04", rolled_back={"n"})
+    assert [w["rolled_back"] for w in rolled] == [False, True, False]  # w2-again registered version "n"
+    record = history(rolled, this, "recall@10")
+    assert "0.2800 → 0.2800 → 0.3000 → 0.3600" in record["sentence"]  # w2-again: its baseline served after
+    assert "refused" not in render_markdown([weeks({"history": record})]).split("w2-again")[1].split("\n")[0]
+    assert "promoted (version n), rolled back" in render_markdown([weeks({"history": record})])

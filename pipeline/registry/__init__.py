@@ -213,6 +213,13 @@ def versions_of_run(cfg: PromoteConfig, run_id: str) -> list:
     return sorted(found, key=lambda v: int(v.version))
 
 
+def rolled_back_versions(cfg: PromoteConfig) -> set[str]:
+    """Versions `clickclip rollback` took the champion away from (tag `clickclip.rolled_back`)."""
+    with _store(cfg, "searching the registered versions"):
+        found = client_for(cfg).search_model_versions(f"name={_quoted(cfg.model_name)}")
+    return {str(v.version) for v in found if "clickclip.rolled_back" in (v.tags or {})}
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():

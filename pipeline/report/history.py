@@ -34,8 +34,11 @@ def _week(manifest: dict, metric: str) -> dict | None:
             "promoted": decision.get("promoted") if decision else None}
 
 
-def earlier_weeks(runs_dir: Path, name: str, run_id: str, metric: str) -> list[dict]:
-    """Every other run folder of config `name` that got as far as evaluate, oldest window first."""
+def earlier_weeks(runs_dir: Path, name: str, run_id: str, metric: str, until: str | None = None,
+                  rolled_back: set[str] = frozenset()) -> list[dict]:
+    """Every other run folder of config `name` that got as far as evaluate, oldest window first: only
+    windows ending before `until` (a backfilled or redone week sees the weeks before it, not after),
+    one run per window (the latest evaluated), versions in `rolled_back` (the registry's) marked."""
     weeks = []
     for path in sorted(runs_dir.glob("*/manifest.json")):
         if path.parent.name == run_id:
@@ -46,14 +49,19 @@ def earlier_weeks(runs_dir: Path, name: str, run_id: str, metric: str) -> list[d
             continue
         if (manifest.get("config") or {}).get("name") != name:
             continue
-        if (week := _week(manifest, metric)) is not None:
+        if (week := _week(manifest, metric)) is not None and (until is None or (week["until"] or "") < until):
+            week["rolled_back"] = week["version"] is not None and str(week["version"]) in rolled_back
             weeks.append(week)
-    return sorted(weeks, key=lambda w: (w["until"] or "", w["finished_at"]))
+    latest: dict[str, dict] = {}
+    for week in sorted(weeks, key=lambda w: (w["until"] or "", w["finished_at"])):
+        latest[week["until"] or week["run_id"]] = week  # a week run twice: its last evaluation
+    return sorted(latest.values(), key=lambda w: (w["until"] or "", w["finished_at"]))
 
 
 def served_after(week: dict) -> float:
-    """What served once the week was decided: its candidate if promoted, else the baseline it lost to."""
-    return week["candidate"] if week["promoted"] else week["baseline"]
+    """What served once the week was decided: its candidate if promoted (and not rolled back since),
+    else the baseline it lost to (or that a rollback brought back)."""
+    return week["candidate"] if week["promoted"] and not week.get("rolled_back") else week["baseline"]
 
 
 def history(earlier: list[dict], this_week: dict, metric: str) -> dict:

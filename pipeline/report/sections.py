@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.report.history import served_after
 from pipeline.report.sentences import leak_audit_sentence, reindex_sentence, relevance_sentences, search_sentence
 from pipeline.retrieval.served import ServedConfig
 
@@ -108,8 +109,9 @@ def weeks(summary: dict) -> Section | None:
     def decided(week: dict) -> str:
         if week["promoted"] is None:
             return "not decided"
-        return ("promoted" if week["promoted"] else "refused") + (f" (version {week['version']})"
-                                                                 if week["version"] else "")
+        return (("promoted" if week["promoted"] else "refused") + (f" (version {week['version']})"
+                                                                  if week["version"] else "")
+                + (", rolled back" if week.get("rolled_back") else ""))
 
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.4f}"
@@ -117,14 +119,13 @@ def weeks(summary: dict) -> Section | None:
     rows = [[str(w["until"] or "–"), w["run_id"] + (" (this run)" if i == len(record["weeks"]) - 1 else ""),
              decided(w), fmt(w["candidate"]),
              f"{w['baseline_name']}{' ' + str(w['champion_version']) if w['champion_version'] else ''}",
-             fmt(w["baseline"]), fmt(w["candidate"] if w["promoted"] else w["baseline"]
-                                     if w["promoted"] is not None else None)]
+             fmt(w["baseline"]), fmt(served_after(w) if w["promoted"] is not None else None)]
             for i, w in enumerate(record["weeks"])]
     return Section(
         "history", "Week by week", level=3,
         text=[f"**{record['sentence'][0].upper() + record['sentence'][1:]}.** Each week is measured on its own "
               "test queries (the sticky test split grows with the catalog), read from the earlier runs' manifests "
-              "under runs_dir."],
+              "under runs_dir; rollbacks from the registry (a rolled-back week served its baseline after)."],
         tables=[Table(["window ends", "run", "decision", f"candidate {metric}", "baseline", f"baseline {metric}",
                        f"served after {metric}"], rows,
                       tones=["good" if w["promoted"] else "" for w in record["weeks"]])],
@@ -248,8 +249,8 @@ def training(train: dict) -> Section:
 def outside_sentence(extract: dict) -> str:
     """Rows outside the window, when a source read whole had some: counted apart, never bad data."""
     outside = extract.get("rows_outside_window", 0)
-    return (f" + outside the window {outside} (a source read whole, without date partitions: not bad data, not "
-            "in the quarantine rate)") if outside else ""
+    return (f" + outside the window {outside} (rows of the files read whose time falls outside it: not bad data, "
+            "not in the quarantine rate)") if outside else ""
 
 
 def input_data(extract: dict, split: dict) -> Section:

@@ -656,7 +656,9 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
                  "candidate": models[served][metric], "baseline": models[served_baseline][metric],
                  "baseline_name": baseline, "champion_version": summary["champion_version"], "version": None,
                  "promoted": summary.get("decision", {}).get("promoted")}
-    summary["history"] = history(earlier_weeks(cfg.runs_dir, cfg.name, run_id, metric), this_week, metric)
+    past_weeks = earlier_weeks(cfg.runs_dir, cfg.name, run_id, metric, this_week["until"],
+                               registry.rolled_back_versions(cfg.promote))
+    summary["history"] = history(past_weeks, this_week, metric)
     if len(summary["history"]["weeks"]) > 1:
         plot_history(summary["history"], report_dir / "history.png")
     metrics_path = out_dir / "metrics.json"

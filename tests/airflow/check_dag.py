@@ -29,6 +29,7 @@ def describe(dag) -> dict:
         "catchup": dag.catchup,
         "max_active_runs": dag.max_active_runs,
         "params": sorted(dag.params.keys()),
+        "param_defaults": dag.params.dump(),
         **({"pod": describe_pod(dag.get_task("train"))} if type(dag.get_task("train")).__name__ ==
            "KubernetesPodOperator" else {}),
     }
@@ -43,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", help="config file to test-run the DAG on")
     parser.add_argument("--logical-date", help="the run's logical date (ISO), as a backfill would set it")
+    parser.add_argument("--arguments-for", metavar="PARAMS_JSON",
+                        help="the extract task's clickclip arguments for a run of the week ending 2026-11-09 "
+                             "03:00 UTC triggered with these params")
     parser.add_argument("--list-runs", action="store_true",
                         help="the DAG runs in the database (a backfill creates them), oldest logical date first, with "
                              "the run id and --data-interval the DAG's tasks would pass")
@@ -63,18 +67,34 @@ def main() -> None:
             report["run_id"] = run.run_id
         if args.list_runs:
             report["runs"] = list_runs()
+        if args.arguments_for:
+            report["arguments"] = arguments_for(dag, json.loads(args.arguments_for))
     print(json.dumps(report, default=str))
 
 
-def list_runs() -> list[dict]:
+def _dag_module():
     import importlib.util
-
-    from airflow.models import DagRun
-    from airflow.utils.session import create_session
 
     spec = importlib.util.spec_from_file_location("clickclip_dag", REPO / "dags" / "clickclip_retrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def arguments_for(dag, params: dict) -> list[str]:
+    import pendulum
+
+    end = pendulum.datetime(2026, 11, 9, 3, tz="UTC")
+    context = {"params": {**dag.params.dump(), **params}, "data_interval_start": end.subtract(days=7),
+               "data_interval_end": end, "logical_date": end}
+    return _dag_module().arguments_for("extract", context)
+
+
+def list_runs() -> list[dict]:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    module = _dag_module()
     with create_session() as session:
         runs = session.query(DagRun).filter(DagRun.dag_id == "clickclip_retrain").order_by(DagRun.logical_date).all()
         out = []

@@ -124,7 +124,8 @@ def test_full_dag_run_registers_a_model(airflow_env, tiny_shop, tmp_path):
 
 
 def test_a_three_week_backfill_runs_one_week_at_a_time_in_order(airflow_env):
-    """`airflow backfill create` over three weeks makes three runs, oldest first (not --run-backwards),
+    """`airflow backfill create` over three weeks makes three runs, oldest first (the scheduler's order,
+    the backfill's sort ordinal; --run-backwards would reverse it),
     one at a time (the DAG's max_active_runs=1 and the backfill's), each reading its own week and
     landing in its own run folder. A backfilled run's logical date is its interval's start, a
     scheduled one's its trigger time: run ids derive from the interval's end, so either way one
@@ -137,7 +138,9 @@ def test_a_three_week_backfill_runs_one_week_at_a_time_in_order(airflow_env):
     assert done.returncode == 0, done.stderr[-3000:]
     report = _check(airflow_env, "--list-runs")
     assert report["max_active_runs"] == 1
-    runs = [r for r in report["runs"] if r["run_type"].endswith("backfill")]
+    # in the order the scheduler starts them (the backfill's sort ordinal), the weeks ascend
+    runs = sorted((r for r in report["runs"] if r["run_type"].endswith("backfill")),
+                  key=lambda r: r["backfill_sort_ordinal"])
     assert [r["data_interval"] for r in runs] == ["2026-09-07/2026-09-13", "2026-09-14/2026-09-20",
                                                   "2026-09-21/2026-09-27"]
     assert [r["clickclip_run_id"] for r in runs] == ["weekly-20260914T0300", "weekly-20260921T0300",

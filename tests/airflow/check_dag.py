@@ -92,18 +92,22 @@ def arguments_for(dag, params: dict) -> list[str]:
 
 def list_runs() -> list[dict]:
     from airflow.models import DagRun
+    from airflow.models.backfill import BackfillDagRun
     from airflow.utils.session import create_session
 
     module = _dag_module()
     with create_session() as session:
         runs = session.query(DagRun).filter(DagRun.dag_id == "clickclip_retrain").order_by(DagRun.logical_date).all()
+        # the order the scheduler starts a backfill's runs in (reversed by --run-backwards)
+        ordinal = {row.dag_run_id: row.sort_ordinal for row in session.query(BackfillDagRun)}
         out = []
         for run in runs:
             context = {"params": {}, "data_interval_start": run.data_interval_start,
                        "data_interval_end": run.data_interval_end, "logical_date": run.logical_date, "dag_run": run}
             out.append({"airflow_run_id": run.run_id, "run_type": str(run.run_type), "logical_date": run.logical_date,
                         "clickclip_run_id": module.run_id_for(context), "data_interval": module.data_interval(context),
-                        "backfill_max_active_runs": run.backfill.max_active_runs if run.backfill else None})
+                        "backfill_max_active_runs": run.backfill.max_active_runs if run.backfill else None,
+                        "backfill_sort_ordinal": ordinal.get(run.id)})
         return out
 
 

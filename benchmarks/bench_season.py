@@ -156,6 +156,12 @@ def version_of_run(cfg, run_id: str):
                  if v.tags.get("clickclip.run_id") == run_id), None)
 
 
+def registry_aliases(cfg) -> dict[str, str]:
+    from pipeline import registry
+
+    return registry.aliases(cfg.promote)
+
+
 def registry_splits(cfg) -> dict[str, str]:
     path = cfg.state_dir / cfg.name / "split_registry.parquet"
     frame = pl.read_parquet(path)
@@ -242,8 +248,12 @@ def replay(home: Path, env: dict, weeks: int, rollback_week: int | None) -> tupl
             check(week, "bad_week_refused", not decision["promoted"] and "quarantine_rate" in failed,
                   f"promoted {decision['promoted']}; failed gates {failed}")
         if week == rollback_week:
-            done = clickclip(home, "rollback", "--config", CONFIG, "--reason", f"season replay: week {week}", "--json")
-            rolled_back_to = json.loads(done.stdout.strip().splitlines()[-1])["champion"]
+            if "previous" in registry_aliases(cfg):
+                done = clickclip(home, "rollback", "--config", CONFIG, "--reason", f"season replay: week {week}",
+                                 "--json")
+                rolled_back_to = json.loads(done.stdout.strip().splitlines()[-1])["champion"]
+            else:  # the gates kept one champion all along: nothing to roll back to
+                print(f"  week {week}: no `previous` version (one champion so far): no rollback", flush=True)
         serving = serving_versions(home, cfg, "red mug")
         check(week, "serving_agrees", serving["alias"] == serving["index"] == serving["search"]
               and serving["alias"] is not None, f"alias {serving['alias']}, index {serving['index']}, search "

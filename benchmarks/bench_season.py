@@ -88,7 +88,6 @@ def deploy(home: Path, weeks: int, products: int, sessions: int, tiny: bool, see
     (home / CONFIG).write_text(yaml.safe_dump(tree, sort_keys=False))
     env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "CLICKCLIP_HOME": str(home), "CLICKCLIP_BIN": str(CLICKCLIP)}
-    env.pop("MLFLOW_TRACKING_URI", None)  # init's config: the embedded registry under the deployment folder
     airflow = str(AIRFLOW_PYTHON.parent / "airflow")
     for command in (["db", "migrate"], ["dags", "reserialize"]):
         subprocess.run([airflow, *command], env=env, check=True, capture_output=True, timeout=600)
@@ -300,6 +299,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's 10, the test's 2)")
     parser.add_argument("--home", type=Path, help="deployment folder (default: a temporary one)")
     args = parser.parse_args()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # init's config: the registry under the deployment folder
     if args.epochs:
         (TINY_TRAIN if args.tiny else DEMO_TRAIN)["epochs"] = args.epochs
     products = args.products or (100 if args.tiny else 600)

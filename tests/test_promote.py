@@ -164,6 +164,20 @@ def test_no_model_or_no_alias_means_no_champion(tmp_path):
     assert champion_version(cfg) is None  # no such alias
 
 
+def test_the_training_logger_leaves_the_process_tracking_uri_as_it_found_it(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.registry import training_logger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = PromoteConfig(model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logger = training_logger(cfg, "run-1")
+    logger.log_metrics({"loss": 1.0}, step=0)  # the logger still writes to its own store
+    logger.finalize("success")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # a later subprocess must not inherit this run's store
+    assert logger.experiment.get_run(logger.run_id).data.metrics["loss"] == 1.0
+
+
 def test_a_registry_that_cannot_be_read_stops_instead_of_meaning_no_champion(tmp_path, monkeypatch):
     from pipeline.registry import RegistryError, champion_version
     from tests.conftest import free_port

@@ -122,14 +122,21 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 def training_logger(cfg: PromoteConfig, run_name: str):
     """Lightning's MLflow logger for a training run, tagged with clickclip's run id."""
+    import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = tracking_uri(cfg)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     with _store(cfg, "starting the training's MLflow run"):
         ensure_experiment(cfg.experiment, uri)
         logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=run_name, tracking_uri=uri,
                               tags={"clickclip.run_id": run_name})
-        _ = logger.experiment, logger.run_id  # created now, where a failure gets the store's name
+        try:
+            _ = logger.experiment, logger.run_id  # created now, where a failure gets the store's name
+        finally:
+            # the logger sets MLflow's process-wide URI (and MLFLOW_TRACKING_URI, which child processes
+            # inherit); it keeps its own client, so put back what was there
+            mlflow.set_tracking_uri(before)
     return logger
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import RunConfig
 from pipeline.demo.shop import generate
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """A test that points MLflow's process-wide URI at its own store (mlflow.set_tracking_uri also sets
+    MLFLOW_TRACKING_URI, which every later subprocess inherits) leaves it as it found it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
+        sys.modules["mlflow"].set_tracking_uri(before)
 
 
 @pytest.fixture(scope="session")

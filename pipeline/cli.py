@@ -257,21 +257,54 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8088,
     set_: SetOption = None,
 ) -> None:
-    """Answer GET /search?q=...&k=20 over HTTP with the champion's index and text tower."""
+    """Answer GET /search?q=...&k=20 over HTTP with the champion's index and text tower, interleaved
+    with the challenger's when there is one; log every response and POST /click to serve's impression log."""
     import uvicorn
 
     from pipeline.config import load_config
-    from pipeline.search import Searcher, http_app
+    from pipeline.search import Server, http_app
 
     try:
-        searcher = Searcher(load_config(config, set_ or []))
+        server = Server.open(load_config(config, set_ or []))
     except ClickclipError as exc:
         _fail(exc)
-    console.print(f"serving {searcher.cfg.promote.model_name} version {searcher.version} on http://{host}:{port}/search")
+    health = server.health()
+    challenger = (f", interleaved with challenger version {health['challenger_version']} on "
+                  f"{health['interleave_traffic']:.0%} of searches" if health["challenger_version"] else "")
+    log = health["impression_log"]
+    console.print(f"serving {health['model_name']} version {health['version']}{challenger} on "
+                  f"http://{host}:{port}/search; impressions logged to "
+                  f"{log['folder'] if log['logging'] != 'off' else '(off: serve.log_impressions is false)'}")
     try:
-        uvicorn.run(http_app(searcher), host=host, port=port, log_level="warning")
+        uvicorn.run(http_app(server), host=host, port=port, log_level="warning")
     finally:
-        searcher.close()
+        server.close()
+
+
+@app.command("interleave-readout")
+def interleave_readout(
+    config: ConfigOption,
+    decide: Annotated[bool, typer.Option(
+        "--decide", help="apply the interleaving gate: promote the challenger when the preference's lower bound "
+                         "is above zero, retire it when the upper bound is below zero (after "
+                         "serve.interleave.min_queries searches with a click)")
+    ] = False,
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read serve's impression log: how the challenger fares against the champion in interleaved
+    searches (wins, losses, ties, the preference with a 95% interval, searches still needed)."""
+    from pipeline.config import load_config
+    from pipeline.online import interleave_readout as read
+
+    try:
+        summary = read(load_config(config, set_ or []), decide)
+    except ClickclipError as exc:
+        _fail(exc)
+    gate = summary.get("gate")
+    moved = f"\ngate: {gate['decision']}" + (f" — {gate.get('note', '')}" if gate.get("note") else "") if gate else ""
+    _emit(summary, as_json, f"{summary['model_name']}: challenger version {summary['challenger']} against champion "
+                            f"{summary['champion']}: {summary['sentence']}{moved}")
 
 
 @app.command("migrate-split-registry")

@@ -117,6 +117,8 @@ class PropensityConfig(Strict):
     iterations: int = Field(default=200, ge=1)
     min_pair_impressions: int = Field(default=10, ge=1)
     clip: float = Field(default=0.05, gt=0, le=1)  # smallest propensity used in 1/θ weights
+    # serve's randomised swaps (serve.swap_rate) replace the EM's curve from this many swapped impressions
+    min_swapped_impressions: int = Field(default=1000, ge=1)
 
 
 class ExtractConfig(Strict):
@@ -339,6 +341,10 @@ class PromoteConfig(Strict):
     # production serves; the candidate's and the baseline's configuration of that kind are compared
     serve_as: Literal["dense", "hybrid"] = "dense"
     gates: GatesConfig = GatesConfig()
+    # direct: a version that passes the gates becomes champion; interleave_first: it becomes the
+    # `challenger` (when there is a champion to compare with), interleaved with the champion by
+    # serve, and the interleaving gate (`clickclip interleave-readout --decide`) promotes or retires it
+    policy: Literal["direct", "interleave_first"] = "direct"
 
 
 class PublishConfig(Strict):
@@ -377,6 +383,36 @@ class PublishConfig(Strict):
         return self
 
 
+class InterleaveConfig(Strict):
+    """Team-draft interleaving of champion and challenger in `clickclip serve`, and the gate on its
+    readout (`clickclip interleave-readout`)."""
+
+    # share of searches whose results mix the two rankers (0: the champion answers every search)
+    traffic: float = Field(default=0.5, ge=0, le=1)
+    seed: int = 0  # with the request id, fixes each interleaved list: a replay gives the same lists
+    # the gate decides only after this many interleaved searches with at least one click
+    min_queries: int = Field(default=200, ge=1)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+
+class ServeConfig(Strict):
+    """What `clickclip serve` logs: every response's impressions and the clicks POST /click reports,
+    as events-contract rows in date=YYYY-MM-DD/ Parquet files (docs/DATA.md) extract reads as they are."""
+
+    log_impressions: bool = True
+    impression_log: Path | None = None  # default <state_dir>/<name>/impressions
+    flush_seconds: float = Field(default=1.0, gt=0, le=60)  # a kill loses at most this much of the log
+    max_buffered_rows: int = Field(default=200_000, ge=1)  # beyond this, rows are dropped and counted
+    recent_requests: int = Field(default=100_000, ge=1)  # responses a click can still refer to
+    # share of responses that swap one random adjacent pair of results (RandPair-style), logged with
+    # the swap's probability: extract estimates position bias from them, unconfounded by the ranker
+    swap_rate: float = Field(default=0.0, ge=0, le=0.5)
+    interleave: InterleaveConfig = InterleaveConfig()
+
+    def log_folder(self, state_dir: Path, name: str) -> Path:
+        return self.impression_log or state_dir / name / "impressions"
+
+
 class RunConfig(Strict):
     name: str = "clickclip"
     runs_dir: Path = Path("runs")
@@ -389,6 +425,7 @@ class RunConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     publish: PublishConfig = PublishConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("name")
     @classmethod

@@ -265,7 +265,8 @@ def format_summary(run: Run, summaries: dict[str, dict]) -> str:
     for k in cfg.evaluate.ks:  # each model dense and hybrid, and keyword search; the report has every configuration
         row = "  ".join(f"{name} {models[name][f'recall@{k}']:.4f}" for name in headline_names(evaluation))
         lines.append(f"recall@{k}: {row}")
-    verdict = "PROMOTED to champion" if decision["promoted"] else "not promoted"
+    verdict = ("PROMOTED to champion" if decision["promoted"] else "made CHALLENGER (interleaved with the champion)"
+               if decision.get("challenger") else "not promoted")
     lines += [
         f"decision on {metric}: {verdict} — {decision['reason']}",
         f"registered: {decision['model_name']} version {decision['version']}",

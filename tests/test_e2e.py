@@ -1,10 +1,13 @@
 """The whole pipeline on a tiny demo shop, through the CLI, twice."""
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -742,3 +745,111 @@ def test_promote_force_builds_and_flips_the_index_of_a_version_the_gates_refused
     assert (current.version, current.table) == ("1", tags["clickclip.index_table"])
     verdict = (cfg.reports_dir / _run_dir(work).name / "recall.md").read_text().splitlines()[1]
     assert verdict.startswith("**Verdict: PROMOTED: version 1 is champion — FORCED by")
+
+
+@contextlib.contextmanager
+def _served(server) -> Iterator[str]:
+    """`clickclip serve`'s app on a loopback port in this process (uvicorn in a thread); its base URL."""
+    import threading
+
+    import uvicorn
+
+    from pipeline.search import http_app
+
+    port = free_port()
+    running = uvicorn.Server(uvicorn.Config(http_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not running.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        running.should_exit = True
+        thread.join(10)
+
+
+def _get(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("shoppers_prefer", ["challenger", "champion"])
+def test_a_challenger_is_interleaved_logged_read_out_and_decided_by_the_interleaving_gate(
+        first_and_second_run, two_weeks, tmp_path, shoppers_prefer):
+    """interleave_first makes the gated week-2 the challenger beside champion 1; serve interleaves
+    them over HTTP and logs every response and click; the readout's gate promotes the challenger when
+    shoppers click its team's results, and retires it when they click the champion's."""
+    from pipeline import registry
+    from pipeline.config import InterleaveConfig, ServeConfig
+    from pipeline.online import interleave_readout
+    from pipeline.search import Server
+    from pipeline.stages.extract import extract
+
+    _, work, _, _ = first_and_second_run
+    fresh, week2, week1, _, serving = two_weeks
+    cfg = fresh.model_copy(update={
+        "promote": fresh.promote.model_copy(update={"policy": "interleave_first"}),
+        "serve": ServeConfig(impression_log=tmp_path / "log", flush_seconds=0.05,
+                             interleave=InterleaveConfig(traffic=1.0, min_queries=40))})
+    (tmp_path / "week-2").mkdir()
+    decision = _promote_again(cfg, work, "week-2", champion="1", index=week2)(None, tmp_path / "week-2")
+    assert not decision.summary["promoted"] and decision.summary["challenger"] == "2"
+    assert registry.aliases(cfg.promote) == {"champion": "1", "challenger": "2"}
+    assert serving() == ("1", week1["table"])  # the champion still serves every search that is not interleaved
+    assert registry.version_tags(cfg.promote, "2")["clickclip.decision"] == "challenger"
+
+    server = Server.open(cfg)
+    assert server.challenger is not None and server.challenger.version == "2"
+    queries = ["red dress", "blue shoes", "green bag", "black jacket", "white shirt"]
+    with _served(server) as url:
+        for n in range(60):
+            answer = _get(f"{url}/search?q={queries[n % 5].replace(' ', '%20')}&k=6&session=s{n}")
+            assert answer["interleaved"] and answer["version"] == "1|2"
+            assert {r["team"] for r in answer["results"]} == {"champion", "challenger"}
+            liked = next(r for r in answer["results"] if r["team"] == shoppers_prefer)
+            assert _post(f"{url}/click", {"request_id": answer["request_id"], "image_id": liked["image_id"],
+                                          "dwell_ms": 30_000}) == (200, {"logged": True, "logging": "on"})
+        status, refused = _post(f"{url}/click", {"request_id": "20260101-unknown", "image_id": "x"})
+        assert status == 404 and "unknown request" in refused["error"]
+        health = _get(f"{url}/health")
+        assert health["searches"] == health["interleaved"] == 60 and health["challenger_version"] == "2"
+    server.close()  # flushes the log
+    assert health["impression_log"]["clicks_logged"] == 60
+
+    # the log is events-contract data: next week's extract reads it as it is
+    log_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": tmp_path / "log"})})})
+    (tmp_path / "extract").mkdir()
+    summary = extract(log_cfg, tmp_path / "extract").summary
+    assert summary["rows_read"] == 360 and summary["click_rows_joined"] == 60
+
+    read = interleave_readout(cfg, decide=True)
+    assert (read["wins"], read["losses"]) == ((60, 0) if shoppers_prefer == "challenger" else (0, 60))
+    assert read["decision"] == ("promote" if shoppers_prefer == "challenger" else "retire")
+    aliases = registry.aliases(cfg.promote)
+    assert "challenger" not in aliases
+    tags = registry.version_tags(cfg.promote, "2")
+    assert tags["clickclip.interleaving"].startswith("promoted" if shoppers_prefer == "challenger" else "retired")
+    if shoppers_prefer == "challenger":
+        assert aliases["champion"] == "2" and serving() == ("2", week2["table"])
+    else:
+        assert aliases["champion"] == "1" and serving() == ("1", week1["table"])
+        # a rerun of week-2's promote does not make a retired challenger challenger again
+        again = _promote_again(cfg, work, "week-2", champion="1", index=week2)(None, tmp_path / "week-2")
+        assert again.summary["challenger"] is None and "challenger" not in registry.aliases(cfg.promote)

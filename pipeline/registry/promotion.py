@@ -15,6 +15,12 @@ States of a registered version (each recorded where a later run can read it back
 - **forced**: champion past failed gates, by hand: its index is built and validated by publish
   first (or the command refuses), then the same flip, tag, alias; `clickclip.decision: forced`
   with who and why.
+- **challenger** (`promote.policy: interleave_first`): gated and published like a champion, but
+  the challenger's pointer (`serving.index.challenger_key`) names its table, the version carries
+  the table's name, and the `challenger` alias points at it; serve interleaves it with the
+  champion. The interleaving gate then either makes it champion (the champion's steps, alias
+  compare-and-set against the champion it was interleaved with) or retires it
+  (`clickclip.interleaving: retired ...`); either way the challenger pointer and alias go last.
 - **rolled back**: the pointer goes back to `previous`'s table (refused when it has none), the
   rolled-back version is tagged `clickclip.rolled_back` (never promoted again by a rerun), the
   `champion` alias moves to `previous`, and `previous` is deleted last.
@@ -28,6 +34,7 @@ from __future__ import annotations
 from pipeline import registry
 from pipeline.config import RunConfig
 from pipeline.errors import StageError
+from pipeline.serving.index import challenger_key
 from pipeline.serving.stores import open_store
 
 INDEX_TAG = "clickclip.index_table"
@@ -166,3 +173,63 @@ def rollback(cfg: RunConfig, reason: str = "") -> dict:
     registry.delete_alias(pcfg, "previous")
     return {"model_name": pcfg.model_name, "champion": str(previous), "rolled_back": rolled_back,
             "index": f"search serves version {previous} again (index {table})" if table else ""}
+
+
+def make_challenger(cfg: RunConfig, version: str, table: str | None) -> str:
+    """Challenger pointer, tag, then the `challenger` alias for a gated, published version."""
+    if table is None:
+        raise StageError(f"not making version {version} the challenger: it has no published index for serve to "
+                         "interleave (publishing is off, or publish built none); rerun publish")
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+    try:
+        key = challenger_key(cfg.promote.model_name)
+        current = store.serving(key)
+        if current is None or (current.version, current.table) != (version, table):
+            store.flip(key, version, table)
+    finally:
+        store.close()
+    reached("flipped")
+    _tag(cfg, version, table)
+    reached("tagged")
+    registry.set_alias(cfg.promote, "challenger", version)
+    reached("alias_moved")
+    return f"; version {version} is the challenger: serve interleaves it with the champion (index {table})"
+
+
+def challenger(cfg: RunConfig) -> tuple[str, str] | None:
+    """(version, table) of the challenger the pointer names, or None."""
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+    try:
+        current = store.serving(challenger_key(cfg.promote.model_name))
+        return (current.version, current.table) if current else None
+    finally:
+        store.close()
+
+
+def end_challenger(cfg: RunConfig, decision: str, sentence: str, champion: str | None) -> dict:
+    """The interleaving gate's move: 'promote' makes the challenger champion (compare-and-set against
+    `champion`, the one it was interleaved with), 'retire' tags it; both then drop the challenger's
+    pointer and alias. 'continue' changes nothing."""
+    pcfg = cfg.promote
+    current = challenger(cfg)
+    aliases = registry.aliases(pcfg)
+    version = current[0] if current else aliases.get("challenger")
+    if version is None:
+        raise StageError(f"model {pcfg.model_name!r} has no challenger to decide on")
+    outcome = {"model_name": pcfg.model_name, "challenger": version, "decision": decision, "readout": sentence}
+    if decision == "continue":
+        return outcome | {"changed": False}
+    tag = "promoted" if decision == "promote" else "retired"
+    registry.set_version_tags(pcfg, version, {"clickclip.interleaving": f"{tag}: {sentence}"})
+    if decision == "promote":
+        table = current[1] if current else registry.version_tags(pcfg, version).get(INDEX_TAG)
+        note = make_champion(cfg, version, table, champion)
+        registry.set_version_tags(pcfg, version, {"clickclip.decision": "promoted"})
+        outcome["note"] = note.removeprefix("; ")
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+    try:
+        store.unpoint(challenger_key(pcfg.model_name))
+    finally:
+        store.close()
+    registry.delete_alias(pcfg, "challenger")
+    return outcome | {"changed": True, "champion": registry.champion_version(pcfg)}

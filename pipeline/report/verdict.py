@@ -22,6 +22,8 @@ def verdict_sentence(verdict: dict) -> str:
     promoted = verdict.get("promoted")
     if verdict.get("by") == "promote":
         head = (f"PROMOTED: version {verdict.get('version')} is champion" if promoted else
+                f"CHALLENGER: version {verdict.get('version')} passed the gates and is interleaved with the "
+                "champion, which is unchanged until the interleaving gate decides" if verdict.get("challenger") else
                 f"NOT PROMOTED: version {verdict.get('version')} was registered, champion unchanged")
     else:
         head = ("the gates say PROMOTE" if promoted else "the gates say DO NOT PROMOTE") + \

@@ -139,18 +139,24 @@ class FaissStore(IndexStore):
         run_id = self._records("indexes.json").get(pointer["table"], {}).get("run_id", "")
         return Serving(model_name, pointer["version"], pointer["table"], self.record(pointer["table"]), run_id)
 
+    def unpoint(self, key: str) -> bool:
+        pointers = self._records("serving.json")
+        if pointers.pop(key, None) is None:
+            return False
+        self._write_records("serving.json", pointers)
+        return True
+
     def record(self, table: str) -> ServedConfig | None:
         """The served configuration `table` was built from (None: none recorded, or no such table)."""
         record = self._records("indexes.json").get(table, {}).get("served_config")
         return ServedConfig.from_dict(record) if record else None
 
     def drop_old(self, model_name: str, keep: int) -> list[str]:
-        """Delete this model's index files but the newest `keep` and the one serving."""
+        """Delete this model's index files but the newest `keep` and those serving (champion, challenger)."""
         records = self._records("indexes.json")
         tables = sorted((r["built_at"], t) for t, r in records.items() if r["model_name"] == model_name)
         tables = [t for _, t in tables]
-        current = self.serving(model_name)
-        kept = set(tables[-keep:]) | ({current.table} if current else set())
+        kept = set(tables[-keep:]) | self.kept_tables(model_name)
         dropped = [t for t in tables if t not in kept]
         for table in dropped:
             for suffix in (".faiss", ".parquet"):

@@ -32,6 +32,12 @@ def table_name(model_name: str, key: str) -> str:
     return name
 
 
+def challenger_key(model_name: str) -> str:
+    """The pointer of the model's challenger (interleaved with the champion by serve), beside the
+    champion's pointer, which is keyed by the model name itself."""
+    return f"{model_name}@challenger"
+
+
 def run_key(run_id: str) -> str:
     """A short, stable, identifier-safe key for a run id."""
     return "r" + hashlib.sha256(run_id.encode()).hexdigest()[:11]
@@ -93,6 +99,15 @@ class IndexStore:
 
     def serving(self, model_name: str) -> Serving | None:
         raise NotImplementedError
+
+    def unpoint(self, key: str) -> bool:
+        """Remove a pointer (the challenger's when it is promoted or retired); True when there was one."""
+        raise NotImplementedError
+
+    def kept_tables(self, model_name: str) -> set[str]:
+        """Tables drop_old never drops: what the champion's and the challenger's pointers name."""
+        pointers = (self.serving(model_name), self.serving(challenger_key(model_name)))
+        return {p.table for p in pointers if p is not None}
 
     def recall_against_exact(self, table: str, image_ids: Sequence[str], vectors: np.ndarray,
                              queries: np.ndarray, k: int, ef_search: int) -> float:

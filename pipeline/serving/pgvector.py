@@ -144,6 +144,11 @@ class VectorStore(IndexStore):
             return None
         return Serving(model_name, row[0], row[1], ServedConfig.from_json(row[2]) if row[2] else None, row[3])
 
+    def unpoint(self, key: str) -> bool:
+        with self.connection.transaction():
+            gone = self.connection.execute(f"DELETE FROM {_quoted(POINTER_TABLE)} WHERE model_name = %s", (key,))
+        return gone.rowcount > 0
+
     def record(self, table: str) -> ServedConfig | None:
         """The served configuration `table` was built from (None: none recorded, or no such table)."""
         row = self.connection.execute(f"SELECT served_config FROM {_quoted(INDEX_TABLE)} WHERE table_name = %s",
@@ -159,12 +164,11 @@ class VectorStore(IndexStore):
         return [r[0] for r in rows], [r[1] for r in rows]
 
     def drop_old(self, model_name: str, keep: int) -> list[str]:
-        """Drop this model's index tables but the newest `keep` and the one serving."""
+        """Drop this model's index tables but the newest `keep` and those serving (champion, challenger)."""
         tables = [r[0] for r in self.connection.execute(
             f"SELECT table_name FROM {_quoted(INDEX_TABLE)} WHERE model_name = %s ORDER BY built_at, table_name",
             (model_name,)).fetchall()]
-        current = self.serving(model_name)
-        kept = set(tables[-keep:]) | ({current.table} if current else set())
+        kept = set(tables[-keep:]) | self.kept_tables(model_name)
         dropped = [t for t in tables if t not in kept]
         for table in dropped:
             with self.connection.transaction():

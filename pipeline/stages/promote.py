@@ -29,9 +29,10 @@ class PromoteResult:
     summary: dict
 
 
-def decision_tags(promoted: bool, reason: str, gates: list[dict]) -> dict[str, str]:
+def decision_tags(promoted: bool, reason: str, gates: list[dict], challenger: bool = False) -> dict[str, str]:
     """The decision as registry tags on the version: verdict, reason, and every gate with its numbers."""
-    return {"clickclip.decision": "promoted" if promoted else "rejected", "clickclip.reason": reason,
+    verdict = "challenger" if challenger else "promoted" if promoted else "rejected"
+    return {"clickclip.decision": verdict, "clickclip.reason": reason,
             **{f"clickclip.gate.{g['gate']}": f"{'pass' if g['passed'] else 'FAIL'}: {g['detail']}" for g in gates}}
 
 
@@ -59,6 +60,8 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
     baseline = evaluation["champion_version"]
     existing = registry.versions_of_run(pcfg, run_id)
     promoted, reason, gates = decide(evaluation, pcfg, gate_inputs)
+    # interleave_first: a gated version with a champion to compare with becomes the challenger
+    challenger = promoted and pcfg.policy == "interleave_first" and baseline is not None
     onnx = None
     if existing:
         # registered by an earlier attempt of this run: re-decide under the current gates (a changed
@@ -69,8 +72,14 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
             registry.set_version_tags(pcfg, str(version.version), {RECORD_TAG: served_record(evaluation)})
         champion = registry.champion_version(pcfg)
         if "clickclip.rolled_back" in tags:
-            promoted = False
+            promoted = challenger = False
             reason += f"; not promoted again: it was rolled back ({tags['clickclip.rolled_back']})"
+        elif "clickclip.interleaving" in tags and champion != str(version.version):
+            promoted = challenger = False
+            reason += f"; interleaving decided on it already ({tags['clickclip.interleaving']})"
+        elif challenger and champion != str(version.version):
+            promoted = False
+            reason += promotion.make_challenger(cfg, str(version.version), published_table(index))
         elif promoted and champion != str(version.version):
             note = promotion.make_champion(cfg, str(version.version), published_table(index), baseline)
             reason += ("; the interrupted alias move was completed" if tags.get("clickclip.decision") == "promoted"
@@ -82,7 +91,7 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         elif promoted:  # champion already: a kill after the alias move is repaired here
             reason += promotion.ensure_serving(cfg, str(version.version), published_table(index))
         reason += f" (version {version.version} was already registered for this run; nothing new registered)"
-        registry.set_version_tags(pcfg, str(version.version), decision_tags(promoted, reason, gates))
+        registry.set_version_tags(pcfg, str(version.version), decision_tags(promoted, reason, gates, challenger))
     else:
         current = registry.champion_version(pcfg)
         if current != baseline:
@@ -91,7 +100,10 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
                 f"the registry's champion is now {current or '(none)'}. Rerun the pipeline (clickclip run) so "
                 "evaluate compares against the new champion")
         onnx = export_onnx(model_dir, out_dir / "onnx")
-        tags = {"clickclip.run_id": run_id, **decision_tags(promoted, reason, gates),
+        if challenger:
+            reason += ("; promote.policy is interleave_first: it becomes the challenger, and the interleaving gate "
+                       "decides")
+        tags = {"clickclip.run_id": run_id, **decision_tags(promoted, reason, gates, challenger),
                 **{f"clickclip.{k}": v for k, v in lineage.items()}, RECORD_TAG: served_record(evaluation)}
         metrics = {metric_key(model, k): v
                    for model, values in evaluation["models"].items() for k, v in values.items()}
@@ -100,16 +112,20 @@ def promote(cfg: RunConfig, run_id: str, mlflow_run_id: str | None, evaluation: 
         mlflow_run_id, version = registry.log_and_register(cfg, mlflow_run_id, run_id, tags, metrics, artifacts,
                                                            model_dir, out_dir / "onnx")
         promotion.reached("registered")
-        if promoted:
+        if challenger:
+            promoted = False
+            reason += promotion.make_challenger(cfg, str(version.version), published_table(index))
+        elif promoted:
             reason += promotion.make_champion(cfg, str(version.version), published_table(index), baseline)
 
     if report_dir is not None:  # the report's verdict line says what was decided now, locally and in MLflow
-        rewrite_verdict(report_dir, {"by": "promote", "promoted": promoted, "reason": reason,
+        rewrite_verdict(report_dir, {"by": "promote", "promoted": promoted, "challenger": challenger, "reason": reason,
                                      "version": str(version.version),
                                      "parity": (index or {}).get("parity_sentence")})
         registry.log_report(pcfg, version.run_id or mlflow_run_id, report_dir)
     summary = {
         "model_name": pcfg.model_name, "version": str(version.version), "promoted": promoted,
+        "challenger": str(version.version) if challenger else None,
         "reason": reason, "gates": gates, "lineage": lineage, "mlflow_run_id": mlflow_run_id,
         "onnx_parity_max_abs_diff": onnx["parity_max_abs_diff"] if onnx else None,
         "tracking_uri": registry.redact_uri(registry.tracking_uri(pcfg)),

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline.config import ExtractConfig, RunConfig, SourceConfig
 from pipeline.data.contract import EVENTS, IMAGES, connect, open_source
 from pipeline.data.partitions import source_files, window_files
-from pipeline.data.propensity import Propensities, examination_propensities
+from pipeline.data.propensity import Propensities, examination_propensities, swap_propensities
 from pipeline.data.queries import normalise_queries, too_long_for_text_encoder
 from pipeline.errors import DataContractError, StageError
 from pipeline.stages import StageInputs, StageOutput
@@ -33,6 +33,8 @@ from pipeline.stages.extract import incremental
 from pipeline.stages.extract.engines import DuckDBEngine, SparkEngine, spark_events, spark_session, stop_spark
 
 REASONS = ("empty_query", "missing_value", "bad_position", "unknown_image", "duplicate", "query_too_long", "bot")
+# serve's log (pipeline/serving/impressions.py): click rows are joined onto their impressions
+SERVE_LOG_COLUMNS = {"request_id", "event"}
 OUTSIDE = "outside_window"  # the classifier's mark for rows outside the window: counted, not quarantined
 
 
@@ -63,7 +65,20 @@ def _open_events(con: duckdb.DuckDBPyConnection, source: SourceConfig, files: li
     else:  # CSV and tables: rows arrive file by file in order, so each file's first row is row 1
         numbered = ("SELECT * EXCLUDE (scan_row), scan_row - min(scan_row) OVER (PARTITION BY filename) + 1 "
                     f"AS source_row FROM (SELECT *, row_number() OVER () AS scan_row FROM ({timestamps}))")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS {numbered}" + (" WHERE false" if nothing else ""))
+    if SERVE_LOG_COLUMNS <= columns:  # serve's impression log: each click row joins its impression
+        con.execute(f"CREATE OR REPLACE TEMP VIEW events_numbered AS {numbered}")
+        numbered = _sql("extract_join_clicks.sql")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_raw AS SELECT * FROM ({numbered})"
+                + (" WHERE false" if nothing else ""))
+
+
+def click_rows_joined(con: duckdb.DuckDBPyConnection) -> int:
+    """Rows of serve's log that were clicks joined onto their impressions (0 for any other log):
+    the rows in the files are the rows read plus these."""
+    if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'events_numbered'").fetchone()[0]:
+        return 0
+    return int(con.execute("SELECT (SELECT count(*) FROM events_numbered) - (SELECT count(*) FROM events_raw)")
+               .fetchone()[0])
 
 
 def last_days_from_events(con: duckdb.DuckDBPyConnection, days: int, until: date | None,
@@ -155,6 +170,43 @@ def estimate_propensities(engine, ecfg: ExtractConfig) -> Propensities:
                                     settings.max_position, settings.iterations)
 
 
+def propensity_estimate(engine, con: duckdb.DuckDBPyConnection, em: Propensities, ecfg: ExtractConfig, since,
+                        until) -> dict:
+    """Which examination curve weights the pairs: from serve's randomised swaps (a `ranked_position`
+    column, intervention harvesting) when the usable rows read hold at least
+    extract.propensity.min_swapped_impressions swapped impressions, else the EM's. Both are reported.
+    With incremental extract the swaps are those of the partitions read this run (the kept
+    statistics do not hold ranked positions)."""
+    settings = ecfg.propensity
+    columns = {name for name, *_ in con.execute('DESCRIBE "events_raw"').fetchall()}
+    if "ranked_position" not in columns:
+        return {"used": "em", "why": "no ranked_position column: the log holds no randomised swaps",
+                "used_propensities": em}
+    if engine.name != "duckdb":
+        return {"used": "em", "why": "the swap estimate runs with extract.engine duckdb only", "used_propensities": em}
+    counts = con.execute("""
+        SELECT e.ranked_position, e.position, sum(e.clicked::INTEGER)::DOUBLE, count(*)::DOUBLE
+        FROM events_raw AS e
+        ANTI JOIN (SELECT source_file, source_row FROM flagged WHERE reason IS NOT NULL) AS q
+            ON q.source_file = e.filename AND q.source_row = e.source_row
+        WHERE e.ranked_position BETWEEN 1 AND $max AND e.position BETWEEN 1 AND $max
+            AND e.event_ts >= $since::TIMESTAMP AND e.event_ts < $until::TIMESTAMP
+        GROUP BY ALL""", {"max": settings.max_position, **_bounds(since, until)}).fetchnumpy()
+    ranked, shown, clicks, impressions = (np.asarray(v, dtype=np.float64) for v in counts.values())
+    swapped = int(impressions[ranked != shown].sum())
+    swaps = swap_propensities(ranked.astype(int), shown.astype(int), clicks, impressions, settings.max_position) \
+        if swapped >= settings.min_swapped_impressions else None
+    report = {"swapped_impressions": swapped, "em": em.as_dict()}
+    if swaps is None:
+        why = (f"{swapped} swapped impressions, fewer than extract.propensity.min_swapped_impressions "
+               f"{settings.min_swapped_impressions}" if swapped < settings.min_swapped_impressions else
+               "a pair of adjacent positions has no swapped clicks")
+        return {"used": "em", "why": why, **report, "used_propensities": em}
+    return {"used": "swaps", "why": f"{swapped} swapped impressions: examination from randomised swaps, "
+                                    "unconfounded by the ranker's order", **report,
+            "swaps": swaps.propensities.as_dict(), "used_propensities": swaps.propensities}
+
+
 def effective_weighting(configured: str, learned: bool) -> dict:
     """The pair weighting that really applied: with nothing to learn position bias from (no pair was
     shown at two positions), propensities are flat and `ips` weights are raw clicks; say so."""
@@ -167,7 +219,7 @@ def effective_weighting(configured: str, learned: bool) -> dict:
                        f"(not debiased). Log more positions per pair or set extract.weighting: raw to silence this."}
 
 
-def plot_propensities(propensities: Propensities, path: Path) -> Path:
+def plot_propensities(propensities: Propensities, path: Path, method: str = "PBM, EM") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +228,7 @@ def plot_propensities(propensities: Propensities, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.plot(propensities.positions, propensities.examination, marker="o")
     ax.set(xlabel="position", ylabel="examination probability (θ / θ₁)", ylim=(0, 1.05),
-           title="Position bias estimated from the log (PBM, EM)")
+           title=f"Position bias estimated from the log ({method})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -238,8 +290,12 @@ def _kept(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
 def _spark_engine(cfg: RunConfig, con: duckdb.DuckDBPyConnection, files: list[Path] | None) -> SparkEngine:
     """A Spark engine holding events_raw (read by Spark from the window's Parquet files, already
     checked against the contract by DuckDB) and catalog_ids (from DuckDB's)."""
-    engine = SparkEngine(spark_session(cfg))
     source = cfg.data.events
+    if SERVE_LOG_COLUMNS <= {name for name, *_ in con.execute('DESCRIBE "events_source"').fetchall()}:
+        raise StageError(f"events source {source.path} is serve's impression log (columns request_id and event), "
+                         "whose click rows extract joins onto their impressions with the DuckDB engine only; "
+                         "set extract.engine: duckdb")
+    engine = SparkEngine(spark_session(cfg))
     if files is None:
         files = sorted(source.path.rglob("*.parquet")) if source.path.is_dir() else [source.path]
     if files:
@@ -289,6 +345,9 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
         engine.table("per_position", _sql("extract_per_position.sql"), {"max_position": ecfg.propensity.max_position})
     with timings.step("propensity_em"):
         propensities = estimate_propensities(engine, ecfg)
+    with timings.step("propensity_swaps"):
+        estimate = propensity_estimate(engine, con, propensities, ecfg, since, until)
+        propensities = estimate.pop("used_propensities")
     engine.register("propensity", pa.table({"position": propensities.positions.tolist(),
                                             "examination": propensities.examination.tolist()}))
     with timings.step("pairs"):
@@ -304,13 +363,16 @@ def _extract(cfg: RunConfig, out_dir: Path, run_id: str | None) -> ExtractResult
                 ).write_parquet(str(quarantine_path))
     propensity_path = out_dir / "propensity.json"
     propensity_path.write_text(json.dumps(propensities.as_dict(), indent=2))
-    plot_propensities(propensities, out_dir / "propensity.png")
+    plot_propensities(propensities, out_dir / "propensity.png",
+                      "randomised swaps" if estimate["used"] == "swaps" else "PBM, EM")
     with timings.step("summary"):
         summary = _summary(con, plan.read_files if plan else files, since, until, quarantine_path, kept, long_kept,
                            dropped)
     summary["propensity"] = propensities.as_dict()
+    summary["propensity_estimate"] = estimate
     summary["text_context"] = context
-    summary["weighting"] = effective_weighting(ecfg.weighting, learned=propensities.iterations > 0)
+    summary["weighting"] = effective_weighting(ecfg.weighting,
+                                               learned=propensities.iterations > 0 or estimate["used"] == "swaps")
     summary["warnings"] = [summary["weighting"]["warning"]] if summary["weighting"]["warning"] else []
     summary["timings_s"] = timings
     if plan:
@@ -367,7 +429,7 @@ def _summary(con: duckdb.DuckDBPyConnection, files, since, until, quarantine: Pa
     return {
         # the quarantine rate's denominator is the rows in the window (read − outside it)
         "rows_read": read, "rows_outside_window": int(outside), "rows_in_window": read - int(outside),
-        "rows_kept": kept, "rows_quarantined": quarantined,
+        "rows_kept": kept, "rows_quarantined": quarantined, "click_rows_joined": click_rows_joined(con),
         "quarantined_by_reason": by_reason, "pairs": pairs, "queries": queries, "images": images,
         "clicks": int(clicks or 0), "impressions_in_pairs": int(impressions or 0),
         "bot_sessions": int(bots), "long_queries_truncated": int(long_kept),

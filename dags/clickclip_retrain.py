@@ -1,5 +1,7 @@
-"""Weekly clickclip retraining: one task per stage of clickclip's stage list (extract >> split >>
-train >> evaluate >> publish >> promote), then a branch on the promotion decision.
+"""Weekly clickclip retraining: first the interleaving gate on last week's challenger, if any
+(`clickclip interleave-readout --decide`: it becomes champion, is retired, or stays), then one task
+per stage of clickclip's stage list (extract >> split >> train >> evaluate >> publish >> promote),
+then a branch on the promotion decision.
 
 Deploy by copying this file into Airflow's dags folder. Airflow's own environment needs nothing
 of clickclip: every task runs the `clickclip` command of the project's virtualenv, so torch,
@@ -120,6 +122,12 @@ def clickclip(stage: str) -> str:
     return shlex.join([BIN, *stage_arguments(stage)])
 
 
+def interleave_gate_command() -> str:
+    """The interleaving readout of serve's log with its gate (a no-op without a challenger)."""
+    context = get_current_context()
+    return shlex.join([BIN, "interleave-readout", "--config", context["params"]["config"], "--decide", "--json"])
+
+
 def train_in_a_pod() -> tuple:
     """The train task as a Kubernetes pod (CLICKCLIP_TRAIN_ON=kubernetes): a small task works out
     the same arguments as on a worker, the pod runs `clickclip train` with them in POD_HOME."""
@@ -165,7 +173,10 @@ def train_in_a_pod() -> tuple:
     tags=["clickclip", "ml"],
 )
 def clickclip_retrain():
-    previous = None
+    # the challenger is decided on before this week's candidate is compared with the champion
+    previous = task.bash(task_id="interleave_gate", cwd=str(HOME), output_processor=json.loads, retries=2,
+                         retry_delay=timedelta(minutes=5), execution_timeout=timedelta(minutes=30))(
+        interleave_gate_command)()
     for stage in stage_list():
         if stage.name == "train" and TRAIN_ON == "kubernetes":
             first, last = train_in_a_pod()

@@ -303,8 +303,37 @@ def interleave_readout(
         _fail(exc)
     gate = summary.get("gate")
     moved = f"\ngate: {gate['decision']}" + (f" — {gate.get('note', '')}" if gate.get("note") else "") if gate else ""
-    _emit(summary, as_json, f"{summary['model_name']}: challenger version {summary['challenger']} against champion "
-                            f"{summary['champion']}: {summary['sentence']}{moved}")
+    _emit(summary, as_json, f"{summary['model_name']}: {summary['sentence']}" if summary["challenger"] is None else
+          f"{summary['model_name']}: challenger version {summary['challenger']} against champion "
+          f"{summary['champion']}: {summary['sentence']}{moved}")
+
+
+@app.command("simulate")
+def simulate(
+    shop: Annotated[Path, typer.Option("--shop", help="a shop written by `clickclip demo-data` (its truth/ folder)")],
+    url: Annotated[str, typer.Option(help="a running `clickclip serve`")] = "http://127.0.0.1:8088",
+    searches: Annotated[int, typer.Option(min=1, help="shoppers, one search each")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="shoppers at a time")] = 1,
+    k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10,
+    seed: int = 0,
+    seconds: Annotated[float | None, typer.Option(help="stop starting shoppers after this long")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send simulated shoppers to `clickclip serve`: the demo's queries, clicks by the demo's truth
+    and position-based click model (posted to /click), so serve's log feeds next week's extract."""
+    from pipeline.demo.shoppers import simulate as run
+
+    try:
+        summary = run(url, shop, searches, concurrency, k, seed, seconds)
+    except ClickclipError as exc:
+        _fail(exc)
+    latency = summary["latency_ms"]
+    _emit(summary, as_json, f"{summary['searches']} searches ({summary['interleaved']} interleaved), "
+                            f"{summary['clicks']} clicks, {summary['errors']} errors in {summary['seconds']} s; "
+                            f"latency p50 {latency['p50']} ms, p95 {latency['p95']} ms"
+                            + (f"; first error: {summary['first_error']}" if summary["first_error"] else ""))
+    if summary["errors"]:
+        raise typer.Exit(1)
 
 
 @app.command("migrate-split-registry")

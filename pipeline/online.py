@@ -5,7 +5,8 @@ aliases) in the log: wins, losses and ties by the team-draft credit, the prefere
 interval and sign test (pipeline.retrieval.interleaving). With `decide`, the gate moves the
 challenger to champion when the interval's lower bound is above zero after
 `serve.interleave.min_queries` searches with a click, retires it when the upper bound is below zero,
-and otherwise changes nothing; every readout is recorded on the challenger version's tags.
+and otherwise changes nothing; every readout is recorded on the challenger version's tags and in
+`<state_dir>/<name>/interleaving/`. Without a challenger it says so and changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 
 from pipeline import registry
 from pipeline.config import RunConfig
-from pipeline.errors import StageError
 from pipeline.registry import promotion
 from pipeline.retrieval.interleaving import outcome, readout
 from pipeline.serving.impressions import interleaved_searches
@@ -26,8 +26,9 @@ def interleave_readout(cfg: RunConfig, decide: bool = False) -> dict:
     aliases = registry.aliases(pcfg)
     champion, challenger = aliases.get("champion"), aliases.get("challenger")
     if challenger is None:
-        raise StageError(f"model {pcfg.model_name!r} has no challenger: nothing is interleaved (promote.policy "
-                         "interleave_first makes a gated version the challenger)")
+        return {"model_name": pcfg.model_name, "champion": champion, "challenger": None, "decision": "none",
+                "sentence": "no challenger: nothing is interleaved (promote.policy interleave_first makes a gated "
+                            "version the challenger)"}
     folder = cfg.serve.log_folder(cfg.state_dir, cfg.name)
     searches = interleaved_searches(folder, str(champion), str(challenger))
     result = readout([outcome(teams) for teams in searches], icfg.confidence, icfg.min_queries)

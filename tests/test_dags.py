@@ -48,6 +48,7 @@ def test_dag_parses_with_the_documented_shape(airflow_env):
     assert [down[s] for s in ("extract", "split", "train", "evaluate", "publish")] == [
         ["split"], ["train"], ["evaluate"], ["publish"], ["promote"]]
     assert down["decide"] == ["announce_champion", "record_refusal"]
+    assert down["interleave_gate"] == ["extract"]  # last week's challenger is decided on first
     assert report["schedule"] == "AssetOrTimeSchedule" and report["cron"] == "0 3 * * 1"
     assert report["catchup"] is False and report["max_active_runs"] == 1
     assert report["params"] == ["config", "since", "until"]

@@ -829,6 +829,11 @@ def test_a_challenger_is_interleaved_logged_read_out_and_decided_by_the_interlea
         assert status == 404 and "unknown request" in refused["error"]
         health = _get(f"{url}/health")
         assert health["searches"] == health["interleaved"] == 60 and health["challenger_version"] == "2"
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        assert "clickclip_interleaved 60.0" in metrics and "clickclip_impression_log_stopped 0.0" in metrics
     server.close()  # flushes the log
     assert health["impression_log"]["clicks_logged"] == 60
 
@@ -853,3 +858,47 @@ def test_a_challenger_is_interleaved_logged_read_out_and_decided_by_the_interlea
         # a rerun of week-2's promote does not make a retired challenger challenger again
         again = _promote_again(cfg, work, "week-2", champion="1", index=week2)(None, tmp_path / "week-2")
         assert again.summary["challenger"] is None and "challenger" not in registry.aliases(cfg.promote)
+
+
+def test_simulated_shoppers_run_the_loop_serve_log_readout_and_next_weeks_extract(
+        first_and_second_run, two_weeks, tiny_shop, tmp_path):
+    """`clickclip simulate`'s shoppers (the demo's queries, clicks by its truth) against serve with a
+    challenger, 4 at a time: every search answered, every click logged, the readout counts them,
+    and next week's extract reads the log as it is."""
+    from pipeline import registry
+    from pipeline.config import InterleaveConfig, ServeConfig
+    from pipeline.demo.shoppers import simulate
+    from pipeline.online import interleave_readout
+    from pipeline.search import Server
+    from pipeline.stages.extract import extract
+
+    _, work, _, _ = first_and_second_run
+    fresh, week2, _, _, _ = two_weeks
+    cfg = fresh.model_copy(update={
+        "promote": fresh.promote.model_copy(update={"policy": "interleave_first"}),
+        "serve": ServeConfig(impression_log=tmp_path / "log", flush_seconds=0.1, swap_rate=0.2,
+                             interleave=InterleaveConfig(traffic=0.5, min_queries=10_000))})
+    (tmp_path / "week-2").mkdir()
+    _promote_again(cfg, work, "week-2", champion="1", index=week2)(None, tmp_path / "week-2")
+    server = Server.open(cfg)
+    with _served(server) as url:
+        shoppers = simulate(url, tiny_shop, searches=200, concurrency=4, k=10, seed=1)
+        health = _get(f"{url}/health")
+    server.close()
+    assert shoppers["errors"] == 0 and shoppers["searches"] == 200 and shoppers["clicks"] > 0
+    assert 0 < shoppers["interleaved"] < 200  # half the traffic, by each request's draw
+    log = health["impression_log"]
+    assert log["clicks_logged"] == shoppers["clicks"] and log["rows_dropped"] == 0
+
+    read = interleave_readout(cfg)
+    assert read["searches"] == shoppers["interleaved"] and read["decision"] == "continue"
+    assert read["with_clicks"] == read["wins"] + read["losses"] + read["ties"] > 0
+    assert registry.version_tags(cfg.promote, "2")["clickclip.interleaving.readout"] == read["sentence"]
+
+    log_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "events": cfg.data.events.model_copy(update={"path": tmp_path / "log"})})})
+    (tmp_path / "extract").mkdir()
+    summary = extract(log_cfg, tmp_path / "extract").summary
+    assert summary["rows_read"] == 200 * 10 and summary["click_rows_joined"] == shoppers["clicks"]
+    assert summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_outside_window"] == 2000
+    assert summary["propensity_estimate"]["swapped_impressions"] > 0

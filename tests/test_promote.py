@@ -323,3 +323,12 @@ def test_rollback_sets_champion_when_only_previous_is_left(registry):
     client.set_registered_model_alias("m", "previous", "1")
     summary = promotion.rollback(_run_config(pcfg, publish={"enabled": False}), reason="x")
     assert summary["champion"] == "1" and _aliases(client) == {"champion": "1"}
+
+
+def test_the_interleave_readout_without_a_challenger_changes_nothing_even_before_any_model(tmp_path, tiny_config):
+    from pipeline.online import interleave_readout
+
+    cfg = tiny_config.model_copy(update={"promote": PromoteConfig(
+        model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")})
+    summary = interleave_readout(cfg, decide=True)
+    assert summary["challenger"] is None and summary["decision"] == "none" and "no challenger" in summary["sentence"]

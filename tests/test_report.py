@@ -107,3 +107,11 @@ def test_history_reads_earlier_weeks_and_says_where_quality_is_going(tmp_path):
     assert "0.2800 → 0.2800 → 0.3000 → 0.3600" in record["sentence"]  # w2-again: its baseline served after
     assert "refused" not in render_markdown([weeks({"history": record})]).split("w2-again")[1].split("\n")[0]
     assert "promoted (version n), rolled back" in render_markdown([weeks({"history": record})])
+
+
+def test_the_verdict_of_a_challenger_says_it_is_interleaved_and_the_champion_unchanged():
+    from pipeline.report.verdict import verdict_sentence
+
+    line = verdict_sentence({"by": "promote", "promoted": False, "challenger": True, "version": "7", "reason": "r"})
+    assert line.startswith("CHALLENGER: version 7 passed the gates and is interleaved with the champion")
+    assert verdict_sentence({"by": "promote", "promoted": False, "version": "7"}).startswith("NOT PROMOTED")

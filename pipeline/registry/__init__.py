@@ -341,8 +341,15 @@ def set_version_tags(cfg: PromoteConfig, version: str, tags: dict[str, str]) -> 
 
 
 def aliases(cfg: PromoteConfig) -> dict[str, str]:
+    """The model's aliases; none while the model is not registered yet (any other failure is an error)."""
     with _store(cfg, "reading the aliases"):
-        return {alias: str(v) for alias, v in client_for(cfg).get_registered_model(cfg.model_name).aliases.items()}
+        try:
+            model = client_for(cfg).get_registered_model(cfg.model_name)
+        except Exception as exc:
+            if _absent(exc):
+                return {}
+            raise
+        return {alias: str(v) for alias, v in model.aliases.items()}
 
 
 def move_champion(client, name: str, version: str) -> None:

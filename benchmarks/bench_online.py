@@ -172,7 +172,8 @@ def latency(home: Path, products: int, sessions: int, epochs: int, searches: int
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(60)
     return {"products": products, "pipeline_seconds": round(pipeline_seconds, 1), "backend": "pgvector (embedded)",
-            "impression_log": health["impression_log"]["logging"], "rows_logged": health["impression_log"]["rows_logged"],
+            "impression_log": health["impression_log"]["logging"],
+            "rows_logged": health["impression_log"]["rows_logged"],
             **{key: shoppers[key] for key in ("searches", "clicks", "errors", "concurrency", "seconds",
                                               "searches_per_second", "latency_ms")}}
 
@@ -194,8 +195,8 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     home = (args.home or Path(tempfile.mkdtemp(prefix="clickclip-online-"))).resolve()
-    print(f"online: {args.products} products, sigma {SIGMA}, sample {args.sample} searches, {args.pairs} pairs per kind "
-          f"read every {args.every} up to {args.max_searches} (min_queries {args.min_queries}), latency "
+    print(f"online: {args.products} products, sigma {SIGMA}, sample {args.sample} searches, {args.pairs} pairs per "
+          f"kind read every {args.every} up to {args.max_searches} (min_queries {args.min_queries}), latency "
           f"{args.latency_searches} searches x 8 clients, {args.epochs} epochs; {platform.node()}, "
           f"{os.cpu_count()} cores; deployment {home}", flush=True)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

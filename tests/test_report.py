@@ -115,3 +115,27 @@ def test_the_verdict_of_a_challenger_says_it_is_interleaved_and_the_champion_unc
     line = verdict_sentence({"by": "promote", "promoted": False, "challenger": True, "version": "7", "reason": "r"})
     assert line.startswith("CHALLENGER: version 7 passed the gates and is interleaved with the champion")
     assert verdict_sentence({"by": "promote", "promoted": False, "version": "7"}).startswith("NOT PROMOTED")
+
+
+def test_the_report_shows_the_latest_interleaving_readout_and_which_position_bias_estimate_weighted(tmp_path):
+    import json
+
+    from pipeline.report.sections import online, position_bias
+    from pipeline.retrieval.interleaving import readout
+    from pipeline.stages.evaluate import latest_readout
+
+    assert latest_readout(tmp_path / "none") is None
+    folder = tmp_path / "interleaving"
+    folder.mkdir()
+    read = readout(["challenger"] * 30 + ["champion"] * 10, min_queries=20)
+    for stamp, sentence in (("20261101T030000", "older"), ("20261108T030000", read.sentence())):
+        (folder / f"readout-{stamp}.json").write_text(json.dumps(
+            {"champion": "3", "challenger": "4", **read.as_dict(), "sentence": sentence}))
+    latest = latest_readout(folder)
+    assert latest["read_at"] == "20261108T030000"
+    section = online({"interleaving": latest})
+    assert "Challenger version 4 against champion 3" in section.text[0] and read.sentence() in section.text[0]
+    assert section.tables[0].rows[0][2:5] == ["30", "10", "0"] and section.tables[0].rows[0][-1] == "promote"
+    assert online({"interleaving": None}) is None
+    assert "randomised swaps" in position_bias({"propensity_estimate": {"used": "swaps", "why": "5000 swapped"}}).text[0]
+    assert "by EM" in position_bias({}).text[0]

@@ -60,14 +60,14 @@ def served(summary: dict) -> dict:
 
 
 def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | None = None) -> list[Section]:
-    sections = [headline(summary), decision(summary), weeks(summary),
+    sections = [headline(summary), decision(summary), online(summary), weeks(summary),
                 configurations(summary, metric, (data or {}).get("train")), slices(summary, rule, metric),
                 worst(summary, metric)]
     if data is not None:
         if "train" in data:
             sections.append(training(data["train"]))
         sections += [input_data(data["extract"], data["split"]), groups(data["extract"], data["split"]),
-                     position_bias()]
+                     position_bias(data["extract"])]
     sections.append(definitions(summary))
     return [section for section in sections if section is not None]
 
@@ -294,11 +294,30 @@ def groups(extract: dict, split: dict) -> Section:
         figures=[("groups.png", "the largest groups, one per row")])
 
 
-def position_bias() -> Section:
+def position_bias(extract: dict) -> Section:
+    estimate = extract.get("propensity_estimate") or {"used": "em"}
+    how = ("from serve's randomised swaps of adjacent results (intervention harvesting), unconfounded by the "
+           f"ranker's order: {estimate['why']}" if estimate["used"] == "swaps" else
+           "by EM under the position-based model" + (f" ({estimate['why']})" if estimate.get("why") else ""))
     return Section("position", "Position bias", level=3,
-                   text=["Examination probability per position, estimated from the log by EM under the "
-                         "position-based model; training weights are clicks divided by it (clipped)."],
+                   text=[f"Examination probability per position, estimated from the log {how}; training weights are "
+                         "clicks divided by it (clipped)."],
                    figures=[("propensity.png", "propensity curve")])
+
+
+def online(summary: dict) -> Section | None:
+    """The latest interleaving readout of champion and challenger, when there is one."""
+    read = summary.get("interleaving")
+    if not read or read.get("challenger") is None:
+        return None
+    interval = ("–" if read["low"] is None else f"{read['preference']:+.3f} [{read['low']:+.3f}, {read['high']:+.3f}]")
+    return Section(
+        "online", "Online: champion against challenger (interleaving)", level=3,
+        text=[f"Challenger version {read['challenger']} against champion {read['champion']}, read "
+              f"{read.get('read_at', '')} from serve's impression log: {read['sentence']}."],
+        tables=[Table(["searches", "with a click", "challenger won", "lost", "tied", "preference [95%]", "gate"],
+                      [[str(read["searches"]), str(read["with_clicks"]), str(read["wins"]), str(read["losses"]),
+                        str(read["ties"]), interval, read["decision"]]])])
 
 
 def definitions(summary: dict) -> Section:

@@ -112,6 +112,15 @@ class TestSet:
         return items
 
 
+def latest_readout(folder: Path) -> dict | None:
+    """The newest interleaving readout (`clickclip interleave-readout` writes one per reading), or None."""
+    readouts = sorted(folder.glob("readout-*.json")) if folder.is_dir() else []
+    if not readouts:
+        return None
+    read = json.loads(readouts[-1].read_text())
+    return read | {"read_at": readouts[-1].stem.removeprefix("readout-")}
+
+
 def _grouped(pairs: pl.DataFrame, item_of: dict[str, str]
              ) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]], list[list[str]]]:
     """Queries; per query, relevant item -> gain (the largest click weight among its images) and
@@ -659,6 +668,7 @@ def evaluate(cfg: RunConfig, pairs_path: Path, images_path: Path, model_dir: Pat
     past_weeks = earlier_weeks(cfg.runs_dir, cfg.name, run_id, metric, this_week["until"],
                                registry.rolled_back_versions(cfg.promote))
     summary["history"] = history(past_weeks, this_week, metric)
+    summary["interleaving"] = latest_readout(cfg.state_dir / cfg.name / "interleaving")
     if len(summary["history"]["weeks"]) > 1:
         plot_history(summary["history"], report_dir / "history.png")
     metrics_path = out_dir / "metrics.json"

@@ -137,5 +137,6 @@ def test_the_report_shows_the_latest_interleaving_readout_and_which_position_bia
     assert "Challenger version 4 against champion 3" in section.text[0] and read.sentence() in section.text[0]
     assert section.tables[0].rows[0][2:5] == ["30", "10", "0"] and section.tables[0].rows[0][-1] == "promote"
     assert online({"interleaving": None}) is None
-    assert "randomised swaps" in position_bias({"propensity_estimate": {"used": "swaps", "why": "5000 swapped"}}).text[0]
+    swaps = {"propensity_estimate": {"used": "swaps", "why": "5000 swapped"}}
+    assert "randomised swaps" in position_bias(swaps).text[0]
     assert "by EM" in position_bias({}).text[0]

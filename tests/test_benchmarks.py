@@ -35,3 +35,18 @@ def test_bench_extract_smoke_with_incremental_mode(tmp_path):
     for key in ("seconds", "impressions_per_s", "peak_rss_mb", "polars_seconds", "incremental_nightly_seconds"):
         assert figures[key] > 0, key
     assert "nightly run (1 new partition file(s))" in done.stdout
+
+
+@pytest.mark.e2e
+def test_bench_online_smoke_measures_both_sample_sizes_and_the_gates_agreement(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_online.py"), "--skip-latency",
+                           "--products", "100", "--sessions", "500", "--sample", "3000", "--pairs", "1",
+                           "--max-searches", "4000", "--home", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["interleaving_searches_needed"] > 0 and figures["ab_searches_needed"] > 0
+    assert figures["ratio"] == pytest.approx(figures["ab_searches_needed"] / figures["interleaving_searches_needed"],
+                                             rel=0.05)  # both rounded up to whole searches
+    assert {row["kind"] for row in figures["pairs"]} == {"better", "worse", "equal"}
+    assert 0 <= figures["agreement"] <= 1 and figures["latency"] is None

@@ -95,7 +95,7 @@ def simulate(url: str, shop: Path, searches: int, concurrency: int = 1, k: int =
             chosen = clicks(truth, query, [r["image_id"] for r in answer["results"]], rng)
             for image in chosen:
                 _post(f"{base}/click", {"request_id": answer["request_id"], "image_id": image,
-                                        "dwell_ms": int(rng.lognormal(10, 0.5))})
+                                        "dwell_ms": int(rng.lognormvariate(10, 0.5))})
         except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
             with lock:
                 counts["errors"] += 1

@@ -4,14 +4,17 @@ agrees with the truth, and serve's latency with logging on.
 1. Sensitivity (the shipped team-draft, click credit and readout of pipeline.retrieval.interleaving,
    shoppers of pipeline.demo.shoppers on a demo shop's truth). Rankers of known quality rank the
    whole catalog by truth relevance plus a fixed per-(query, image) error of standard deviation
-   sigma (the champion's 1.0; a better challenger 0.6, a worse 1.6, an equal one 1.0 with other
-   errors). For the better pair, from `--sample` simulated searches of each kind: the searches a
-   fixed-horizon test at 95% confidence and 80% power needs — interleaving on the per-search
-   outcome (+1 win, -1 loss, 0 otherwise), the A/B test on clicks per search in two arms of equal
-   traffic (both arms counted) — and their ratio.
-2. Agreement: for `--pairs` seeded pairs of each kind, the interleaving gate (serve.interleave's
-   defaults: 95%, min_queries) read every `--every` searches up to `--max-searches`: promote for a
-   better challenger, retire for a worse, no verdict for an equal one; and the searches it took.
+   sigma: the champion's 1.0, a better challenger's 0.85, a worse one's 1.2; an equal challenger
+   puts at every position another image of the same truth relevance as the champion's (other
+   images, exactly the same expected clicks). Each pair's true difference in clicks per search
+   (by the truth and the click model, exactly) is printed. For the better pair, from `--sample`
+   simulated searches of each kind: the searches a fixed-horizon test at 95% confidence and 80%
+   power needs — interleaving on the per-search outcome (+1 win, -1 loss, 0 otherwise), the A/B
+   test on clicks per search in two arms of equal traffic (both arms counted) — and their ratio.
+2. Agreement: for `--pairs` seeded pairs of each kind, the interleaving gate (95%, min_queries)
+   read every `--every` searches up to `--max-searches`: promote for a better challenger, retire
+   for a worse, no verdict for an equal one; and the searches it took. Reading it repeatedly
+   (as a scheduler would) is peeking: an equal pair can cross a bound by chance.
 3. Latency: a deployment (demo shop, `clickclip init`'s config with the demo's tiny model trained
    `--epochs` epochs, `clickclip run`: the embedded registry and pgvector), `clickclip serve` with
    its impression log on and 20% randomised swaps, and `clickclip simulate` with 8 concurrent
@@ -44,10 +47,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.demo.shop import true_propensities  # noqa: E402
 from pipeline.demo.shoppers import Truth, clicks  # noqa: E402
 from pipeline.retrieval.interleaving import CHALLENGER, outcome, readout, request_rng, team_draft  # noqa: E402
 
-SIGMA = {"champion": 1.0, "better": 0.6, "worse": 1.6, "equal": 1.0}
+SIGMA = {"champion": 1.0, "better": 0.85, "worse": 1.2}
 EXPECTED = {"better": "promote", "worse": "retire", "equal": "continue"}
 Z = 1.959964 + 0.841621  # two-sided 95% and 80% power
 
@@ -66,6 +70,36 @@ class Ranker:
             scores = np.array([self.truth.relevance(query, i) for i in self.images]) + noise
             self._cache[query] = [self.images[j] for j in np.argsort(-scores)[:k]]
         return self._cache[query]
+
+
+class EqualRanker:
+    """As good as `base` by the truth, exactly: at every position an image of the same truth relevance
+    as base's (drawn from the whole catalog, so the lists differ), hence the same expected clicks."""
+
+    def __init__(self, base: Ranker, seed: int):
+        self.base, self.seed = base, seed
+        self._cache: dict[str, list[str]] = {}
+
+    def __call__(self, query: str, k: int) -> list[str]:
+        if query not in self._cache:
+            truth, images = self.base.truth, self.base.images
+            rng = random.Random(f"{self.seed}:{query}")
+            by_level: dict[float, list[str]] = {}
+            for image in images:
+                by_level.setdefault(truth.relevance(query, image), []).append(image)
+            chosen: list[str] = []
+            for image in self.base(query, k):
+                pool = [i for i in by_level[truth.relevance(query, image)] if i not in chosen]
+                chosen.append(rng.choice(pool))
+            self._cache[query] = chosen
+        return self._cache[query]
+
+
+def expected_clicks(truth: Truth, ranker, k: int = 10) -> float:
+    """Clicks per search by the truth and the click model, exactly (queries uniformly)."""
+    examination = true_propensities(k)
+    return float(np.mean([sum(examination[p] * (0.02 + 0.78 * truth.relevance(q, i) ** 2)
+                              for p, i in enumerate(ranker(q, k))) for q in truth.queries]))
 
 
 def interleaved_outcomes(truth: Truth, champion: Ranker, challenger: Ranker, searches: int, seed: int, k: int = 10):
@@ -95,7 +129,9 @@ def sensitivity(truth: Truth, images: list[str], sample: int, seed: int) -> dict
     a, b = ab_clicks(truth, champion, sample, seed + 2), ab_clicks(truth, better, sample, seed + 3)
     delta = b.mean() - a.mean()
     per_arm = Z * Z * (a.var(ddof=1) + b.var(ddof=1)) / delta ** 2
-    return {"sample_searches": sample, "interleaving_mean_outcome": round(float(scores.mean()), 4),
+    return {"sample_searches": sample, "true_clicks_per_search": [round(expected_clicks(truth, champion), 4),
+                                                                  round(expected_clicks(truth, better), 4)],
+            "interleaving_mean_outcome": round(float(scores.mean()), 4),
             "ab_clicks_per_search": [round(float(a.mean()), 4), round(float(b.mean()), 4)],
             "interleaving_searches_needed": int(np.ceil(n_interleaving)),
             "ab_searches_needed": int(np.ceil(2 * per_arm)),
@@ -109,7 +145,9 @@ def agreement(truth: Truth, images: list[str], pairs: int, every: int, max_searc
         for p in range(pairs):
             base = seed + 100 * (p + 1)
             champion = Ranker(truth, images, SIGMA["champion"], base)
-            challenger = Ranker(truth, images, SIGMA[kind], base + 7)
+            challenger = EqualRanker(champion, base + 7) if kind == "equal" else Ranker(
+                truth, images, SIGMA[kind], base + 7)
+            delta = expected_clicks(truth, challenger) - expected_clicks(truth, champion)
             outcomes, decision, at = [], "continue", None
             for o in interleaved_outcomes(truth, champion, challenger, max_searches, base):
                 outcomes.append(o)
@@ -118,7 +156,8 @@ def agreement(truth: Truth, images: list[str], pairs: int, every: int, max_searc
                     if decision != "continue":
                         at = len(outcomes)
                         break
-            rows.append({"kind": kind, "pair": p, "decision": decision, "expected": EXPECTED[kind],
+            rows.append({"kind": kind, "pair": p, "true_click_difference": round(delta, 4), "decision": decision,
+                         "expected": EXPECTED[kind],
                          "agrees": decision == EXPECTED[kind], "searches": at or len(outcomes)})
     return rows
 
@@ -214,9 +253,11 @@ def main() -> None:
     print(f"sensitivity (better challenger): interleaving needs {sens['interleaving_searches_needed']:,} searches, "
           f"an A/B test on clicks per search {sens['ab_searches_needed']:,}: {sens['ratio']}x", flush=True)
     rows = agreement(truth, images, args.pairs, args.every, args.max_searches, args.min_queries, args.seed)
-    print("| challenger | pair | gate | expected | agrees | searches |\n|---|---|---|---|---|---|")
+    print("| challenger | pair | true clicks/search vs champion | gate | expected | agrees | searches |\n"
+          "|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['kind']} | {row['pair']} | {row['decision']} | {row['expected']} | "
+        print(f"| {row['kind']} | {row['pair']} | {row['true_click_difference']:+.4f} | {row['decision']} | "
+              f"{row['expected']} | "
               f"{'yes' if row['agrees'] else 'NO'} | {row['searches']:,} |")
     simulated_seconds = time.perf_counter() - started
     lat = None if args.skip_latency else latency(home / "deploy", args.products, args.sessions, args.epochs,

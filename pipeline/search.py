@@ -141,7 +141,8 @@ class Server:
                    CHALLENGER: {r["image_id"]: r for r in theirs["results"]}}
         shown = team_draft(list(by_team[CHAMPION]), list(by_team[CHALLENGER]), k, rng)
         return {**ours, "interleaved": True, "version": f"{ours['version']}|{theirs['version']}",
-                "challenger_version": theirs["version"], "k": len(shown),
+                "challenger_version": theirs["version"], "challenger_table": theirs["table"],
+                "challenger_served_config": theirs["served_config"], "k": len(shown),
                 "results": [{**by_team[team][image], "team": team} for image, team in shown]}
 
     def health(self) -> dict:
@@ -185,14 +186,17 @@ def http_app(server: Server):
             body = await request.json()
             request_id, image_id = str(body["request_id"]), str(body["image_id"])
             dwell = body.get("dwell_ms")
-            dwell = None if dwell is None else int(dwell)
+            if dwell is not None and (isinstance(dwell, bool) or not isinstance(dwell, int)):
+                raise TypeError("dwell_ms")
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "POST a JSON object {request_id, image_id, dwell_ms (optional)}"},
-                                status_code=400)
+            return JSONResponse({"error": "POST a JSON object {request_id, image_id, dwell_ms (optional, a whole "
+                                          "number of milliseconds)}"}, status_code=400)
         if server.log is None:
             return JSONResponse({"error": "serve.log_impressions is off: clicks are not logged"}, status_code=404)
         try:
             server.log.clicked(request_id, image_id, dwell)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         except UnknownRequest as exc:
             return JSONResponse({"error": f"unknown request: {exc.args[0]} (not answered by this process, or older "
                                           f"than its last serve.recent_requests responses)"}, status_code=404)

@@ -902,3 +902,59 @@ def test_simulated_shoppers_run_the_loop_serve_log_readout_and_next_weeks_extrac
     assert summary["rows_read"] == 200 * 10 and summary["click_rows_joined"] == shoppers["clicks"]
     assert summary["rows_kept"] + summary["rows_quarantined"] + summary["rows_outside_window"] == 2000
     assert summary["propensity_estimate"]["swapped_impressions"] > 0
+
+
+def _interleaved_log(folder: Path, champion: str, challenger: str, searches: int, clicked_team: str) -> None:
+    """Serve's log of `searches` interleaved searches whose shoppers clicked one result of `clicked_team`."""
+    from pipeline.serving.impressions import ImpressionLog
+
+    log = ImpressionLog(folder)
+    for n in range(searches):
+        request = log.shown(f"s{n}", "red dress", f"{champion}|{challenger}",
+                            [("a", 1, "champion", None), ("b", 2, "challenger", None)])
+        log.clicked(request, "a" if clicked_team == "champion" else "b", 1000)
+    log.flush()
+
+
+@pytest.mark.parametrize("point", ["flipped", "tagged", "alias_moved", "unpointed"])
+def test_a_kill_while_the_interleaving_gate_promotes_is_finished_by_the_next_readout(
+        first_and_second_run, two_weeks, tmp_path, monkeypatch, point):
+    """A kill after the challenger became champion but before its pointer and alias were dropped left
+    champion = challenger: the next readout found no searches of that 'pair' and waited forever."""
+    from pipeline import registry
+    from pipeline.config import InterleaveConfig, ServeConfig
+    from pipeline.online import interleave_readout
+
+    _, work, _, _ = first_and_second_run
+    fresh, week2, _, _, serving = two_weeks
+    cfg = fresh.model_copy(update={
+        "promote": fresh.promote.model_copy(update={"policy": "interleave_first"}),
+        "serve": ServeConfig(impression_log=tmp_path / "log", interleave=InterleaveConfig(min_queries=20))})
+    (tmp_path / "week-2").mkdir()
+    _promote_again(cfg, work, "week-2", champion="1", index=week2)(None, tmp_path / "week-2")
+    _interleaved_log(tmp_path / "log", "1", "2", 40, "challenger")
+    _kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        interleave_readout(cfg, decide=True)
+    monkeypatch.undo()
+    read = interleave_readout(cfg, decide=True)
+    assert read["gate"]["decision"] == "promote" and read["gate"]["changed"]
+    assert registry.aliases(cfg.promote) == {"champion": "2", "previous": "1"}
+    assert serving() == ("2", week2["table"])
+    assert registry.version_tags(cfg.promote, "2")["clickclip.interleaving"].startswith("promoted")
+    assert interleave_readout(cfg, decide=True)["challenger"] is None  # nothing left to decide
+
+
+def test_a_new_challenger_replacing_an_undecided_one_says_so(first_and_second_run, two_weeks, tmp_path):
+    from pipeline import registry
+
+    _, work, _, _ = first_and_second_run
+    fresh, week2, _, _, _ = two_weeks
+    cfg = fresh.model_copy(update={"promote": fresh.promote.model_copy(update={"policy": "interleave_first"})})
+    for week in ("week-2", "week-3"):
+        (tmp_path / week).mkdir()
+        decision = _promote_again(cfg, work, week, champion="1", index=week2)(None, tmp_path / week)
+    assert decision.summary["challenger"] == "3" and "version 2, the challenger before it, was replaced" in \
+        decision.summary["reason"]
+    assert registry.version_tags(cfg.promote, "2")["clickclip.interleaving"] == "replaced by version 3 before a verdict"
+    assert registry.aliases(cfg.promote)["challenger"] == "3"

@@ -118,9 +118,39 @@ def test_a_full_disk_stops_logging_says_so_and_resumes_when_writes_succeed(tmp_p
     assert "resumed" in caplog.text
 
 
+def test_any_failed_write_stops_logging_loudly_and_the_writer_thread_lives_on(tmp_path, monkeypatch):
+    """Not only a full disk: any failure of a write (here one Arrow refuses) is counted and said, and
+    the background writer keeps running, so logging resumes once writes succeed."""
+    log = ImpressionLog(tmp_path / "log", flush_seconds=0.02).start()
+    real_write = log._write
+    monkeypatch.setattr(log, "_write", lambda day, rows: (_ for _ in ()).throw(ValueError("refused by Arrow")))
+    log.shown("s", "mug", "1", [("a", 1, None, None)])
+    deadline = time.monotonic() + 10
+    while log.metrics()["write_failures"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.metrics()["logging"] == "stopped" and "refused by Arrow" in log.metrics()["stopped_because"]
+    monkeypatch.setattr(log, "_write", real_write)
+    log.shown("s", "mug", "1", [("b", 1, None, None)])
+    while log.metrics()["rows_written"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    log.close()
+    assert log.metrics()["logging"] == "on" and log.metrics()["rows_written"] == 1
+
+
+def test_a_dwell_the_log_cannot_hold_is_refused_before_it_reaches_the_buffer(tmp_path):
+    log = ImpressionLog(tmp_path / "log")
+    request = log.shown("s", "mug", "1", [("a", 1, None, None)])
+    for bad in (-1, 2**40):
+        with pytest.raises(ValueError, match="dwell_ms"):
+            log.clicked(request, "a", bad)
+    log.clicked(request, "a", 2**31 - 1)
+    log.flush()
+    assert log.metrics()["rows_written"] == 2 and log.metrics()["write_failures"] == 0
+
+
 def test_a_killed_server_leaves_whole_files_only(tmp_path):
     """SIGKILL while the log writes every 50 ms: every file extract would read is a whole Parquet
-    file, and no more than the last interval's rows are lost."""
+    file, and each holds whole responses."""
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path

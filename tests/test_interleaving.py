@@ -69,9 +69,9 @@ def test_readout_statistics_are_the_sign_test_and_its_exact_interval():
     assert result.preference == pytest.approx(0.1)
     assert result.low == pytest.approx(interval.low - 0.5) and result.high == pytest.approx(interval.high - 0.5)
     assert result.p_value == pytest.approx(expected.pvalue)
-    # at a share of 0.6 the normal approximation needs 1.96² · 0.24 / 0.01 = 92.2 decided searches, and
-    # 110 searches with a click hold 100 decided ones: 101.4, so 102
-    assert result.needed == 102
+    # at a share of 0.6, 95% and 80% power: (1.96 + 0.8416)² · 0.24 / 0.01 = 188.4 decided searches, and
+    # 110 searches with a click hold 100 decided ones: 207.2, so 208
+    assert result.needed == 208
     assert "won 60, lost 40, tied 10" in result.sentence()
 
 

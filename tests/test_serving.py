@@ -228,3 +228,18 @@ def test_a_replay_refuses_a_reference_of_another_configuration_or_of_no_queries(
     with pytest.raises(StageError, match="no test queries to replay"):
         replay(store, current, _encode(vectors, 0), {"served_config": HYBRID.to_dict(), "queries": [],
                                                      "rankings": []}, 10)
+
+
+def test_the_challengers_table_is_kept_beside_the_champions_and_its_pointer_can_go(store):
+    from pipeline.serving.index import challenger_key
+
+    ids, vectors = _catalog(20)
+    for key in ("r1", "r2", "r3", "r4", "r5"):
+        _write(store, table_name("duo", key), ids, vectors, "duo")
+    store.flip("duo", "1", table_name("duo", "r1"))
+    store.flip(challenger_key("duo"), "2", table_name("duo", "r2"))
+    assert store.drop_old("duo", keep=2) == ["vectors_duo_r3"]  # the newest two, the champion's, the challenger's
+    assert store.serving(challenger_key("duo")).version == "2" and store.serving("duo").version == "1"
+    assert store.unpoint(challenger_key("duo")) and store.serving(challenger_key("duo")) is None
+    assert not store.unpoint(challenger_key("duo"))  # already gone
+    assert store.serving("duo").table == "vectors_duo_r1"

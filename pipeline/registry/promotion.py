@@ -38,6 +38,7 @@ from pipeline.serving.index import challenger_key
 from pipeline.serving.stores import open_store
 
 INDEX_TAG = "clickclip.index_table"
+INTERLEAVING_TAG = "clickclip.interleaving"  # the interleaving gate's verdict on a challenger
 KILL_POINTS = ("registered", "flipped", "tagged", "alias_moved")
 
 
@@ -176,13 +177,20 @@ def rollback(cfg: RunConfig, reason: str = "") -> dict:
 
 
 def make_challenger(cfg: RunConfig, version: str, table: str | None) -> str:
-    """Challenger pointer, tag, then the `challenger` alias for a gated, published version."""
+    """Challenger pointer, tag, then the `challenger` alias for a gated, published version. A former
+    challenger still undecided is tagged as replaced (and the reason says so)."""
     if table is None:
         raise StageError(f"not making version {version} the challenger: it has no published index for serve to "
                          "interleave (publishing is off, or publish built none); rerun publish")
+    pcfg = cfg.promote
+    former = registry.aliases(pcfg).get("challenger")
+    note = ""
+    if former is not None and former != version:
+        registry.set_version_tags(pcfg, former, {INTERLEAVING_TAG: f"replaced by version {version} before a verdict"})
+        note = f" (version {former}, the challenger before it, was replaced before interleaving decided)"
     store = open_store(cfg.publish, cfg.state_dir / cfg.name)
     try:
-        key = challenger_key(cfg.promote.model_name)
+        key = challenger_key(pcfg.model_name)
         current = store.serving(key)
         if current is None or (current.version, current.table) != (version, table):
             store.flip(key, version, table)
@@ -191,9 +199,9 @@ def make_challenger(cfg: RunConfig, version: str, table: str | None) -> str:
     reached("flipped")
     _tag(cfg, version, table)
     reached("tagged")
-    registry.set_alias(cfg.promote, "challenger", version)
+    registry.set_alias(pcfg, "challenger", version)
     reached("alias_moved")
-    return f"; version {version} is the challenger: serve interleaves it with the champion (index {table})"
+    return f"; version {version} is the challenger: serve interleaves it with the champion (index {table}){note}"
 
 
 def challenger(cfg: RunConfig) -> tuple[str, str] | None:
@@ -206,10 +214,23 @@ def challenger(cfg: RunConfig) -> tuple[str, str] | None:
         store.close()
 
 
+def _drop_challenger(cfg: RunConfig) -> None:
+    """The challenger's pointer, then its alias: what serve interleaves goes first."""
+    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
+    try:
+        store.unpoint(challenger_key(cfg.promote.model_name))
+    finally:
+        store.close()
+    reached("unpointed")
+    registry.delete_alias(cfg.promote, "challenger")
+
+
 def end_challenger(cfg: RunConfig, decision: str, sentence: str, champion: str | None) -> dict:
-    """The interleaving gate's move: 'promote' makes the challenger champion (compare-and-set against
-    `champion`, the one it was interleaved with), 'retire' tags it; both then drop the challenger's
-    pointer and alias. 'continue' changes nothing."""
+    """The interleaving gate's move: 'promote' makes the challenger champion (the champion's steps,
+    compare-and-set against `champion`, the one it was interleaved with), then tags it; 'retire' tags
+    it; both then drop the challenger's pointer and alias. 'continue' changes nothing. A run cut
+    short is finished by the next: a challenger that is champion already, or tagged retired, is
+    dropped without reading the log again."""
     pcfg = cfg.promote
     current = challenger(cfg)
     aliases = registry.aliases(pcfg)
@@ -217,19 +238,25 @@ def end_challenger(cfg: RunConfig, decision: str, sentence: str, champion: str |
     if version is None:
         raise StageError(f"model {pcfg.model_name!r} has no challenger to decide on")
     outcome = {"model_name": pcfg.model_name, "challenger": version, "decision": decision, "readout": sentence}
+    decided = registry.version_tags(pcfg, version).get(INTERLEAVING_TAG, "")
+    if aliases.get("champion") == version or decided.startswith("retired"):  # an interrupted move
+        if aliases.get("champion") == version and not decided.startswith("promoted"):
+            registry.set_version_tags(pcfg, version, {INTERLEAVING_TAG: f"promoted: {sentence}",
+                                                      "clickclip.decision": "promoted"})
+        _drop_challenger(cfg)
+        return outcome | {"decision": "promote" if aliases.get("champion") == version else "retire",
+                          "changed": True, "note": "finished an interrupted decision",
+                          "champion": registry.champion_version(pcfg)}
     if decision == "continue":
         return outcome | {"changed": False}
-    tag = "promoted" if decision == "promote" else "retired"
-    registry.set_version_tags(pcfg, version, {"clickclip.interleaving": f"{tag}: {sentence}"})
     if decision == "promote":
         table = current[1] if current else registry.version_tags(pcfg, version).get(INDEX_TAG)
         note = make_champion(cfg, version, table, champion)
-        registry.set_version_tags(pcfg, version, {"clickclip.decision": "promoted"})
+        registry.set_version_tags(pcfg, version, {INTERLEAVING_TAG: f"promoted: {sentence}",
+                                                  "clickclip.decision": "promoted"})
         outcome["note"] = note.removeprefix("; ")
-    store = open_store(cfg.publish, cfg.state_dir / cfg.name)
-    try:
-        store.unpoint(challenger_key(pcfg.model_name))
-    finally:
-        store.close()
-    registry.delete_alias(pcfg, "challenger")
+    else:
+        registry.set_version_tags(pcfg, version, {INTERLEAVING_TAG: f"retired: {sentence}"})
+    reached("tagged")
+    _drop_challenger(cfg)
     return outcome | {"changed": True, "champion": registry.champion_version(pcfg)}

@@ -7,7 +7,10 @@ Each interleaved list is drawn by a random generator seeded from the serve seed 
 id, so the same request gives the same list on a replay. A search's outcome is the team whose
 items got more clicks (a tie when equal; no outcome without clicks). The readout's preference is
 the share of decided searches the challenger won, minus one half, with an exact (Clopper-Pearson)
-interval and a two-sided sign test; the gate acts once enough searches have a click.
+interval and a two-sided sign test; the gate acts once enough searches have a click. A "query" of
+the interleaving literature is a search here: one response, with its request id. The interval is a
+fixed-horizon one: reading it again and again (every week) and acting on the first crossing
+raises the chance of a wrong verdict above 1 - confidence (benchmarks/RESULTS.md, bench_online).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass
 from scipy.stats import binomtest, norm
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+POWER = 0.8  # of the sample size the readout says a verdict needs
 
 
 def request_rng(seed: int, request_id: str) -> random.Random:
@@ -84,7 +88,9 @@ class Readout:
     p_value: float | None
     confidence: float
     min_queries: int
-    needed: int | None  # searches with a click the sign test needs at the preference seen so far
+    # searches with a click a fixed-horizon sign test needs (this confidence, 80% power) if the
+    # preference seen so far is the true one
+    needed: int | None
 
     @property
     def with_clicks(self) -> int:
@@ -132,8 +138,8 @@ def readout(outcomes: Sequence[str | None], confidence: float = 0.95, min_querie
     interval = test.proportion_ci(confidence, method="exact")
     share = wins / decided
     needed = None
-    if share != 0.5:  # the normal approximation: n with z * sd(share) below |share - 0.5|
-        z = norm.ppf(0.5 + confidence / 2)
+    if share != 0.5:  # a fixed-horizon sign test at this confidence and 80% power, normal approximation
+        z = norm.ppf(0.5 + confidence / 2) + norm.ppf(POWER)
         decided_needed = z * z * share * (1 - share) / (share - 0.5) ** 2
         needed = int(decided_needed * (wins + losses + ties) / decided) + 1
     return Readout(wins, losses, ties, len(outcomes), share - 0.5, interval.low - 0.5, interval.high - 0.5,

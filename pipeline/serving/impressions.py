@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 log = logging.getLogger("clickclip.serve")
+MAX_DWELL_MS = 2**31 - 1  # the column is a 32-bit integer
 
 SCHEMA = pa.schema([
     ("event_ts", pa.timestamp("ms")), ("session_id", pa.string()), ("query", pa.string()),
@@ -95,13 +96,17 @@ class ImpressionLog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_seconds):
-            self.flush()
+            self.flush()  # never raises: a failed write is counted and said
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.flush()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
 
     def _append(self, rows: list[dict]) -> None:
         with self._lock:
@@ -134,10 +139,12 @@ class ImpressionLog:
         with self._lock:
             record = self._recent.get(request_id)
         if record is None or image_id not in record.items:
-            self.counters["clicks_unknown_request"] += 1
+            self._count("clicks_unknown_request")
             raise UnknownRequest(request_id if record is None else f"{request_id} did not show {image_id}")
+        if dwell_ms is not None and not 0 <= dwell_ms <= MAX_DWELL_MS:
+            raise ValueError(f"dwell_ms must be a whole number of milliseconds from 0 to {MAX_DWELL_MS}")
         self._append([_row(self.clock(), record, image_id, request_id, "click", True, dwell_ms)])
-        self.counters["clicks_logged"] += 1
+        self._count("clicks_logged")
 
     def flush(self) -> None:
         """Write the waiting rows, one file per date partition; a failed write drops its rows."""
@@ -152,16 +159,17 @@ class ImpressionLog:
             for day, day_rows in sorted(by_day.items()):
                 try:
                     self._write(day, day_rows)
-                except OSError as exc:
-                    self.counters["write_failures"] += 1
-                    self.counters["rows_dropped"] += len(day_rows)
+                except Exception as exc:  # noqa: BLE001 - a full disk or anything else: count, say, serve on
+                    self._count("write_failures")
+                    self._count("rows_dropped", len(day_rows))
+                    reason = (exc.strerror if isinstance(exc, OSError) else None) or f"{type(exc).__name__}: {exc}"
                     if self.stopped is None:
                         log.error("impression logging stopped: cannot write to %s (%s); search keeps answering "
-                                  "and the dropped rows are counted on /metrics", self.folder, exc.strerror or exc)
-                    self.stopped = f"{exc.strerror or exc} writing to {self.folder}"
+                                  "and the dropped rows are counted on /metrics", self.folder, reason)
+                    self.stopped = f"{reason} writing to {self.folder}"
                     continue
-                self.counters["rows_written"] += len(day_rows)
-                self.counters["files_written"] += 1
+                self._count("rows_written", len(day_rows))
+                self._count("files_written")
                 if self.stopped is not None:
                     log.warning("impression logging resumed: writing to %s again", self.folder)
                     self.stopped = None
@@ -177,7 +185,7 @@ class ImpressionLog:
             with open(temporary, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, partition / name)
-        except OSError:
+        except BaseException:
             temporary.unlink(missing_ok=True)
             raise
 

@@ -139,8 +139,8 @@ def _run_stage(run: Run, stage: str) -> dict:
         console.rule(f"{stage} · run {run.run_id} · started {time.strftime('%H:%M:%S')}")
         started = time.perf_counter()
         function = stage_function(stage)
-        run.begin(stage)
         try:
+            run.begin(stage)  # inside: a stop that lands once the partial folder exists names the stage
             result: StageOutput = function(run.config, run.stage_inputs(stage), run.stage_dir(stage))
         except Stopped as stopped:
             stopped.stage = stage

@@ -188,3 +188,24 @@ def test_serve_as_is_part_of_evaluates_fingerprint(tiny_config):
     before, after = open_run(tiny_config, "m"), open_run(other, "m")
     assert before.fingerprint("train") == after.fingerprint("train")
     assert before.fingerprint("evaluate") != after.fingerprint("evaluate")
+
+
+def test_a_stop_right_after_the_partial_folder_appears_names_the_stage(tiny_config, monkeypatch):
+    """SIGTERM landing between the partial folder's creation and the stage's own work said "stopped"
+    without the stage (seen under load in tests/test_faults.py's SIGTERM test)."""
+    from pipeline.errors import Stopped
+    from pipeline.runner import run_stage
+    from pipeline.runs import Run
+
+    real_begin = Run.begin
+
+    def begin_then_signal(self, stage):
+        real_begin(self, stage)
+        raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(Run, "begin", begin_then_signal)
+    run = open_run(tiny_config, "x")
+    with pytest.raises(Stopped) as stopped:
+        run_stage(run, "extract")
+    assert stopped.value.stage == "extract"
+    assert (run.root / ".extract.partial").is_dir() and "extract" not in run.running

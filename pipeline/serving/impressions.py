@@ -159,20 +159,20 @@ class ImpressionLog:
             for day, day_rows in sorted(by_day.items()):
                 try:
                     self._write(day, day_rows)
-                except Exception as exc:  # noqa: BLE001 - a full disk or anything else: count, say, serve on
-                    self._count("write_failures")
-                    self._count("rows_dropped", len(day_rows))
+                except Exception as exc:  # noqa: BLE001 - a full disk or anything else: say, count, serve on
                     reason = (exc.strerror if isinstance(exc, OSError) else None) or f"{type(exc).__name__}: {exc}"
                     if self.stopped is None:
                         log.error("impression logging stopped: cannot write to %s (%s); search keeps answering "
                                   "and the dropped rows are counted on /metrics", self.folder, reason)
-                    self.stopped = f"{reason} writing to {self.folder}"
+                    self.stopped = f"{reason} writing to {self.folder}"  # before the counts: whoever sees them sees it
+                    self._count("rows_dropped", len(day_rows))
+                    self._count("write_failures")
                     continue
-                self._count("rows_written", len(day_rows))
-                self._count("files_written")
                 if self.stopped is not None:
                     log.warning("impression logging resumed: writing to %s again", self.folder)
                     self.stopped = None
+                self._count("files_written")
+                self._count("rows_written", len(day_rows))
 
     def _write(self, day: date, rows: list[dict]) -> None:
         partition = self.folder / f"date={day.isoformat()}"

@@ -224,6 +224,11 @@ class TrainConfig(Strict):
     lock_text: bool = False
     lock_text_unlocked_layers: int = Field(default=0, ge=0)
     micro_batch_size: int = Field(default=64, ge=1)
+    # BatchNorm layers (ResNet towers): train normalises each batch by its own statistics and
+    # updates the running ones; frozen keeps the running statistics and normalises by them (the
+    # layers' scale and shift still learn). grad_cache needs frozen: it embeds micro-batches, so
+    # batch statistics would be a micro-batch's, and not those of the batch it stands for
+    batchnorm: Literal["train", "frozen"] = "train"
     # speed: decoded images cached in a memory-mapped file after the first epoch's decode; the
     # towers compiled with torch.compile; images fed channels-last (helps convolutional stems on GPU)
     image_cache: bool = False

@@ -220,8 +220,10 @@ def stage_report(run: Run, stage: str, summary: dict) -> str:
         lines.append(f"images kept {summary['images_kept']}, quarantined {summary['images_quarantined']}; "
                      f"{summary['groups']} groups; " + leak_audit_sentence(summary.get("leak_audit")))
     elif stage == "train":
+        gallery = summary.get("validation", {}).get("gallery")
+        over = f" (over the {gallery} validation images only, not the test gallery)" if gallery else ""
         lines.append(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; best "
-                     f"validation recall@10 {summary['best_val_recall@10']}; finished without NaN: "
+                     f"validation recall@10 {summary['best_val_recall@10']}{over}; finished without NaN: "
                      f"{summary['finished_without_nan']}")
     elif stage == "evaluate":
         metric = run.config.promote.metric

@@ -2,6 +2,7 @@
 of one process over the full batch, so negatives really are global across ranks: in-batch
 negatives with open_clip's local loss (build_loss), and grad cache across ranks."""
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import TrainConfig
 from pipeline.training.grad_cache import grad_cache_backward
 from pipeline.training.losses import WeightedClipLoss, build_loss
-from pipeline.training.model import encode_text, starting_model
+from pipeline.training.model import encode_text, freeze_batchnorm, starting_model
 from tests.conftest import free_port
 
 WORLD = 2
@@ -35,8 +36,10 @@ class Step(torch.nn.Module):
         return self.loss(image, text, self.model.logit_scale.exp(), weights=weights)
 
 
-def _batch():
-    bundle = starting_model(TrainConfig(seed=0))
+def _batch(model: str = "ClickCLIP-Tiny"):
+    """The model (BatchNorm frozen, as train.batchnorm: frozen sets it) and one batch of 8."""
+    bundle = starting_model(TrainConfig(model=model, seed=0))
+    freeze_batchnorm(bundle.model)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(BATCH, 3, 64, 64, generator=generator)
     tokens = bundle.tokenizer([f"query number {n}" for n in range(BATCH)])
@@ -89,9 +92,9 @@ def test_ddp_loss_and_gradients_equal_the_single_process_full_batch(tmp_path, we
             torch.testing.assert_close(got[rank][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str) -> None:
+def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str, model_name: str) -> None:
     with _process_group(rank, port):
-        model, images, tokens, weights = _batch()
+        model, images, tokens, weights = _batch(model_name)
         mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         loss = grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(),
                                    weights=weights[mine] if weighted else None, world_size=WORLD, rank=rank)
@@ -118,16 +121,18 @@ def test_grad_cache_across_ranks_refuses_unequal_batches_by_name(tmp_path):
         assert "same batch size on every rank; got [4, 3]" in Path(f"{out}.{rank}").read_text()
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_grad_cache_across_ranks_equals_the_single_process_full_batch(tmp_path, weighted):
+@pytest.mark.parametrize(("weighted", "model_name"), [(False, "ClickCLIP-Tiny"), (True, "ClickCLIP-Tiny"),
+                                                     (True, "ClickCLIP-TinyRN")])
+def test_grad_cache_across_ranks_equals_the_single_process_full_batch(tmp_path, weighted, model_name):
     """Each rank embeds its 4 pairs in micro-batches of 2, the loss runs over all 8 gathered pairs,
     each rank re-runs only its own micro-batches: every rank ends with the gradients (temperature
-    included, learned) of one process over the 8 pairs at once."""
+    included, learned) of one process over the 8 pairs at once. The ResNet with its BatchNorm
+    frozen (train.batchnorm: frozen) too; its running statistics stay as they were."""
     out = str(tmp_path / "grads")
-    mp.start_processes(_grad_cache_rank, args=(free_port(), weighted, out), nprocs=WORLD, join=True,
+    mp.start_processes(_grad_cache_rank, args=(free_port(), weighted, out, model_name), nprocs=WORLD, join=True,
                        start_method="spawn")
 
-    model, images, tokens, weights = _batch()
+    model, images, tokens, weights = _batch(model_name)
     assert model.logit_scale.requires_grad
     single = Step(model, WeightedClipLoss())(images, tokens, weights if weighted else None)
     single.backward()
@@ -138,13 +143,56 @@ def test_grad_cache_across_ranks_equals_the_single_process_full_batch(tmp_path, 
             torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _clicks_log(n: int = 600):
+    """A click log's shape: few queries and products, repeated (seeded)."""
+    import random
+
+    rng = random.Random(0)
+    products = [f"p{rng.randrange(40)}" for _ in range(n)]
+    return ([f"q{rng.randrange(60)}" for _ in range(n)], [f"{p}-{rng.randrange(3)}" for p in products],
+            [p if rng.random() < 0.9 else None for p in products])
+
+
+def _unique_rank(rank: int, port: int, out: str) -> None:
+    """One rank as ClipFineTuner.setup leaves its sampler: sharded; every step's keys gathered."""
+    from pipeline.training.samplers import UniqueBatchSampler
+
+    with _process_group(rank, port):
+        queries, images, products = _clicks_log()
+        sampler = UniqueBatchSampler(queries, images, products, batch_size=4, seed=3)
+        sampler.shard(rank, WORLD)
+        steps = []
+        for _ in range(2):  # two epochs
+            for batch in sampler:
+                mine = [(queries[i], images[i], products[i]) for i, _ in batch]
+                everyone: list = [None] * WORLD
+                dist.all_gather_object(everyone, mine)
+                steps.append(everyone)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"steps": steps, "length": len(sampler)}))
+
+
+def test_unique_batches_hold_across_all_ranks_of_a_step(tmp_path):
+    """Under DDP the loss of a step spans every rank's batch: no query, image or product twice
+    in the union of the ranks' batches of one step, every rank with a full batch."""
+    out = str(tmp_path / "steps")
+    mp.start_processes(_unique_rank, args=(free_port(), out), nprocs=WORLD, join=True, start_method="spawn")
+    got = json.loads(Path(out).read_text())
+    assert got["length"] > 10 and len(got["steps"]) == 2 * got["length"]
+    for step in got["steps"]:
+        rows = [row for rank_rows in step for row in rank_rows]
+        assert all(len(rank_rows) == 4 for rank_rows in step)
+        for column in range(3):
+            keys = [row[column] for row in rows if row[column] is not None]
+            assert len(keys) == len(set(keys)), (column, step)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("negatives", ["in_batch", "grad_cache"])
 def test_clickclip_train_runs_under_lightning_ddp_on_two_cpu_processes(tiny_shop, tmp_path, negatives):
     """The real launcher: Lightning re-runs `clickclip train` for rank 1, which joins under the
     parent's run lock, trains on its half of each epoch and leaves the results to rank 0 (grad
     cache: its backward passes outside DDP's reducer, gradients summed across ranks once)."""
-    import json
     import subprocess
     import sys
     from pathlib import Path

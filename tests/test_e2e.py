@@ -70,6 +70,28 @@ def test_trained_model_beats_untrained_on_test_split(first_and_second_run):
     assert json.loads((report.parent / "metrics.json").read_text())["models"] == metrics
 
 
+def test_the_same_seed_on_the_same_machine_gives_the_same_figures_bit_for_bit(first_and_second_run, tmp_path):
+    """A second deployment (its own runs, registry and state) trains and scores the same shop with
+    the same config and seed: the same weights byte for byte and the same figures, unrounded."""
+    from pipeline.training.model import weights_digest
+
+    cfg, work, first, _ = first_and_second_run
+    assert first.exit_code == 0, first.output
+    again = shop_config(Path(cfg.data.image_root).parent, tmp_path)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(again.model_dump(mode="json")))
+    done = CliRunner().invoke(app, ["run", "--config", str(config_file)])
+    assert done.exit_code == 0, done.output
+    runs = [_run_dir(work), _run_dir(tmp_path)]
+    assert weights_digest(runs[0] / "train" / "model") == weights_digest(runs[1] / "train" / "model")
+    trained = [json.loads((r / "train" / "metrics.json").read_text()) for r in runs]
+    assert trained[0]["history"] == trained[1]["history"] and trained[0]["history"]
+    assert trained[0]["best_val_recall@10"] == trained[1]["best_val_recall@10"]
+    scored = [json.loads((r / "evaluate" / "metrics.json").read_text()) for r in runs]
+    for key in ("models", "delta_vs_baseline", "vs_keyword", "tuning"):
+        assert scored[0][key] == scored[1][key], key
+
+
 def test_hybrid_and_title_configurations_are_tuned_on_validation_and_reported(first_and_second_run):
     _, work, first, _ = first_and_second_run
     assert first.exit_code == 0, first.output

@@ -140,3 +140,29 @@ def test_the_report_shows_the_latest_interleaving_readout_and_which_position_bia
     swaps = {"propensity_estimate": {"used": "swaps", "why": "5000 swapped"}}
     assert "randomised swaps" in position_bias(swaps).text[0]
     assert "by EM" in position_bias({}).text[0]
+
+
+def test_the_training_section_says_what_validation_measured_beside_the_test_figures():
+    """Validation recall@10 is over the validation pairs' images only: the section says so, rounds
+    it like every other figure and puts it beside the test figures, and says a resumed run's steps."""
+    from pipeline.report.sections import training
+
+    train = {"epochs": 10, "steps": 200, "steps_this_attempt": 100, "resumed_from": "last.ckpt", "seconds": 90.5,
+             "samples_per_s": 70.7, "best_val_recall@10": 0.5947082042694092, "start_weights": "random init (seed 0)",
+             "validation": {"queries": 374, "gallery": 146, "pairs": 420},
+             "history": [{"epoch": 1, "train_loss": 4.123456, "val_loss": 4.0, "val_recall_at_10": 0.31234}]}
+    summary = SUMMARY | {"queries": 367, "gallery": 1349,
+                         "served": {"as": "hybrid", "candidate": "hybrid(candidate)", "baseline": "hybrid(start)"},
+                         "models": SUMMARY["models"] | {"hybrid(candidate)": {"recall@10": 0.20816}}}
+    section = training(train, summary)
+    side = section.tables[0]
+    assert side.header == ["measured on", "model", "queries", "gallery", "recall@10"]
+    assert side.rows[0] == ["validation (the epochs' score; best epoch kept)", "candidate (image vectors)", "374",
+                            "the 146 images of the validation pairs", "0.5947"]
+    assert side.rows[1][2:] == ["367", "the whole catalog (1349 images), filtered", "0.5000"]
+    assert side.rows[2][1:] == ["hybrid(candidate) (served)", "367", "the whole catalog (1349 images), filtered",
+                                "0.2082"]
+    assert section.tables[1].rows == [["1", "4.1235", "4.0000", "0.3123"]]
+    text = " ".join(section.text)
+    assert "200 steps, 100 of them in this attempt (resumed from last.ckpt)" in text
+    assert "0.5947082042694092" not in text and "only compares epochs with each other" in text

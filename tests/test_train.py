@@ -177,7 +177,7 @@ def test_siglip_refuses_settings_it_does_not_support():
 
 
 TRAIN_CHILD = """
-import os, signal, sys
+import json, os, signal, sys
 from pathlib import Path
 import lightning as L
 from tests.conftest import shop_config
@@ -191,11 +191,13 @@ class KillAt(L.Callback):
 
 cfg = shop_config(Path(shop), Path(work), train={"epochs": 2})
 result = train(cfg, Path(pairs), Path(images), Path(out), Path(out).name, [KillAt()] if int(kill_at) else [])
-print(result.summary["steps"])
+print(json.dumps({k: result.summary[k] for k in ("steps", "steps_this_attempt", "samples_per_s", "fit_seconds")}))
 """
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights(tiny_shop, tmp_path):
+    """... and the rerun's throughput counts only the steps it ran (not all of them over its time)."""
+    import json
     import signal
     import subprocess
     import sys
@@ -217,16 +219,25 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_the_same_weights(tiny_shop, tmp_
                                str(split_result.pairs), str(split_result.images), str(tmp_path / out), str(kill_at)],
                               cwd=root, capture_output=True, text=True)
 
+    def summary(done: subprocess.CompletedProcess) -> dict:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     straight = child("straight", 0)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    steps = int(straight.stdout.strip().splitlines()[-1])
+    steps = summary(straight)["steps"]
+    assert summary(straight)["steps_this_attempt"] == steps
     killed = child("resumed", steps // 2 + steps // 4)  # in the middle of the second epoch
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "resumed" / "lightning" / "last.ckpt").is_file()
     assert not (tmp_path / "resumed" / "model").exists()
     rerun = child("resumed", 0)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert int(rerun.stdout.strip().splitlines()[-1]) == steps
+    resumed = summary(rerun)
+    assert resumed["steps"] == steps
+    # the rerun resumed from the end of epoch 1 and ran epoch 2 only: its throughput counts those steps
+    assert resumed["steps_this_attempt"] == steps // 2
+    assert resumed["samples_per_s"] == pytest.approx(resumed["steps_this_attempt"] * 32 / resumed["fit_seconds"],
+                                                     rel=0.05)
     expected = load_file(tmp_path / "straight" / "model" / "open_clip_model.safetensors")
     got = load_file(tmp_path / "resumed" / "model" / "open_clip_model.safetensors")
     assert expected.keys() == got.keys()

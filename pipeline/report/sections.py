@@ -65,7 +65,7 @@ def report_sections(summary: dict, rule: SliceRule, metric: str, data: dict | No
                 worst(summary, metric)]
     if data is not None:
         if "train" in data:
-            sections.append(training(data["train"]))
+            sections.append(training(data["train"], summary))
         sections += [input_data(data["extract"], data["split"]), groups(data["extract"], data["split"]),
                      position_bias(data["extract"])]
     sections.append(definitions(summary))
@@ -234,16 +234,46 @@ def worst(summary: dict, metric: str) -> Section:
          for item in items])] if items else [])
 
 
-def training(train: dict) -> Section:
+def training(train: dict, summary: dict) -> Section:
+    """How training went, and what its validation score measured next to the test figures: the two
+    are over different galleries and queries, so they are not comparable numbers."""
     history = train.get("history", [])
+
+    def four(value) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    best = train.get("best_val_recall@10")
+    validation = train.get("validation", {})
+    gallery = (f"the whole catalog ({summary['gallery']} images)" if summary["gallery_kind"] == "catalog"
+               else f"the test split's {summary['gallery']} images")
+    filtered = ", filtered" if summary.get("filtered") else ""
+    gate = served(summary)
+    models = summary["models"]
+    side_by_side = [
+        ["validation (the epochs' score; best epoch kept)", "candidate (image vectors)",
+         str(validation.get("queries", "–")),
+         f"the {validation.get('gallery', '?')} images of the validation pairs", four(best)],
+        ["test (this report)", "candidate (image vectors)", str(summary["queries"]), gallery + filtered,
+         four(models.get("candidate", {}).get("recall@10"))]]
+    if gate["candidate"] != "candidate":
+        side_by_side.append(["test (this report)", f"{gate['candidate']} (served)", str(summary["queries"]),
+                             gallery + filtered, four(models.get(gate["candidate"], {}).get("recall@10"))])
+    steps = train["steps"]
+    attempt = train.get("steps_this_attempt", steps)
+    resumed = (f", {attempt} of them in this attempt (resumed from {train['resumed_from']})"
+               if train.get("resumed_from") else "")
     return Section(
         "training", "Training", warnings=list(train.get("warnings", [])),
-        text=[f"{train['epochs']} epochs, {train['steps']} steps in {train['seconds']} s ({train['samples_per_s']} "
-              f"samples/s); best validation recall@10 {train['best_val_recall@10']}; started from "
-              f"{train['start_weights']}."],
-        tables=[Table(["epoch", "train loss", "validation loss", "validation recall@10"],
-                      [[str(h["epoch"]), str(h.get("train_loss", "–")), str(h.get("val_loss", "–")),
-                        str(h.get("val_recall_at_10", "–"))] for h in history])] if history else [])
+        text=[f"{train['epochs']} epochs, {steps} steps{resumed} in {train['seconds']} s "
+              f"({train['samples_per_s']} samples/s over this attempt's steps); started from "
+              f"{train['start_weights']}.",
+              "Validation recall@10 ranks only the images of the validation pairs for the validation queries, "
+              "unfiltered: a much smaller gallery than the test figures', so it runs far higher and only "
+              "compares epochs with each other."],
+        tables=[Table(["measured on", "model", "queries", "gallery", "recall@10"], side_by_side),
+                *([Table(["epoch", "train loss", "validation loss", "validation recall@10"],
+                         [[str(h["epoch"]), four(h.get("train_loss")), four(h.get("val_loss")),
+                           four(h.get("val_recall_at_10"))] for h in history])] if history else [])])
 
 
 def outside_sentence(extract: dict) -> str:

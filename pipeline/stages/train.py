@@ -32,6 +32,7 @@ from pipeline.training.finetuner import ClipFineTuner, lock_towers, validation_r
 from pipeline.training.hard_negatives import buddy_pairs, mine_hard_negatives
 from pipeline.training.image_cache import ImageCache
 from pipeline.training.model import ClipBundle, embed_image_files, embed_texts, save_checkpoint, starting_model
+from pipeline.training.negatives import refuse_inexact_grad_cache
 from pipeline.training.progress import EpochHistory, ProgressLines
 
 
@@ -190,6 +191,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     tcfg = cfg.train
     L.seed_everything(tcfg.seed, workers=True, verbose=False)
     bundle = starting_model(tcfg)
+    refuse_inexact_grad_cache(tcfg, bundle.model)  # before any data is read or negatives mined
     train_pairs = training_pairs(pairs_path, images_path, "train", tcfg.min_clicks)
     val_pairs = training_pairs(pairs_path, images_path, "val", tcfg.min_clicks)
     if train_pairs.height < tcfg.batch_size:
@@ -232,6 +234,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     trainer.fit(module, train_loader, val_loader,
                 ckpt_path=str(resume) if resume else None, weights_only=True)  # never unpickles code
     seconds = time.perf_counter() - started
+    steps_run, samples_per_s = module.throughput()
     if trainer.received_sigterm:  # Lightning ended the loop on SIGTERM: the stage did not finish
         raise Stopped(signal.SIGTERM)
     if trainer.global_rank > 0:
@@ -248,8 +251,13 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     summary = {
         "train_pairs": train_pairs.height, "val_pairs": val_pairs.height, "epochs": trainer.current_epoch,
         "steps": trainer.global_step, "seconds": round(seconds, 1),
-        "samples_per_s": round(trainer.global_step * tcfg.batch_size * trainer.world_size / max(seconds, 1e-9), 1),
-        "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
+        # this attempt's steps over this attempt's training time (a resumed run ran only the rest)
+        "steps_this_attempt": steps_run, "fit_seconds": round(module.fit_seconds, 2),
+        "samples_per_s": round(samples_per_s, 1),
+        "best_val_recall@10": round(float(best.best_model_score), 4) if best.best_model_score is not None else None,
+        # what that score ranks: the validation queries over the images of the validation pairs only
+        "validation": {"queries": val_pairs["query"].n_unique(), "gallery": val_pairs["image_id"].n_unique(),
+                       "pairs": val_pairs.height},
         "finished_without_nan": not module.saw_nan, "start_weights": bundle.source,
         "mlflow_run_id": logger.run_id, "resumed_from": resume.name if resume else None, "warnings": warnings,
         "history": history.epochs, "wise_ft": interpolation, "warm_start": warm, "hard_negatives": mined,

@@ -4,6 +4,7 @@ together, guards against non-finite gradients, and scores validation recall@10 e
 from __future__ import annotations
 
 import math
+import time
 
 import lightning as L
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.retrieval.metrics import mean_metrics, per_query_metrics, rank_by_similarity
 from pipeline.training.losses import build_loss
-from pipeline.training.model import ClipBundle, encode_text, split_transform
+from pipeline.training.model import ClipBundle, encode_text, freeze_batchnorm, split_transform
 from pipeline.training.negatives import MemoryBankNegatives, build_negatives
 from pipeline.training.optim import build_optimizer, clip_gradients
 
@@ -33,8 +34,16 @@ class ClipFineTuner(L.LightningModule):
         self.automatic_optimization = not self.negatives.manual_optimization
         self.normalize = split_transform(bundle.preprocess_eval)[1]
         self.saw_nan = False
+        self.first_step, self.fit_started, self.fit_seconds = 0, time.perf_counter(), 0.0
         self.samplers: list = []  # the training samplers, sharded across ranks in setup()
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
+
+    def train(self, mode: bool = True):
+        """Lightning switches the module between train and eval; frozen BatchNorm stays in eval."""
+        super().train(mode)
+        if mode and self.cfg.batchnorm == "frozen":
+            freeze_batchnorm(self.model)
+        return self
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images from the loader, on the device, as the model's normalised float input."""
@@ -81,11 +90,22 @@ class ClipFineTuner(L.LightningModule):
         clip_gradients(optimizer, gradient_clip_val)
 
     def on_train_start(self) -> None:
+        # throughput counts this attempt's steps over this attempt's time (a resumed run starts
+        # at the checkpoint's step)
+        self.first_step, self.fit_started = self.trainer.global_step, time.perf_counter()
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it
         loader = self.trainer.train_dataloader
         for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
             if hasattr(sampler, "start_at_epoch"):
                 sampler.start_at_epoch(self.current_epoch)
+
+    def on_train_end(self) -> None:
+        self.fit_seconds = time.perf_counter() - self.fit_started
+
+    def throughput(self) -> tuple[int, float]:
+        """(steps this attempt ran, their samples per second across all ranks)."""
+        steps = self.trainer.global_step - self.first_step
+        return steps, steps * self.cfg.batch_size * self.trainer.world_size / max(self.fit_seconds, 1e-9)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite gradient stops training before it reaches the weights: the checkpoints keep

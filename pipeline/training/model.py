@@ -77,6 +77,23 @@ def starting_model(cfg: TrainConfig) -> ClipBundle:
     return ClipBundle(model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.model), model_cfg, source)
 
 
+BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[str]:
+    """The names of `model`'s BatchNorm layers (a ResNet tower has them; ViTs use LayerNorm)."""
+    return [name for name, module in model.named_modules() if isinstance(module, BATCHNORM)]
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Every BatchNorm layer in eval mode: it normalises with its running statistics and leaves
+    them as they are, so it is a fixed per-channel affine map of its input (its scale and shift
+    still learn). Call after every `model.train()`."""
+    for module in model.modules():
+        if isinstance(module, BATCHNORM):
+            module.eval()
+
+
 def text_encoder_limits(cfg: TrainConfig) -> tuple[Callable[[str], int], int, str]:
     """(token counter, context length, model name) of the model training starts from: how many
     tokens a query takes in that model's tokenizer (with start and end tokens), and how many fit."""

@@ -11,9 +11,11 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.training.grad_cache import grad_cache_backward
 from pipeline.training.losses import build_loss
 from pipeline.training.memory_bank import MemoryBank, key_ids, memory_bank_loss
+from pipeline.training.model import batchnorm_layers
 
 
 class InBatchNegatives:
@@ -90,7 +92,22 @@ class GradCacheNegatives:
         return value
 
 
+def refuse_inexact_grad_cache(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Grad cache equals one big batch only for a model whose forward pass does not depend on the
+    rest of the batch: BatchNorm in train mode does (its statistics would be each micro-batch's,
+    and its running statistics updated in both passes), so it is refused unless frozen."""
+    layers = batchnorm_layers(model)
+    if cfg.negatives == "grad_cache" and cfg.batchnorm == "train" and layers:
+        shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+        raise ConfigError(
+            f"train.negatives 'grad_cache' is not exact for train.model {cfg.model!r}: it has BatchNorm layers "
+            f"({shown}), whose statistics would come from each micro-batch of {cfg.micro_batch_size} instead of "
+            f"the batch of {cfg.batch_size}. Set train.batchnorm: frozen (running statistics; exact), or use "
+            "train.negatives 'in_batch' or 'memory_bank', or a model without BatchNorm (ClickCLIP-Tiny, ViT-B-32)")
+
+
 def build_negatives(cfg: TrainConfig, embed_dim: int, model: torch.nn.Module):
+    refuse_inexact_grad_cache(cfg, model)
     if cfg.negatives == "grad_cache":
         return GradCacheNegatives(cfg.micro_batch_size, cfg.gradient_clip, build_loss(cfg, model))
     if cfg.negatives == "memory_bank":

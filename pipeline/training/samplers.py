@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from pipeline.errors import StageError
+
 
 def with_buddies(order: Sequence[int], buddies: Mapping[int, Sequence[int]], seed: int) -> list[int]:
     """The shuffle with each item followed by one unused buddy (a pair holding a mined hard
@@ -66,7 +68,11 @@ def unique_batches(queries: Sequence[str], image_ids: Sequence[str], product_ids
 
 
 class UniqueBatchSampler(Sampler[list[int]]):
-    """A batch sampler over `unique_batches`, reshuffled every epoch."""
+    """A batch sampler over `unique_batches`, reshuffled every epoch.
+
+    Under DDP (`shard`) the loss of a step spans every rank's batch, so uniqueness must hold across
+    ranks: each step is one unique batch of `batch_size × world` packed from the shared shuffle,
+    and rank r takes its r-th slice of `batch_size`."""
 
     def __init__(self, queries: Sequence[str], image_ids: Sequence[str], product_ids: Sequence[str | None],
                  batch_size: int, seed: int, buddies: Mapping[int, Sequence[int]] | None = None):
@@ -78,17 +84,19 @@ class UniqueBatchSampler(Sampler[list[int]]):
         self._length = self._all
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size, self.seed + epoch,
-                              buddies=self.buddies)
+        """The epoch's steps, each a batch unique across all ranks (batch_size × world items)."""
+        return unique_batches(self.queries, self.image_ids, self.product_ids, self.batch_size * self.world,
+                              self.seed + epoch, buddies=self.buddies)
 
     def start_at_epoch(self, epoch: int) -> None:
         """The next iteration is epoch `epoch`: the trainer calls it when training (re)starts."""
         self.epoch = epoch
 
     def shard(self, rank: int, world: int) -> None:
-        """Under DDP: this rank takes every `world`-th batch of each epoch's shared batch list."""
+        """Under DDP: this rank takes its slice of each step's batch (every rank packs the same
+        steps from the same seeded shuffle)."""
         self.rank, self.world = rank, world
-        self._length = self._all // world
+        self._all = self._length = len(self._batches(0))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
@@ -96,9 +104,13 @@ class UniqueBatchSampler(Sampler[list[int]]):
         self.epoch += 1
         # a fixed length keeps the LR schedule's step count true; an epoch that packs a batch or
         # two fewer repeats its first batches
+        if not batches and self._all:
+            raise StageError(f"epoch {epoch} packed no batch of {self.batch_size * self.world} pairs with no query, "
+                             "image or product twice; lower train.batch_size or turn train.unique_batches off")
         while len(batches) < self._all:
             batches += batches[: self._all - len(batches)]
-        mine = batches[: self._all][self.rank::self.world][: self._length]
+        size = self.batch_size
+        mine = [step[self.rank * size:(self.rank + 1) * size] for step in batches[: self._all]]
         return iter([[(index, epoch) for index in batch] for batch in mine])
 
     def __len__(self) -> int:

@@ -85,7 +85,7 @@ def photo_embedding(model: str, count: int, batch: int) -> dict:
     import torch
     from bench_split import jpeg_photos
 
-    root, paths, _ = jpeg_photos(2000, 800, 90)
+    root, paths, _ = jpeg_photos(2000 if count > 200 else 200, 800, 90)  # a smoke run draws few
     paths = paths[:count]
     threads = torch.get_num_threads()
     bundle = starting_model(TrainConfig(model=model))

@@ -222,8 +222,11 @@ def stage_report(run: Run, stage: str, summary: dict) -> str:
     elif stage == "train":
         gallery = summary.get("validation", {}).get("gallery")
         over = f" (over the {gallery} validation images only, not the test gallery)" if gallery else ""
-        lines.append(f"{summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; best "
-                     f"validation recall@10 {summary['best_val_recall@10']}{over}; finished without NaN: "
+        best = summary["best_val_recall@10"]
+        attempt = summary.get("steps_this_attempt", summary["steps"])
+        ran = f" ({attempt} in this attempt, resumed)" if summary.get("resumed_from") else ""
+        lines.append(f"{summary['epochs']} epochs, {summary['steps']} steps{ran} in {summary['seconds']} s; best "
+                     f"validation recall@10 {'–' if best is None else f'{best:.4f}'}{over}; finished without NaN: "
                      f"{summary['finished_without_nan']}")
     elif stage == "evaluate":
         metric = run.config.promote.metric

@@ -98,7 +98,8 @@ def _grad_cache_rank(rank: int, port: int, weighted: bool, out: str, model_name:
         mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         loss = grad_cache_backward(model, images[mine], tokens[mine], 2, WeightedClipLoss(),
                                    weights=weights[mine] if weighted else None, world_size=WORLD, rank=rank)
-        torch.save({"loss": loss, **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
+        running = {f"buffer:{n}": b for n, b in model.named_buffers() if "running" in n}
+        torch.save({"loss": loss, **running, **{n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
 
 
 def _uneven_rank(rank: int, port: int, out: str) -> None:
@@ -141,6 +142,10 @@ def test_grad_cache_across_ranks_equals_the_single_process_full_batch(tmp_path, 
         torch.testing.assert_close(got["loss"], single.detach(), rtol=1e-5, atol=1e-6)
         for name, param in model.named_parameters():
             torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        running = {name: buffer for name, buffer in model.named_buffers() if "running" in name}
+        assert (len(running) > 0) is (model_name == "ClickCLIP-TinyRN")
+        for name, buffer in running.items():  # fresh from the seeded init, as every rank's started
+            assert torch.equal(got[f"buffer:{name}"], buffer), name
 
 
 def _clicks_log(n: int = 600):

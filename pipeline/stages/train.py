@@ -254,7 +254,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
         # this attempt's steps over this attempt's training time (a resumed run ran only the rest)
         "steps_this_attempt": steps_run, "fit_seconds": round(module.fit_seconds, 2),
         "samples_per_s": round(samples_per_s, 1),
-        "best_val_recall@10": round(float(best.best_model_score), 4) if best.best_model_score is not None else None,
+        "best_val_recall@10": float(best.best_model_score) if best.best_model_score is not None else None,
         # what that score ranks: the validation queries over the images of the validation pairs only
         "validation": {"queries": val_pairs["query"].n_unique(), "gallery": val_pairs["image_id"].n_unique(),
                        "pairs": val_pairs.height},

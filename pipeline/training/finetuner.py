@@ -34,16 +34,22 @@ class ClipFineTuner(L.LightningModule):
         self.automatic_optimization = not self.negatives.manual_optimization
         self.normalize = split_transform(bundle.preprocess_eval)[1]
         self.saw_nan = False
-        self.first_step, self.fit_started, self.fit_seconds = 0, time.perf_counter(), 0.0
+        # this attempt's training (a rerun that resumes with no epoch left runs none)
+        self.first_step, self.fit_started, self.fit_seconds, self.fit_ran = 0, time.perf_counter(), 0.0, False
         self.samplers: list = []  # the training samplers, sharded across ranks in setup()
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
 
-    def train(self, mode: bool = True):
-        """Lightning switches the module between train and eval; frozen BatchNorm stays in eval."""
-        super().train(mode)
-        if mode and self.cfg.batchnorm == "frozen":
+    def training_mode(self) -> None:
+        """The model in train mode for the epochs, frozen BatchNorm (train.batchnorm) in eval mode.
+        Lightning does not call train() at fit start (it warns about eval-mode modules) and, after
+        validation, gives each submodule back the mode it had, so setting it at every epoch's
+        start keeps it for the whole epoch (hard-negative mining leaves the model in eval mode)."""
+        self.model.train()
+        if self.cfg.batchnorm == "frozen":
             freeze_batchnorm(self.model)
-        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.training_mode()
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images from the loader, on the device, as the model's normalised float input."""
@@ -92,7 +98,8 @@ class ClipFineTuner(L.LightningModule):
     def on_train_start(self) -> None:
         # throughput counts this attempt's steps over this attempt's time (a resumed run starts
         # at the checkpoint's step)
-        self.first_step, self.fit_started = self.trainer.global_step, time.perf_counter()
+        self.first_step, self.fit_started, self.fit_ran = self.trainer.global_step, time.perf_counter(), True
+        self.training_mode()
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it
         loader = self.trainer.train_dataloader
         for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
@@ -104,8 +111,10 @@ class ClipFineTuner(L.LightningModule):
 
     def throughput(self) -> tuple[int, float]:
         """(steps this attempt ran, their samples per second across all ranks)."""
+        if not self.fit_ran or self.fit_seconds <= 0:
+            return 0, 0.0
         steps = self.trainer.global_step - self.first_step
-        return steps, steps * self.cfg.batch_size * self.trainer.world_size / max(self.fit_seconds, 1e-9)
+        return steps, steps * self.cfg.batch_size * self.trainer.world_size / self.fit_seconds
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite gradient stops training before it reaches the weights: the checkpoints keep

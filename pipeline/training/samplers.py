@@ -80,8 +80,7 @@ class UniqueBatchSampler(Sampler[list[int]]):
         self.buddies = buddies
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world = 0, 1
-        self._all = len(self._batches(0))
-        self._length = self._all
+        self._all = self._length = self._packed()
 
     def _batches(self, epoch: int) -> list[list[int]]:
         """The epoch's steps, each a batch unique across all ranks (batch_size × world items)."""
@@ -96,7 +95,17 @@ class UniqueBatchSampler(Sampler[list[int]]):
         """Under DDP: this rank takes its slice of each step's batch (every rank packs the same
         steps from the same seeded shuffle)."""
         self.rank, self.world = rank, world
-        self._all = self._length = len(self._batches(0))
+        self._all = self._length = self._packed()
+
+    def _packed(self) -> int:
+        """How many steps an epoch has (the first epoch's count); none is an error, not a run of no steps."""
+        steps = len(self._batches(0))
+        if not steps:
+            raise StageError(f"no batch of {self.batch_size * self.world} pairs with no query, image or product "
+                             f"twice can be packed from {len(self.queries)} training pairs"
+                             + (f" ({self.world} ranks x train.batch_size {self.batch_size})" if self.world > 1 else
+                                "") + "; lower train.batch_size or turn train.unique_batches off")
+        return steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch

@@ -217,7 +217,10 @@ class TrainConfig(Strict):
     memory_bank_warmup_steps: int = Field(default=100, ge=0)
     # no query, image or product twice in a batch; off by default: on the demo it trained worse (RESULTS.md)
     unique_batches: bool = False
-    pair_weights: Literal["none", "extract"] = "none"  # extract: weight each pair's loss by its click weight
+    # extract: weight each pair's loss by its click weight (clicks, or position-debiased clicks);
+    # relevance: by that weight per impression, the pair's debiased click rate (a relevance
+    # estimate: a pair shown often and clicked rarely weighs little however many clicks it has)
+    pair_weights: Literal["none", "extract", "relevance"] = "none"
     # LiT-style locking: a locked tower trains only its last N layer groups (0 = fully frozen)
     lock_image: bool = False
     lock_image_unlocked_groups: int = Field(default=0, ge=0)
@@ -275,7 +278,7 @@ class TrainConfig(Strict):
                              "across ranks); the memory bank is single-process")
         if self.num_nodes > 1 and self.strategy != "ddp":
             raise ValueError(f"num_nodes is {self.num_nodes}: training on several machines needs strategy 'ddp'")
-        if self.loss == "siglip" and (self.negatives == "memory_bank" or self.pair_weights == "extract"):
+        if self.loss == "siglip" and (self.negatives == "memory_bank" or self.pair_weights != "none"):
             raise ValueError("loss 'siglip' works with negatives in_batch or grad_cache and pair_weights none")
         return self
 

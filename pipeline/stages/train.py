@@ -27,7 +27,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.groups import look_alikes
 from pipeline.errors import StageError, Stopped
 from pipeline.stages import StageInputs, StageOutput
-from pipeline.training.datasets import PairDataset, make_loader, title_pairs, training_pairs
+from pipeline.training.datasets import PairDataset, loss_weights, make_loader, title_pairs, training_pairs
 from pipeline.training.finetuner import ClipFineTuner, lock_towers, validation_recall
 from pipeline.training.hard_negatives import buddy_pairs, mine_hard_negatives
 from pipeline.training.image_cache import ImageCache
@@ -192,7 +192,7 @@ def train(cfg: RunConfig, pairs_path: Path, images_path: Path, out_dir: Path, ru
     L.seed_everything(tcfg.seed, workers=True, verbose=False)
     bundle = starting_model(tcfg)
     refuse_inexact_grad_cache(tcfg, bundle.model)  # before any data is read or negatives mined
-    train_pairs = training_pairs(pairs_path, images_path, "train", tcfg.min_clicks)
+    train_pairs = loss_weights(training_pairs(pairs_path, images_path, "train", tcfg.min_clicks), tcfg.pair_weights)
     val_pairs = training_pairs(pairs_path, images_path, "val", tcfg.min_clicks)
     if train_pairs.height < tcfg.batch_size:
         raise StageError(f"only {train_pairs.height} clicked training pairs, fewer than one batch "

@@ -87,6 +87,14 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
     return pairs.join(images, on="image_id").sort("query", "image_id")
 
 
+def loss_weights(pairs: pl.DataFrame, mode: str) -> pl.DataFrame:
+    """The pairs with `weight` as train.pair_weights asks: extract's click weight as it is, or
+    (relevance) that weight per impression, the pair's position-debiased click rate."""
+    if mode != "relevance":
+        return pairs
+    return pairs.with_columns((pl.col("weight") / pl.col("impressions").clip(lower_bound=1)).alias("weight"))
+
+
 def make_loader(dataset: PairDataset, pairs: pl.DataFrame, cfg: TrainConfig, train: bool, tokenizer,
                 buddies: dict[int, list[int]] | None = None) -> DataLoader:
     """The loader; with `buddies` (mined hard negatives), unique batches that pack each pair next

@@ -66,7 +66,7 @@ class ClipFineTuner(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         texts, weights = batch[1], batch[4]
-        loss = self.negatives.step(self, batch, self.loss, weights if self.cfg.pair_weights == "extract" else None)
+        loss = self.negatives.step(self, batch, self.loss, weights if self.cfg.pair_weights != "none" else None)
         if loss is None:
             return None
         # a non-finite loss is caught by the gradient check before the optimiser step: testing it

@@ -66,7 +66,11 @@ def one_seed(home: Path, data: Path, config: Path, seed: int, overrides: list[st
     sets = [arg for value in [f"train.seed={seed}", *overrides] for arg in ("--set", value)]
     started = time.perf_counter()
     clickclip(home, "run", "--config", "configs/demo.yaml", "--run-id", f"seed-{seed}", *sets)
-    seconds = time.perf_counter() - started
+    return figures(home, seed, time.perf_counter() - started)
+
+
+def figures(home: Path, seed: int, seconds: float) -> dict:
+    """One seed's figures from its run's manifest."""
     stages = json.loads((home / "runs" / f"seed-{seed}" / "manifest.json").read_text())["stages"]
     evaluation, decision, train = (stages[s]["summary"] for s in ("evaluate", "promote", "train"))
     served = evaluation["served"]

@@ -315,3 +315,19 @@ def test_an_attempt_that_trained_no_step_reports_no_throughput():
 
     cfg = TrainConfig(seed=0)
     assert ClipFineTuner(starting_model(cfg), cfg).throughput() == (0, 0.0)
+
+
+def test_relevance_pair_weights_are_the_debiased_click_rate():
+    """pair_weights: relevance divides extract's click weight by the pair's impressions: a pair
+    clicked 5 times in 100 showings weighs less than one clicked twice in 4."""
+    import polars as pl
+
+    from pipeline.training.datasets import loss_weights
+
+    pairs = pl.DataFrame({"query": ["navy dress"] * 2, "image_id": ["red", "navy"], "clicks": [5, 2],
+                          "impressions": [100, 4], "weight": [7.5, 2.5]})
+    assert loss_weights(pairs, "extract")["weight"].to_list() == [7.5, 2.5]
+    assert loss_weights(pairs, "none")["weight"].to_list() == [7.5, 2.5]
+    assert loss_weights(pairs, "relevance")["weight"].to_list() == [0.075, 0.625]
+    with pytest.raises(ValueError, match="pair_weights none"):
+        TrainConfig(loss="siglip", pair_weights="relevance")

@@ -55,7 +55,7 @@ NAME = "season"
 
 # the demo's training (configs/demo.yaml): init's pretrained ViT-B-32 settings need weights this machine lacks
 DEMO_TRAIN = {"model": "ClickCLIP-TinyRN", "epochs": 10, "batch_size": 64, "learning_rate": 0.002,
-              "warmup_steps": 20, "unique_batches": True}
+              "warmup_steps": 20}
 TINY_TRAIN = {"model": "ClickCLIP-Tiny", "epochs": 2, "batch_size": 32, "learning_rate": 0.002, "warmup_steps": 10,
               "unique_batches": True, "wise_ft_alphas": [1.0]}
 # any week whose data gates pass promotes: the test needs a `previous` to roll back to

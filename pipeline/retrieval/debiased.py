@@ -40,7 +40,9 @@ def snips_per_query(ranked: Sequence[Sequence[str]], weights: Sequence[Mapping[s
     out: dict[str, np.ndarray] = {}
     total = sum(sum(w.values()) for w in weights)
     for k in ks:
-        found = np.array([sum(w.get(item, 0.0) for item in set(results[:k])) for results, w in
+        # each item once, in rank order: summing over a set would add in an order that changes with
+        # the process's string-hash seed, and so the last bits of the figure from run to run
+        found = np.array([sum(w.get(item, 0.0) for item in dict.fromkeys(results[:k])) for results, w in
                           zip(ranked, weights, strict=True)])
         out[f"{prefix}recall@{k}"] = found * queries / total if total > 0 else np.zeros(queries)
     dcgs = [_dcg(results, w, ndcg_k) for results, w in zip(ranked, weights, strict=True)]

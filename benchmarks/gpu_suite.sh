@@ -18,7 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=0
-[[ "${1:-}" == "--smoke" ]] && smoke=1
+case "${1:-}" in
+  "") ;;
+  --smoke) smoke=1 ;;
+  *) echo "usage: benchmarks/gpu_suite.sh [--smoke]" >&2; exit 2 ;;
+esac
 out=${OUT:-benchmarks/gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-}
@@ -46,8 +50,10 @@ bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2
   shift 2
   echo "== $name: $*"
-  timeout "$limit" "$py" "$@" 2>&1 | tee "$out/$name.log"
-  tail -n 1 "$out/$name.log" > "$out/$name.json"
+  # a benchmark that fails or runs out of time is recorded as such and the suite goes on (a lent
+  # machine may not come back for a second try)
+  timeout "$limit" "$py" "$@" 2>&1 | tee "$out/$name.log" || echo "{\"error\": \"exit ${PIPESTATUS[0]}\"}" >> "$out/$name.log"
+  grep '^{' "$out/$name.log" | tail -n 1 > "$out/$name.json"
 }
 
 if (( smoke )); then

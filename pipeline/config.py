@@ -218,7 +218,7 @@ class TrainConfig(Strict):
     # no query, image or product twice in a batch; off by default: on the demo it trained worse (RESULTS.md)
     unique_batches: bool = False
     # extract: weight each pair's loss by its click weight (clicks, or position-debiased clicks);
-    # relevance: by that weight per impression, the pair's debiased click rate (a relevance
+    # relevance: by that weight per impression, the pair's click rate (debiased under ips; a relevance
     # estimate: a pair shown often and clicked rarely weighs little however many clicks it has)
     pair_weights: Literal["none", "extract", "relevance"] = "none"
     # LiT-style locking: a locked tower trains only its last N layer groups (0 = fully frozen)

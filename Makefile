@@ -23,7 +23,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/clickclip demo-data --out data/demo
 	$(BIN)/clickclip run --config configs/demo.yaml
-	$(BIN)/clickclip search --config configs/demo.yaml "navy rain shell" --k 5
+	@# exit 3: the gates refused this run, so nothing serves yet (the summary above says why); the demo still ran
+	$(BIN)/clickclip search --config configs/demo.yaml "navy rain shell" --k 5 || test $$? -eq 3
 
 # the Kubernetes provider: the DAG's train task can run as a pod (CLICKCLIP_TRAIN_ON=kubernetes)
 $(AIRFLOW_VENV)/.installed: Makefile

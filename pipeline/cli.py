@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.errors import ClickclipError, Stopped
+from pipeline.errors import ClickclipError, NothingServes, Stopped
 from pipeline.stages import STAGE_NAMES, stage_spec
 
 # plain help (no type names such as `--help <bool>`); tracebacks never print local variables, which
@@ -228,6 +228,9 @@ def search(
             result = searcher(query, k)
         finally:
             searcher.close()
+    except NothingServes as exc:  # the gates have not promoted anything yet: said, exit 3 (not 2, a fault)
+        console.print(f"[bold yellow]nothing to search:[/] {exc}")
+        raise typer.Exit(code=3) from None
     except ClickclipError as exc:
         _fail(exc)
     print(dumps(result))

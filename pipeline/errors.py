@@ -17,6 +17,11 @@ class StageError(ClickclipError):
     """A stage cannot run, e.g. because an upstream stage's outputs are missing."""
 
 
+class NothingServes(StageError):
+    """No promoted version has a published index yet (the gates have refused every run so far):
+    search has nothing to answer with. Not a fault of the command: `clickclip search` exits 3."""
+
+
 class LeakError(ClickclipError):
     """The split audit found a group straddling train/val/test."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import registry
 from pipeline.config import RunConfig
-from pipeline.errors import StageError
+from pipeline.errors import NothingServes, StageError
 from pipeline.retrieval.interleaving import CHALLENGER, CHAMPION, request_rng, swap_pair, team_draft
 from pipeline.serving.impressions import ImpressionLog, UnknownRequest, new_request_id
 from pipeline.serving.index import IndexStore, VersionMismatch, answer, challenger_key, current_serving, replay
@@ -40,7 +40,7 @@ class Searcher:
             self.store.close()
             if challenger:
                 raise NoChallenger(f"model {cfg.promote.model_name!r} has no challenger")
-            raise StageError(f"nothing serves for model {cfg.promote.model_name!r} yet: no promoted version has a "
+            raise NothingServes(f"nothing serves for model {cfg.promote.model_name!r} yet: no promoted version has a "
                              "published index (run the pipeline; publish builds it when the gates pass)")
         self.version = current.version
         self._workdir = tempfile.TemporaryDirectory()

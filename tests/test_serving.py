@@ -243,3 +243,21 @@ def test_the_challengers_table_is_kept_beside_the_champions_and_its_pointer_can_
     assert store.unpoint(challenger_key("duo")) and store.serving(challenger_key("duo")) is None
     assert not store.unpoint(challenger_key("duo"))  # already gone
     assert store.serving("duo").table == "vectors_duo_r1"
+
+
+@pytest.mark.parametrize("backend", ["faiss", "pgvector"])
+def test_search_before_anything_was_promoted_says_so_and_exits_3(tiny_config, tmp_path, backend):
+    """A shop whose gates have refused every run (a fresh `make demo` can end that way) has nothing
+    to search: `clickclip search` says so and exits 3, which the demo's Makefile accepts, not 2."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cfg = tiny_config.model_copy(update={"publish": tiny_config.publish.model_copy(update={"backend": backend})})
+    config = tmp_path / "shop.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    done = CliRunner().invoke(app, ["search", "--config", str(config), "navy rain shell"])
+    assert done.exit_code == 3, done.output
+    said = " ".join(done.output.split())
+    assert "nothing to search" in said and "no promoted version has a published index" in said

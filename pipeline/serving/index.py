@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ConfigError, StageError
+from pipeline.errors import ConfigError, NothingServes, StageError
 from pipeline.retrieval.search import exact_search
 from pipeline.retrieval.served import Parity, ServedConfig, keyword_index, query_text, rank, replay_parity
 
@@ -145,7 +145,7 @@ def current_serving(store: IndexStore, model_name: str) -> Serving:
     """What serves for `model_name`, with its recorded served configuration, or a StageError."""
     current = store.serving(model_name)
     if current is None:
-        raise StageError(f"nothing serves for model {model_name!r} yet: no promoted version has a published index")
+        raise NothingServes(f"nothing serves for model {model_name!r} yet: no promoted version has a published index")
     if current.served is None:
         raise StageError(f"index {current.table} (version {current.version}) has no recorded served configuration: "
                          "it was published by an older clickclip, which read how to rank from the config file. "

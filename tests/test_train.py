@@ -331,3 +331,43 @@ def test_relevance_pair_weights_are_the_debiased_click_rate():
     assert loss_weights(pairs, "relevance")["weight"].to_list() == [0.075, 0.625]
     with pytest.raises(ValueError, match="pair_weights none"):
         TrainConfig(loss="siglip", pair_weights="relevance")
+
+
+def test_the_train_stage_feeds_relevance_weights_to_the_loss(tiny_shop, tmp_path, monkeypatch):
+    """pair_weights: relevance through the stage: every training batch's weights are the pairs'
+    click weight per impression, and the fine-tuner hands them to the loss."""
+    import lightning as L
+    import polars as pl
+
+    from pipeline.stages.extract import extract
+    from pipeline.stages.split import split
+    from pipeline.stages.train import train
+    from pipeline.training import negatives
+    from tests.conftest import shop_config
+
+    seen, given = [], []
+
+    class Batches(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((list(batch[1]), list(batch[2]), batch[4].tolist()))
+
+    cfg = shop_config(tiny_shop, tmp_path, train={"epochs": 1, "pair_weights": "relevance"})
+    for stage in ("extract", "split", "train"):
+        (tmp_path / stage).mkdir()
+    split_result = split(cfg, extract(cfg, tmp_path / "extract").pairs, tmp_path / "split")
+    step = negatives.InBatchNegatives.step
+
+    def recording(self, module, batch, loss, weights):
+        given.append(weights)
+        return step(self, module, batch, loss, weights)
+
+    monkeypatch.setattr(negatives.InBatchNegatives, "step", recording)
+    train(cfg, split_result.pairs, split_result.images, tmp_path / "train", "rel", [Batches()])
+    pairs = pl.read_parquet(split_result.pairs)
+    rate = {(q, i): w / n for q, i, w, n in pairs.select("query", "image_id", "weight", "impressions").iter_rows()}
+    assert seen and len(given) == len(seen) and all(w is not None for w in given)
+    for texts, images, weights in seen:
+        assert weights == pytest.approx([rate[(q, i)] for q, i in zip(texts, images, strict=True)], rel=1e-6)
+    raw = {(q, i): w for q, i, w in pairs.select("query", "image_id", "weight").iter_rows()}
+    texts, images, weights = seen[0]
+    assert weights != pytest.approx([raw[(q, i)] for q, i in zip(texts, images, strict=True)], rel=1e-6)

@@ -46,6 +46,11 @@ class SliceRule:
                 "shown, never gated. Intervals: 95% paired BCa bootstrap.")
 
 
+def four(value: float | None) -> str:
+    """A figure as the report prints every one: four decimals, or a dash when there is none."""
+    return "–" if value is None else f"{value:.4f}"
+
+
 def headline_names(summary: dict) -> list[str]:
     """The headline table's columns: each model dense and hybrid, and keyword search; every other
     configuration is in the served-configurations table."""
@@ -113,13 +118,10 @@ def weeks(summary: dict) -> Section | None:
                                                                   if week["version"] else "")
                 + (", rolled back" if week.get("rolled_back") else ""))
 
-    def fmt(value: float | None) -> str:
-        return "–" if value is None else f"{value:.4f}"
-
     rows = [[str(w["until"] or "–"), w["run_id"] + (" (this run)" if i == len(record["weeks"]) - 1 else ""),
-             decided(w), fmt(w["candidate"]),
+             decided(w), four(w["candidate"]),
              f"{w['baseline_name']}{' ' + str(w['champion_version']) if w['champion_version'] else ''}",
-             fmt(w["baseline"]), fmt(served_after(w) if w["promoted"] is not None else None)]
+             four(w["baseline"]), four(served_after(w) if w["promoted"] is not None else None)]
             for i, w in enumerate(record["weeks"])]
     return Section(
         "history", "Week by week", level=3,
@@ -238,9 +240,6 @@ def training(train: dict, summary: dict) -> Section:
     """How training went, and what its validation score measured next to the test figures: the two
     are over different galleries and queries, so they are not comparable numbers."""
     history = train.get("history", [])
-
-    def four(value) -> str:
-        return "–" if value is None else f"{value:.4f}"
 
     best = train.get("best_val_recall@10")
     validation = train.get("validation", {})

@@ -89,7 +89,8 @@ def training_pairs(pairs_path: Path, images_path: Path, split: str, min_clicks: 
 
 def loss_weights(pairs: pl.DataFrame, mode: str) -> pl.DataFrame:
     """The pairs with `weight` as train.pair_weights asks: extract's click weight as it is, or
-    (relevance) that weight per impression, the pair's position-debiased click rate."""
+    (relevance) that weight per impression, the pair's click rate (position-debiased under
+    extract.weighting ips)."""
     if mode != "relevance":
         return pairs
     return pairs.with_columns((pl.col("weight") / pl.col("impressions").clip(lower_bound=1)).alias("weight"))

@@ -34,8 +34,8 @@ class ClipFineTuner(L.LightningModule):
         self.automatic_optimization = not self.negatives.manual_optimization
         self.normalize = split_transform(bundle.preprocess_eval)[1]
         self.saw_nan = False
-        # this attempt's training (a rerun that resumes with no epoch left runs none)
-        self.first_step, self.fit_started, self.fit_seconds, self.fit_ran = 0, time.perf_counter(), 0.0, False
+        # this attempt's training (a rerun that resumes with no epoch left runs none: fit_seconds stays 0)
+        self.first_step, self.fit_started, self.fit_seconds = 0, time.perf_counter(), 0.0
         self.samplers: list = []  # the training samplers, sharded across ranks in setup()
         self._val: list[tuple[np.ndarray, np.ndarray, list[str], list[str]]] = []
 
@@ -98,8 +98,7 @@ class ClipFineTuner(L.LightningModule):
     def on_train_start(self) -> None:
         # throughput counts this attempt's steps over this attempt's time (a resumed run starts
         # at the checkpoint's step)
-        self.first_step, self.fit_started, self.fit_ran = self.trainer.global_step, time.perf_counter(), True
-        self.training_mode()
+        self.first_step, self.fit_started = self.trainer.global_step, time.perf_counter()
         # a resumed run continues the samplers' epoch sequence where the checkpoint left it
         loader = self.trainer.train_dataloader
         for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
@@ -111,7 +110,7 @@ class ClipFineTuner(L.LightningModule):
 
     def throughput(self) -> tuple[int, float]:
         """(steps this attempt ran, their samples per second across all ranks)."""
-        if not self.fit_ran or self.fit_seconds <= 0:
+        if self.fit_seconds <= 0:  # on_train_end never ran: no epoch was trained
             return 0, 0.0
         steps = self.trainer.global_step - self.first_step
         return steps, steps * self.cfg.batch_size * self.trainer.world_size / self.fit_seconds

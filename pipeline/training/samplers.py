@@ -80,7 +80,7 @@ class UniqueBatchSampler(Sampler[list[int]]):
         self.buddies = buddies
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world = 0, 1
-        self._all = self._length = self._packed()
+        self._steps = self._packed()
 
     def _batches(self, epoch: int) -> list[list[int]]:
         """The epoch's steps, each a batch unique across all ranks (batch_size × world items)."""
@@ -95,7 +95,7 @@ class UniqueBatchSampler(Sampler[list[int]]):
         """Under DDP: this rank takes its slice of each step's batch (every rank packs the same
         steps from the same seeded shuffle)."""
         self.rank, self.world = rank, world
-        self._all = self._length = self._packed()
+        self._steps = self._packed()
 
     def _packed(self) -> int:
         """How many steps an epoch has (the first epoch's count); none is an error, not a run of no steps."""
@@ -113,17 +113,17 @@ class UniqueBatchSampler(Sampler[list[int]]):
         self.epoch += 1
         # a fixed length keeps the LR schedule's step count true; an epoch that packs a batch or
         # two fewer repeats its first batches
-        if not batches and self._all:
+        if not batches:
             raise StageError(f"epoch {epoch} packed no batch of {self.batch_size * self.world} pairs with no query, "
                              "image or product twice; lower train.batch_size or turn train.unique_batches off")
-        while len(batches) < self._all:
-            batches += batches[: self._all - len(batches)]
+        while len(batches) < self._steps:
+            batches += batches[: self._steps - len(batches)]
         size = self.batch_size
-        mine = [step[self.rank * size:(self.rank + 1) * size] for step in batches[: self._all]]
+        mine = [step[self.rank * size:(self.rank + 1) * size] for step in batches[: self._steps]]
         return iter([[(index, epoch) for index in batch] for batch in mine])
 
     def __len__(self) -> int:
-        return self._length
+        return self._steps
 
 
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
